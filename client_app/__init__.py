@@ -1,0 +1,1 @@
+"""FedDM ClientApp: local DDPM training and evaluation on a client's partition."""

@@ -1,0 +1,69 @@
+"""The FedDM ClientApp (Flower Message API).
+
+``train``: load the global weights, train on the local partition, reply with the
+new weights and the training loss. ``evaluate``: reply with the denoising loss
+on the client's held-out images.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client_app.task import (
+    build_model,
+    client_data,
+    local_evaluate,
+    local_train,
+    read_settings,
+    round_seed,
+)
+from models import resolve_device
+
+app = ClientApp()
+
+
+def _device(settings, context: Context):
+    # A SuperNode's own node config wins: it knows its hardware.
+    return resolve_device(str(context.node_config.get("device", settings.device)))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this client's data."""
+    config = msg.content["config"]
+    settings = read_settings(config)
+    unet, scheduler = build_model(settings, _device(settings, context))
+    unet.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    dataset, train_idx, _ = client_data(settings, context.node_config)
+
+    partition_id = int(context.node_config["partition-id"])
+    seed = round_seed(settings.seed, int(config["server-round"]), partition_id)
+    train_loss, _ = local_train(unet, scheduler, dataset, train_idx, settings, seed=seed)
+
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(unet.state_dict()),
+            "metrics": MetricRecord(
+                {"train_loss": train_loss, "num-examples": len(train_idx)}
+            ),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Report the denoising loss of the received model on held-out local images."""
+    settings = read_settings(msg.content["config"])
+    unet, scheduler = build_model(settings, _device(settings, context))
+    unet.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    dataset, _, holdout_idx = client_data(settings, context.node_config)
+
+    # The same noise every round, so the loss is comparable across rounds.
+    seed = round_seed(settings.seed, int(context.node_config["partition-id"]), 1)
+    eval_loss, num_examples = local_evaluate(
+        unet, scheduler, dataset, holdout_idx, settings, seed=seed
+    )
+    metrics = MetricRecord({"eval_loss": eval_loss, "num-examples": num_examples})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,98 @@
+"""Split a dataset's indices across clients with flwr-datasets partitioners.
+
+The partitioners work on a Hugging Face ``datasets.Dataset``; we give them a
+two-column table (label, index) and map the chosen rows back to image indices,
+so the images themselves stay in the torchvision dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import datasets
+import numpy as np
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+)
+
+PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
+
+
+def build_partitioner(
+    partition: Mapping[str, Any], num_partitions: int, seed: int
+) -> Partitioner:
+    """The flwr-datasets partitioner named by ``partition['name']`` (``conf/partition``)."""
+    name = partition.get("name")
+    if name == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if name == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=float(partition["alpha"]),
+            min_partition_size=int(partition.get("min_partition_size", 10)),
+            self_balancing=bool(partition.get("self_balancing", False)),
+            seed=seed,
+        )
+    if name == "pathological":
+        return PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=int(partition["classes_per_client"]),
+            class_assignment_mode=partition.get(
+                "class_assignment_mode", "first-deterministic"
+            ),
+            seed=seed,
+        )
+    raise ValueError(f"partition={name!r} is unknown; choose one of {PARTITION_SCHEMES}")
+
+
+def partition_indices(
+    labels: np.ndarray,
+    partition: Mapping[str, Any],
+    *,
+    partition_id: int,
+    num_partitions: int,
+    seed: int,
+) -> np.ndarray:
+    """Indices (into the dataset behind ``labels``) of client ``partition_id``'s images.
+
+    The table is shuffled with ``seed`` first, as ``flwr_datasets.FederatedDataset``
+    does, so IID shards do not follow the file order. Every client computes the
+    same split from the same labels and seed; the partitions are disjoint.
+    """
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(
+            f"partition-id {partition_id} is outside 0..{num_partitions - 1} "
+            f"(num-partitions={num_partitions})"
+        )
+    if num_partitions > len(labels):
+        raise ValueError(
+            f"num-partitions={num_partitions} is more than the {len(labels)} images"
+        )
+    # Shuffle in NumPy: a shuffled `datasets.Dataset` carries an index mapping that
+    # makes the partitioners' column reads slow.
+    order = np.random.default_rng(seed).permutation(len(labels))
+    table = datasets.Dataset.from_dict(
+        {"label": np.asarray(labels, dtype=np.int64)[order], "index": order}
+    )
+    partitioner = build_partitioner(partition, num_partitions, seed)
+    partitioner.dataset = table
+    return np.sort(np.asarray(partitioner.load_partition(partition_id)["index"]))
+
+
+def split_train_holdout(
+    indices: np.ndarray, holdout_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split a client's indices into (train, held-out) with a seeded permutation."""
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {holdout_fraction}")
+    shuffled = np.random.default_rng(seed).permutation(indices)
+    num_holdout = int(round(len(indices) * holdout_fraction))
+    if holdout_fraction > 0 and len(indices) > 1:
+        num_holdout = max(num_holdout, 1)
+    return np.sort(shuffled[num_holdout:]), np.sort(shuffled[:num_holdout])

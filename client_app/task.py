@@ -1,0 +1,215 @@
+"""A client's local work: its data partition, local DDPM training and evaluation.
+
+Everything a client needs arrives in the message's ConfigRecord (see
+``read_settings``), so a remote SuperNode needs no copy of ``conf/``. The node
+config supplies who the client is (``partition-id``, ``num-partitions``) and may
+override machine-specific settings (``data-root``, ``device``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from torch.utils.data import DataLoader, Subset
+
+from client_app.partition import partition_indices, split_train_holdout
+from models import (
+    LabeledImages,
+    denoising_loss,
+    load_image_dataset,
+    make_optimizer,
+    scheduler_from_config,
+    train_step,
+    unet_from_config,
+)
+from models.diffusion import Regularizer
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Settings a client reads from the server's ConfigRecord."""
+
+    unet: dict[str, Any]
+    scheduler: dict[str, Any]
+    dataset: dict[str, Any]
+    partition: dict[str, Any]
+    lr: float
+    weight_decay: float
+    local_steps: int
+    local_epochs: int  # 0: use local_steps
+    batch_size: int
+    max_grad_norm: float
+    seed: int
+    device: str
+    eval_fraction: float
+    eval_max_examples: int
+
+
+_JSON_KEYS = ("unet", "scheduler", "dataset", "partition")
+_TYPED_KEYS = {
+    "lr": float,
+    "weight-decay": float,
+    "local-steps": int,
+    "local-epochs": int,
+    "batch-size": int,
+    "max-grad-norm": float,
+    "seed": int,
+    "device": str,
+    "eval-fraction": float,
+    "eval-max-examples": int,
+}
+
+
+def read_settings(config: Mapping[str, Any]) -> ClientSettings:
+    """Parse the ConfigRecord sent by the server; a missing key names itself."""
+    missing = [k for k in (*_JSON_KEYS, *_TYPED_KEYS) if k not in config]
+    if missing:
+        raise KeyError(f"the server's config lacks {missing}; is the ServerApp a FedDM one?")
+    values = {k.replace("-", "_"): cast(config[k]) for k, cast in _TYPED_KEYS.items()}
+    values.update({k: json.loads(config[k]) for k in _JSON_KEYS})
+    return ClientSettings(**values)
+
+
+def round_seed(*parts: int) -> int:
+    """A 63-bit seed derived from (run seed, round, client, ...), stable across runs."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, root: str, download: bool, image_size: int, label_attribute: str | None) -> LabeledImages:
+    return load_image_dataset(
+        name,
+        root,
+        train=True,
+        download=download,
+        image_size=image_size,
+        label_attribute=label_attribute,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _split(
+    dataset_key: tuple, partition_json: str, partition_id: int, num_partitions: int, seed: int, eval_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    labels = _dataset(*dataset_key).labels
+    indices = partition_indices(
+        labels,
+        json.loads(partition_json),
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        seed=seed,
+    )
+    return split_train_holdout(indices, eval_fraction, seed=round_seed(seed, partition_id))
+
+
+def client_data(
+    settings: ClientSettings, node_config: Mapping[str, Any]
+) -> tuple[LabeledImages, np.ndarray, np.ndarray]:
+    """(dataset, train indices, held-out indices) of this node's partition."""
+    spec = settings.dataset
+    root = str(node_config.get("data-root", spec["root"]))
+    dataset_key = (
+        spec["name"],
+        root,
+        bool(spec.get("download", False)),
+        int(spec["image_size"]),
+        spec.get("label_attribute"),
+    )
+    train_idx, holdout_idx = _split(
+        dataset_key,
+        json.dumps(settings.partition, sort_keys=True),
+        int(node_config["partition-id"]),
+        int(node_config["num-partitions"]),
+        settings.seed,
+        settings.eval_fraction,
+    )
+    if len(train_idx) == 0:
+        raise ValueError(
+            f"partition {node_config['partition-id']} has no training images; "
+            "use fewer clients or a less skewed partition"
+        )
+    return _dataset(*dataset_key), train_idx, holdout_idx
+
+
+def build_model(settings: ClientSettings, device: torch.device) -> tuple[UNet2DModel, DDPMScheduler]:
+    """The UNet and scheduler described by the server's config."""
+    return unet_from_config(settings.unet).to(device), scheduler_from_config(settings.scheduler)
+
+
+def _batches(loader: DataLoader) -> Iterator[torch.Tensor]:
+    while True:  # cycle: local steps may exceed one pass over a small partition
+        yield from loader
+
+
+def local_train(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    dataset: LabeledImages,
+    indices: np.ndarray,
+    settings: ClientSettings,
+    *,
+    seed: int,
+    regularizer: Regularizer | None = None,
+) -> tuple[float, int]:
+    """Train ``unet`` in place on ``dataset[indices]``; returns (mean loss, steps)."""
+    device = next(unet.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        Subset(dataset, indices.tolist()),
+        batch_size=settings.batch_size,
+        shuffle=True,
+        generator=generator,
+        drop_last=len(indices) >= settings.batch_size,
+    )
+    steps = settings.local_steps
+    if settings.local_epochs > 0:
+        steps = settings.local_epochs * len(loader)
+    optimizer = make_optimizer(unet, lr=settings.lr, weight_decay=settings.weight_decay)
+    losses = []
+    batches = _batches(loader)
+    for _ in range(steps):
+        images = next(batches).to(device)
+        losses.append(
+            train_step(
+                unet,
+                scheduler,
+                optimizer,
+                images,
+                generator=generator,
+                max_grad_norm=settings.max_grad_norm,
+                regularizer=regularizer,
+            )
+        )
+    return float(np.mean(losses)), steps
+
+
+@torch.no_grad()
+def local_evaluate(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    dataset: LabeledImages,
+    indices: np.ndarray,
+    settings: ClientSettings,
+    *,
+    seed: int,
+) -> tuple[float, int]:
+    """Denoising loss on held-out images with fixed noise; returns (loss, examples)."""
+    indices = indices[: settings.eval_max_examples]
+    if len(indices) == 0:
+        raise ValueError("this client has no held-out images; raise eval_fraction")
+    device = next(unet.parameters()).device
+    unet.eval()
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=max(settings.batch_size, 64))
+    total = 0.0
+    for images in loader:
+        loss = denoising_loss(unet, scheduler, images.to(device), generator)
+        total += loss.item() * len(images)
+    return total / len(indices), len(indices)

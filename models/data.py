@@ -1,0 +1,125 @@
+"""Image datasets from torchvision, scaled to [-1, 1], with one integer label per image.
+
+The labels are what non-IID partitioners split by; the images never leave the
+process that loads them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+# torchvision class and the folder it expects under the root, per dataset name.
+_TORCHVISION = {
+    "fashion_mnist": (torchvision.datasets.FashionMNIST, "FashionMNIST/raw"),
+    "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py"),
+    "celeba": (torchvision.datasets.CelebA, "celeba"),
+}
+SUPPORTED_DATASETS = tuple(_TORCHVISION)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset files are not where the config says; the message says how to get them."""
+
+
+class LabeledImages(Dataset):
+    """Images as float tensors C x H x W in [-1, 1]; ``labels[i]`` is image i's label."""
+
+    def __init__(self, images: Dataset | torch.Tensor, labels: np.ndarray) -> None:
+        self._images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if len(images) != len(self.labels):
+            raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self._images[index]
+        if isinstance(image, tuple):  # torchvision datasets return (image, target)
+            image = image[0]
+        if image.dtype == torch.uint8:
+            image = image.float() / 127.5 - 1.0
+        return image
+
+    def uint8(self, indices: np.ndarray | list[int]) -> torch.Tensor:
+        """The images at ``indices`` as uint8 N x C x H x W (for FID and grids)."""
+        batch = torch.stack([self[int(i)] for i in indices])
+        return ((batch + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def load_image_dataset(
+    name: str,
+    root: str | Path,
+    *,
+    train: bool,
+    download: bool = False,
+    image_size: int | None = None,
+    label_attribute: str | None = None,
+) -> LabeledImages:
+    """Load a torchvision dataset (train or test split) as :class:`LabeledImages`.
+
+    Fashion-MNIST and CIFAR-10 are held in memory as uint8 tensors; CelebA is read
+    lazily, center-cropped to 140 px and resized to ``image_size``, and labelled by
+    the binary attribute ``label_attribute``.
+    """
+    if name not in _TORCHVISION:
+        raise ValueError(
+            f"dataset.name={name!r} is not supported; choose one of {SUPPORTED_DATASETS}"
+        )
+    dataset_cls, expected = _TORCHVISION[name]
+    root = Path(root).expanduser().resolve()
+    try:
+        if name == "celeba":
+            return _load_celeba(root, train, download, image_size, label_attribute)
+        source = dataset_cls(root=str(root), train=train, download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found ..."
+        raise DatasetNotFoundError(
+            f"{name} not found in {root} (torchvision looks for {root / expected}). "
+            f"Set dataset.download=true to download it there, or dataset.root=PATH to a "
+            f"folder that already holds it. ({err})"
+        ) from err
+    images = torch.as_tensor(np.asarray(source.data), dtype=torch.uint8)
+    if images.ndim == 3:  # N x H x W grayscale
+        images = images.unsqueeze(1)
+    else:  # N x H x W x C
+        images = images.permute(0, 3, 1, 2).contiguous()
+    return LabeledImages(images, np.asarray(source.targets))
+
+
+def _load_celeba(
+    root: Path,
+    train: bool,
+    download: bool,
+    image_size: int | None,
+    label_attribute: str | None,
+) -> LabeledImages:
+    if image_size is None or label_attribute is None:
+        raise ValueError("celeba needs dataset.image_size and dataset.label_attribute")
+    transform = v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.CenterCrop(140),
+            v2.Resize(image_size, antialias=True),
+        ]
+    )
+    source = torchvision.datasets.CelebA(
+        root=str(root),
+        split="train" if train else "test",
+        target_type="attr",
+        transform=transform,
+        download=download,
+    )
+    names = [n for n in source.attr_names if n]
+    if label_attribute not in names:
+        raise ValueError(
+            f"dataset.label_attribute={label_attribute!r} is not a CelebA attribute; "
+            f"choose one of {names}"
+        )
+    labels = source.attr[:, names.index(label_attribute)].numpy()
+    return LabeledImages(source, labels)

@@ -1,0 +1,124 @@
+"""One DDPM training step, the denoising loss, and sampling (DDPM or DDIM).
+
+The training step follows diffusers' ``train_unconditional.py``: sample a timestep
+and Gaussian noise per image, noise the images with the scheduler, predict the
+noise with the UNet and regress it with MSE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    UNet2DModel,
+)
+
+Regularizer = Callable[[UNet2DModel], torch.Tensor]
+
+
+def make_optimizer(
+    unet: UNet2DModel, *, lr: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """AdamW over the UNet's parameters (the optimizer of the DDPM recipe)."""
+    return torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def denoising_loss(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    images: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """MSE between the true and the predicted noise for random timesteps.
+
+    ``images`` are in [-1, 1]. Noise and timesteps are drawn on the CPU from
+    ``generator`` and then moved, so a seed gives the same loss on any device.
+    """
+    noise = torch.randn(images.shape, generator=generator).to(images)
+    timesteps = torch.randint(
+        0,
+        scheduler.config.num_train_timesteps,
+        (images.shape[0],),
+        generator=generator,
+    ).to(images.device)
+    noisy = scheduler.add_noise(images, noise, timesteps)
+    predicted = unet(noisy, timesteps).sample
+    return F.mse_loss(predicted, noise)
+
+
+def train_step(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    max_grad_norm: float | None = 1.0,
+    regularizer: Regularizer | None = None,
+) -> float:
+    """One optimizer step on a batch; returns the diffusion loss (without regularizer).
+
+    ``regularizer(unet)`` is added to the loss before the backward pass; FedDM-prox
+    uses it for its proximal term.
+    """
+    unet.train()
+    loss = denoising_loss(unet, scheduler, images, generator)
+    objective = loss if regularizer is None else loss + regularizer(unet)
+    optimizer.zero_grad(set_to_none=True)
+    objective.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), max_grad_norm)
+    optimizer.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def sample_images(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    num_images: int,
+    *,
+    seed: int,
+    ddim_steps: int | None = None,
+    batch_size: int = 64,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """Generate ``num_images`` as a uint8 tensor N x C x H x W.
+
+    ``ddim_steps=None`` runs the full ancestral DDPM chain; an integer runs DDIM
+    (eta = 0) with that many steps, which is what evaluation uses for speed. The
+    noise comes from one CPU generator seeded with ``seed``, so the same seed gives
+    the same images for the same weights.
+    """
+    if ddim_steps is not None:
+        pipeline = DDIMPipeline(
+            unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config)
+        )
+        steps = int(ddim_steps)
+    else:
+        pipeline = DDPMPipeline(
+            unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config)
+        )
+        steps = scheduler.config.num_train_timesteps
+    pipeline.set_progress_bar_config(disable=not show_progress, leave=False)
+    was_training = unet.training
+    unet.eval()
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    batches = []
+    for start in range(0, num_images, batch_size):
+        images = pipeline(
+            batch_size=min(batch_size, num_images - start),
+            generator=generator,
+            num_inference_steps=steps,
+            output_type="np",
+        ).images  # N x H x W x C floats in [0, 1]
+        batches.append(np.rint(images * 255).astype(np.uint8))
+    unet.train(was_training)
+    return torch.from_numpy(np.concatenate(batches)).permute(0, 3, 1, 2).contiguous()

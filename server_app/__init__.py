@@ -1,0 +1,1 @@
+"""FedDM ServerApp: composes the config, runs the strategy, writes the run folder."""

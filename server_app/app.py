@@ -1,0 +1,24 @@
+"""The FedDM ServerApp (Flower Message API).
+
+Run config keys (``pyproject.toml``, ``flwr run . --run-config``):
+
+* ``overrides``: Hydra overrides of ``conf/config.yaml``, space separated;
+* ``run-dir``: the run folder (empty: a new folder under ``output_dir``).
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server_app.config import compose_config
+from server_app.federation import run_federation
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Compose the config from the run config's overrides and train."""
+    cfg = compose_config(str(context.run_config.get("overrides", "")))
+    run_federation(grid, cfg, str(context.run_config.get("run-dir", "")) or None)

@@ -1,0 +1,103 @@
+"""Compose the run's config with Hydra and check it before any training starts."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+from client_app.partition import PARTITION_SCHEMES
+from models.data import SUPPORTED_DATASETS
+
+
+class ConfigError(ValueError):
+    """One or more config values are out of range; the message names each key."""
+
+
+def compose_config(overrides: Sequence[str] | str = ()) -> DictConfig:
+    """``conf/config.yaml`` with Hydra overrides (a list, or one space-separated string).
+
+    Hydra itself rejects unknown keys and unknown group choices, naming them.
+    """
+    if isinstance(overrides, str):
+        overrides = shlex.split(overrides)
+    if GlobalHydra.instance().is_initialized():  # e.g. inside a @hydra.main app
+        return compose("config", overrides=list(overrides))
+    with initialize_config_module(config_module="conf", version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def _check(errors: list[str], ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        errors.append(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` listing every out-of-range value and what is allowed."""
+    e: list[str] = []
+    for key in ("num_rounds", "num_clients", "batch_size"):
+        _check(e, _is_int(cfg[key]) and cfg[key] >= 1, key, cfg[key], "an integer >= 1")
+    steps, epochs = cfg.local_steps, cfg.local_epochs
+    if epochs is None:
+        _check(e, _is_int(steps) and steps >= 1, "local_steps", steps, "an integer >= 1")
+    else:
+        _check(e, _is_int(epochs) and epochs >= 1, "local_epochs", epochs, "null or an integer >= 1")
+    _check(e, _is_number(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "a number > 0")
+    for key in ("weight_decay", "max_grad_norm"):
+        _check(e, _is_number(cfg[key]) and cfg[key] >= 0, key, cfg[key], "a number >= 0")
+    _check(e, _is_int(cfg.seed) and cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
+    _check(e, cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "auto | cpu | cuda")
+    _check(e, _is_number(cfg.round_timeout_s) and cfg.round_timeout_s > 0, "round_timeout_s", cfg.round_timeout_s, "a number > 0")
+    frac = cfg.client_eval_fraction
+    _check(e, _is_number(frac) and 0 < frac < 1, "client_eval_fraction", frac, "a number in (0, 1)")
+    _check(e, _is_int(cfg.client_eval_max_examples) and cfg.client_eval_max_examples >= 1, "client_eval_max_examples", cfg.client_eval_max_examples, "an integer >= 1")
+
+    _check(e, cfg.dataset.name in SUPPORTED_DATASETS, "dataset.name", cfg.dataset.name, " | ".join(SUPPORTED_DATASETS))
+    for key in ("image_size", "channels"):
+        _check(e, _is_int(cfg.dataset[key]) and cfg.dataset[key] >= 1, f"dataset.{key}", cfg.dataset[key], "an integer >= 1")
+
+    part = cfg.partition
+    _check(e, part.name in PARTITION_SCHEMES, "partition.name", part.name, " | ".join(PARTITION_SCHEMES))
+    if part.name == "dirichlet":
+        _check(e, _is_number(part.alpha) and part.alpha > 0, "partition.alpha", part.alpha, "a number > 0")
+        _check(e, _is_int(part.min_partition_size) and part.min_partition_size >= 0, "partition.min_partition_size", part.min_partition_size, "an integer >= 0")
+    if part.name == "pathological":
+        _check(e, _is_int(part.classes_per_client) and part.classes_per_client >= 1, "partition.classes_per_client", part.classes_per_client, "an integer >= 1")
+        modes = ("random", "deterministic", "first-deterministic")
+        _check(e, part.class_assignment_mode in modes, "partition.class_assignment_mode", part.class_assignment_mode, " | ".join(modes))
+
+    ev = cfg.eval
+    for key in ("every", "num_samples"):
+        _check(e, _is_int(ev[key]) and ev[key] >= 1, f"eval.{key}", ev[key], "an integer >= 1")
+    _check(e, ev.ddim_steps is None or (_is_int(ev.ddim_steps) and ev.ddim_steps >= 1), "eval.ddim_steps", ev.ddim_steps, "null (full DDPM) or an integer >= 1")
+    if e:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(e))
+
+
+def resolve_paths(cfg: DictConfig) -> DictConfig:
+    """Make ``dataset.root`` absolute against the current directory.
+
+    The ServerApp may run in another directory than the one the user typed the
+    command in (a background SuperLink keeps its own), and clients in simulation
+    share the server's view, so they get the absolute path.
+    """
+    cfg = cfg.copy()
+    cfg.dataset.root = str(Path(cfg.dataset.root).expanduser().resolve())
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML (what the run folder keeps)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

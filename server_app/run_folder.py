@@ -1,0 +1,84 @@
+"""The run folder: config, per-round metrics, sample grids and the final model.
+
+Layout::
+
+    RUN_DIR/
+      config.yaml        resolved config of the run
+      metrics.jsonl      one JSON object per round
+      samples/round_NNNN.png
+      model/             diffusers DDPMPipeline (save_pretrained)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from torchvision.utils import make_grid, save_image
+
+from models import save_pipeline
+
+
+def new_run_dir(output_dir: str | Path, strategy: str) -> Path:
+    """``output_dir/<date>_<time>_<strategy>``, made unique if it exists already."""
+    stem = Path(output_dir).expanduser().resolve() / (
+        time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{strategy}"
+    )
+    path, n = stem, 1
+    while path.exists():
+        path, n = stem.with_name(f"{stem.name}_{n}"), n + 1
+    return path
+
+
+class RunFolder:
+    """Writes one run's outputs; every file is complete once its method returns."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser().resolve()
+        self.samples = self.path / "samples"
+        self.samples.mkdir(parents=True, exist_ok=True)
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.model_dir = self.path / "model"
+
+    def write_config(self, yaml_text: str) -> None:
+        """Keep the resolved config beside the results."""
+        self._write_atomic(self.path / "config.yaml", yaml_text)
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append one round's metrics as a JSON line, flushed to disk."""
+        with self.metrics_file.open("a", encoding="utf-8") as file:
+            file.write(json.dumps(row, sort_keys=True) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """All rows of ``metrics.jsonl``."""
+        if not self.metrics_file.exists():
+            return []
+        lines = self.metrics_file.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def save_grid(self, images: torch.Tensor, server_round: int) -> Path:
+        """Save uint8 N x C x H x W images as ``samples/round_NNNN.png``."""
+        path = self.samples / f"round_{server_round:04d}.png"
+        nrow = max(1, int(len(images) ** 0.5))
+        grid = make_grid(images.float() / 255.0, nrow=nrow, padding=2, pad_value=1.0)
+        tmp = path.with_suffix(".tmp.png")
+        save_image(grid, tmp)
+        tmp.replace(path)
+        return path
+
+    def save_model(self, unet: UNet2DModel, scheduler: DDPMScheduler) -> Path:
+        """Save the final model as a diffusers DDPMPipeline under ``model/``."""
+        return save_pipeline(unet, scheduler, self.model_dir)
+
+    @staticmethod
+    def _write_atomic(path: Path, text: str) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)

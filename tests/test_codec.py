@@ -1,0 +1,466 @@
+"""Unit tests for the int8 quantization codec (strategies/codec.py)."""
+
+from __future__ import annotations
+
+import sys
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+# Make the repository root importable when pytest is run without a config.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from strategies.codec import (  # noqa: E402
+    SCALE_SUFFIX,
+    PayloadError,
+    QuantizedTensor,
+    decode_arrays,
+    dequantize,
+    encode_arrays,
+    is_quantized,
+    payload_nbytes,
+    quantize,
+)
+
+SHAPES = {
+    "conv": (16, 8, 3, 3),
+    "linear": (32, 64),
+    "bias": (32,),
+    "scalar": (),
+}
+
+
+def _random_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        name: rng.standard_normal(shape).astype(np.float32)
+        for name, shape in SHAPES.items()
+    }
+
+
+def _reference(arrays: dict[str, np.ndarray]) -> dict:
+    return {name: (x.shape, str(x.dtype)) for name, x in arrays.items()}
+
+
+def _npy_size(x: np.ndarray) -> int:
+    buf = BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    return len(buf.getvalue())
+
+
+def _npy_header_size(x: np.ndarray) -> int:
+    return _npy_size(x) - x.nbytes
+
+
+def _tamper(record: ArrayRecord, **changes: np.ndarray | None) -> ArrayRecord:
+    """Copy ``record``, replacing (ndarray) or dropping (None) entries."""
+    entries = {k: v for k, v in record.items()}
+    for key, value in changes.items():
+        key = key.replace("__scale", SCALE_SUFFIX)
+        if value is None:
+            del entries[key]
+        else:
+            entries[key] = Array(value)
+    return ArrayRecord(entries)
+
+
+def _scale_bcast(q: QuantizedTensor) -> np.ndarray:
+    if q.values.ndim == 0:
+        return q.scale.reshape(())
+    return q.scale.reshape((-1,) + (1,) * (q.values.ndim - 1))
+
+
+# ---------------------------------------------------------------------------
+# Round trip
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_nearest_round_trip_within_half_scale(name, granularity):
+    x = _random_arrays()[name]
+    q = quantize(x, granularity=granularity, name=name)
+
+    assert q.values.dtype == np.int8
+    assert q.values.shape == x.shape
+    assert q.scale.dtype == np.float32
+    assert np.all(np.abs(q.values.astype(int)) <= 127)
+
+    err = np.abs(dequantize(q).astype(np.float64) - x)
+    bound = _scale_bcast(q).astype(np.float64) / 2
+    assert np.all(err <= bound * (1 + 1e-6) + 1e-12)
+    # A bound that is too generous would hide bugs: the error is not trivially 0.
+    if x.size > 1:
+        assert err.max() > 0
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_round_trip_bound_holds_for_lower_bits(bits):
+    x = _random_arrays(1)["linear"]
+    q = quantize(x, bits=bits)
+    qmax = 2 ** (bits - 1) - 1
+    assert np.abs(q.values.astype(int)).max() == qmax
+    err = np.abs(dequantize(q).astype(np.float64) - x)
+    assert np.all(err <= _scale_bcast(q) / 2 * (1 + 1e-6))
+
+
+def test_dequantize_returns_float32():
+    q = quantize(np.arange(6, dtype=np.float64).reshape(2, 3))
+    assert dequantize(q).dtype == np.float32
+
+
+def test_decode_round_trip_matches_dequantize():
+    arrays = _random_arrays()
+    record, _ = encode_arrays(arrays)
+    decoded = decode_arrays(record, _reference(arrays))
+    assert list(decoded) == list(arrays)
+    for name, x in arrays.items():
+        assert decoded[name].shape == x.shape
+        assert decoded[name].dtype == np.float32
+        np.testing.assert_array_equal(decoded[name], dequantize(quantize(x)))
+
+
+def test_decode_casts_to_reference_dtype():
+    x = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    record, _ = encode_arrays({"w": x})
+    out = decode_arrays(record, {"w": ((3, 4), "float16")})
+    assert out["w"].dtype == np.float16
+    assert out["w"].shape == (3, 4)
+
+
+# ---------------------------------------------------------------------------
+# Byte counts
+# ---------------------------------------------------------------------------
+
+
+def test_payload_nbytes_is_sum_of_npy_sizes():
+    arrays = _random_arrays()
+    record, _ = encode_arrays(arrays)
+
+    expected_from_record = sum(len(a.data) for _, a in record.items())
+    assert payload_nbytes(record) == expected_from_record
+
+    expected = 0
+    for name, x in arrays.items():
+        q = quantize(x)
+        expected += _npy_size(q.values) + _npy_size(q.scale)
+    assert payload_nbytes(record) == expected
+
+
+def test_payload_nbytes_exact_formula():
+    arrays = _random_arrays()
+    record, _ = encode_arrays(arrays, granularity="channel")
+    expected = 0
+    for x in arrays.values():
+        channels = x.shape[0] if x.ndim >= 2 else 1
+        values = np.zeros(x.shape, dtype=np.int8)
+        scale = np.zeros((channels,), dtype=np.float32)
+        expected += (
+            x.size * 1
+            + 4 * channels
+            + _npy_header_size(values)
+            + _npy_header_size(scale)
+        )
+    assert payload_nbytes(record) == expected
+    # count_bytes additionally counts key lengths.
+    keys = sum(len(k) for k in record.keys())
+    assert record.count_bytes() == expected + keys
+
+
+def test_int8_payload_is_about_4x_smaller_than_fp32():
+    rng = np.random.default_rng(2)
+    arrays = {
+        "conv": rng.standard_normal((256, 128, 3, 3)).astype(np.float32),  # 294_912
+        "linear": rng.standard_normal((512, 1024)).astype(np.float32),  # 524_288
+        "proj": rng.standard_normal((256, 768)).astype(np.float32),  # 196_608
+        "bias": rng.standard_normal((1024,)).astype(np.float32),
+    }
+    assert 0.9e6 < sum(x.size for x in arrays.values()) < 1.2e6
+    fp32 = payload_nbytes(ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+    record, _ = encode_arrays(arrays)
+    int8 = payload_nbytes(record)
+    assert fp32 / int8 >= 3.9
+
+
+# ---------------------------------------------------------------------------
+# Edge values
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (7,), ()])
+def test_all_zero_tensor(shape):
+    x = np.zeros(shape, dtype=np.float32)
+    q = quantize(x)
+    np.testing.assert_array_equal(q.values, np.zeros(shape, dtype=np.int8))
+    np.testing.assert_array_equal(q.scale, np.ones_like(q.scale))
+    np.testing.assert_array_equal(dequantize(q), x)
+
+
+def test_zero_channel_gets_unit_scale():
+    x = np.array([[0.0, 0.0], [1.0, -2.0]], dtype=np.float32)
+    q = quantize(x, granularity="channel")
+    assert q.scale[0] == 1.0
+    np.testing.assert_allclose(q.scale[1], 2.0 / 127, rtol=1e-6)
+    np.testing.assert_array_equal(q.values[0], [0, 0])
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+@pytest.mark.parametrize("shape", [(3, 4), (5,), ()])
+def test_constant_tensor_round_trips_exactly(shape, granularity):
+    x = np.full(shape, 0.5, dtype=np.float32)
+    out = dequantize(quantize(x, granularity=granularity))
+    np.testing.assert_allclose(out, x, rtol=0, atol=np.finfo(np.float32).eps)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_raises_with_name(bad):
+    x = np.ones((3, 3), dtype=np.float32)
+    x[1, 2] = bad
+    with pytest.raises(ValueError, match=r"unet\.conv_in\.weight.*non-finite"):
+        quantize(x, name="unet.conv_in.weight")
+    with pytest.raises(ValueError, match="down.0.bias"):
+        encode_arrays({"down.0.bias": x})
+
+
+# ---------------------------------------------------------------------------
+# Granularity
+# ---------------------------------------------------------------------------
+
+
+def test_scale_shapes_by_granularity():
+    arrays = _random_arrays()
+    expected_channel = {"conv": (16,), "linear": (32,), "bias": (1,), "scalar": (1,)}
+    for name, x in arrays.items():
+        assert quantize(x, granularity="channel").scale.shape == expected_channel[name]
+        assert quantize(x, granularity="tensor").scale.shape == (1,)
+
+
+def test_per_channel_protects_small_channels():
+    rng = np.random.default_rng(3)
+    x = np.stack(
+        [
+            1000.0 * rng.standard_normal(256),
+            0.001 * rng.standard_normal(256),
+        ]
+    ).astype(np.float32)
+    err_channel = np.abs(dequantize(quantize(x, granularity="channel")) - x)[1]
+    err_tensor = np.abs(dequantize(quantize(x, granularity="tensor")) - x)[1]
+    tiny = np.abs(x[1]).max()
+    # Per-tensor scale (~1000*3/127) wipes out the tiny channel entirely ...
+    np.testing.assert_array_equal(dequantize(quantize(x, granularity="tensor"))[1], 0)
+    np.testing.assert_allclose(err_tensor.max(), tiny)
+    # ... while its own scale keeps it within half a step of tiny/127.
+    assert err_channel.max() <= tiny / 254 * (1 + 1e-5)
+    assert err_channel.max() * 100 < err_tensor.max()
+
+
+def test_decode_accepts_per_tensor_scale_for_matrix():
+    x = _random_arrays()["linear"]
+    record, _ = encode_arrays({"w": x}, granularity="tensor")
+    out = decode_arrays(record, {"w": (x.shape, "float32")})
+    expected = dequantize(quantize(x, granularity="tensor"))
+    np.testing.assert_array_equal(out["w"], expected)
+
+
+# ---------------------------------------------------------------------------
+# Stochastic rounding
+# ---------------------------------------------------------------------------
+
+
+def test_stochastic_rounding_is_unbiased():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    draws = 2000
+    total = np.zeros(x.shape, dtype=np.float64)
+    for _ in range(draws):
+        total += dequantize(quantize(x, stochastic=True, rng=rng))
+    mean = total / draws
+    scale = quantize(x).scale[:, None].astype(np.float64)
+    # Per-element std of the mean is <= scale / (2 * sqrt(draws)); allow ~5 sigma.
+    assert np.all(np.abs(mean - x) <= 5 * scale / (2 * np.sqrt(draws)))
+    # Nearest rounding is biased for most elements by much more than that.
+    nearest_bias = np.abs(dequantize(quantize(x)) - x)
+    assert np.mean(np.abs(mean - x)) < 0.25 * np.mean(nearest_bias)
+
+
+def test_stochastic_rounding_is_deterministic_for_seed():
+    x = _random_arrays()["conv"]
+    a = quantize(x, stochastic=True, rng=np.random.default_rng(7))
+    b = quantize(x, stochastic=True, rng=np.random.default_rng(7))
+    c = quantize(x, stochastic=True, rng=np.random.default_rng(8))
+    np.testing.assert_array_equal(a.values, b.values)
+    np.testing.assert_array_equal(a.scale, b.scale)
+    assert not np.array_equal(a.values, c.values)
+
+    arrays = _random_arrays()
+    rec1, _ = encode_arrays(arrays, stochastic=True, rng=np.random.default_rng(7))
+    rec2, _ = encode_arrays(arrays, stochastic=True, rng=np.random.default_rng(7))
+    for key, arr in rec1.items():
+        assert arr.data == rec2[key].data
+
+
+def test_stochastic_requires_rng():
+    with pytest.raises(ValueError, match="rng"):
+        quantize(np.ones(3, dtype=np.float32), stochastic=True)
+
+
+def test_stochastic_stays_within_one_step():
+    x = _random_arrays()["linear"]
+    q = quantize(x, stochastic=True, rng=np.random.default_rng(0))
+    err = np.abs(dequantize(q).astype(np.float64) - x)
+    assert np.all(err <= _scale_bcast(q) * (1 + 1e-6))
+
+
+# ---------------------------------------------------------------------------
+# encode_arrays / residuals / is_quantized
+# ---------------------------------------------------------------------------
+
+
+def test_encode_record_layout():
+    arrays = _random_arrays()
+    record, _ = encode_arrays(arrays)
+    assert set(record.keys()) == {
+        k for n in arrays for k in (n, f"{n}{SCALE_SUFFIX}")
+    }
+    for name in arrays:
+        assert record[name].dtype == "int8"
+        assert tuple(record[name].shape) == arrays[name].shape
+        assert record[f"{name}{SCALE_SUFFIX}"].dtype == "float32"
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_residuals_complete_the_reconstruction(stochastic):
+    arrays = _random_arrays()
+    rng = np.random.default_rng(5) if stochastic else None
+    record, residuals = encode_arrays(arrays, stochastic=stochastic, rng=rng)
+    decoded = decode_arrays(record, _reference(arrays))
+    assert set(residuals) == set(arrays)
+    for name, x in arrays.items():
+        assert residuals[name].shape == x.shape
+        assert residuals[name].dtype == np.float32
+        np.testing.assert_allclose(decoded[name] + residuals[name], x, atol=1e-6)
+        if x.size > 1:
+            assert np.abs(residuals[name]).max() > 0
+
+
+def test_is_quantized():
+    arrays = _random_arrays()
+    record, _ = encode_arrays(arrays)
+    assert is_quantized(record)
+    assert not is_quantized(ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+
+
+def test_encode_rejects_reserved_name():
+    with pytest.raises(ValueError, match=SCALE_SUFFIX):
+        encode_arrays({f"w{SCALE_SUFFIX}": np.ones(3, dtype=np.float32)})
+
+
+# ---------------------------------------------------------------------------
+# decode_arrays validation
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def payload():
+    arrays = _random_arrays()
+    record, _ = encode_arrays(arrays)
+    return record, _reference(arrays)
+
+
+def test_decode_rejects_missing_value(payload):
+    record, ref = payload
+    with pytest.raises(PayloadError, match="linear.*missing"):
+        decode_arrays(_tamper(record, linear=None, linear__scale=None), ref)
+
+
+def test_decode_rejects_missing_scale(payload):
+    record, ref = payload
+    with pytest.raises(PayloadError, match="conv.*missing"):
+        decode_arrays(_tamper(record, conv__scale=None), ref)
+
+
+def test_decode_rejects_extra_key(payload):
+    record, ref = payload
+    bad = _tamper(record, intruder=np.zeros(3, dtype=np.int8))
+    with pytest.raises(PayloadError, match="intruder"):
+        decode_arrays(bad, ref)
+
+
+def test_decode_rejects_wrong_shape(payload):
+    record, ref = payload
+    bad = _tamper(record, linear=np.zeros((32, 63), dtype=np.int8))
+    with pytest.raises(PayloadError, match=r"linear.*shape"):
+        decode_arrays(bad, ref)
+
+
+def test_decode_rejects_float32_values(payload):
+    record, ref = payload
+    bad = _tamper(record, bias=np.zeros(32, dtype=np.float32))
+    with pytest.raises(PayloadError, match=r"bias.*int8"):
+        decode_arrays(bad, ref)
+
+
+def test_decode_rejects_unquantized_record():
+    arrays = _random_arrays()
+    fp32 = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    with pytest.raises(PayloadError, match="conv"):
+        decode_arrays(fp32, _reference(arrays))
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5])
+def test_decode_rejects_non_positive_scale(payload, value):
+    record, ref = payload
+    scale = np.full(16, 0.01, dtype=np.float32)
+    scale[3] = value
+    with pytest.raises(PayloadError, match=r"conv.*non-positive"):
+        decode_arrays(_tamper(record, conv__scale=scale), ref)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_decode_rejects_non_finite_scale(payload, value):
+    record, ref = payload
+    scale = np.array([value], dtype=np.float32)
+    with pytest.raises(PayloadError, match=r"bias.*non-finite"):
+        decode_arrays(_tamper(record, bias__scale=scale), ref)
+
+
+def test_decode_rejects_float64_scale(payload):
+    record, ref = payload
+    scale = np.full(32, 0.01, dtype=np.float64)
+    with pytest.raises(PayloadError, match=r"linear.*float32"):
+        decode_arrays(_tamper(record, linear__scale=scale), ref)
+
+
+@pytest.mark.parametrize(
+    ("name", "scale_shape"),
+    [("conv", (8,)), ("conv", (16, 1)), ("bias", (32,)), ("scalar", (2,))],
+)
+def test_decode_rejects_wrong_scale_shape(payload, name, scale_shape):
+    record, ref = payload
+    scale = np.full(scale_shape, 0.01, dtype=np.float32)
+    with pytest.raises(PayloadError, match=rf"{name}.*shape"):
+        decode_arrays(_tamper(record, **{f"{name}__scale": scale}), ref)
+
+
+# ---------------------------------------------------------------------------
+# Caller misuse
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [0, 1, 9, 16, 8.0, True])
+def test_invalid_bits_raise(bits):
+    with pytest.raises(ValueError, match=r"\[2, 8\]"):
+        quantize(np.ones(4, dtype=np.float32), bits=bits)
+
+
+@pytest.mark.parametrize("granularity", ["row", "", "Channel", None])
+def test_invalid_granularity_raises(granularity):
+    with pytest.raises(ValueError, match='"channel" \\| "tensor"'):
+        quantize(np.ones((2, 2), dtype=np.float32), granularity=granularity)
+    with pytest.raises(ValueError, match="granularity"):
+        encode_arrays({"w": np.ones((2, 2))}, granularity=granularity)
