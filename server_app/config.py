@@ -10,8 +10,13 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from client_app.partition import PARTITION_SCHEMES
+import conf
 from models.data import SUPPORTED_DATASETS
+
+
+def group_options(group: str) -> tuple[str, ...]:
+    """The choices of a config group: the YAML files in ``conf/<group>/``."""
+    return tuple(sorted(p.stem for p in (Path(conf.__file__).parent / group).glob("*.yaml")))
 
 
 class ConfigError(ValueError):
@@ -69,7 +74,8 @@ def validate_config(cfg: DictConfig) -> None:
         _check(e, _is_int(cfg.dataset[key]) and cfg.dataset[key] >= 1, f"dataset.{key}", cfg.dataset[key], "an integer >= 1")
 
     part = cfg.partition
-    _check(e, part.name in PARTITION_SCHEMES, "partition.name", part.name, " | ".join(PARTITION_SCHEMES))
+    schemes = group_options("partition")
+    _check(e, part.name in schemes, "partition.name", part.name, " | ".join(schemes))
     if part.name == "dirichlet":
         _check(e, _is_number(part.alpha) and part.alpha > 0, "partition.alpha", part.alpha, "a number > 0")
         _check(e, _is_int(part.min_partition_size) and part.min_partition_size >= 0, "partition.min_partition_size", part.min_partition_size, "an integer >= 0")

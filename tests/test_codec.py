@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-# Make the repository root importable when pytest is run without a config.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from strategies.codec import (  # noqa: E402
+from strategies.codec import (
     SCALE_SUFFIX,
     PayloadError,
     QuantizedTensor,

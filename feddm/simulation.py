@@ -1,0 +1,46 @@
+"""Run the FedDM Flower app in Flower's simulation engine, in this process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+from omegaconf import DictConfig
+
+from client_app.app import app as client_app
+from server_app.config import validate_config
+from server_app.federation import run_federation
+
+
+def simulate(
+    cfg: DictConfig,
+    run_dir: str | Path | None = None,
+    *,
+    backend_config: dict[str, Any] | None = None,
+    verbose: bool = False,
+) -> Path:
+    """Train with ``cfg.num_clients`` simulated SuperNodes; return the run folder.
+
+    The config is checked here too, so a bad value fails before Ray starts.
+    """
+    validate_config(cfg)
+    finished: dict[str, Path] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        finished["run_dir"] = run_federation(grid, cfg, run_dir)
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=int(cfg.num_clients),
+        backend_config=backend_config,
+        verbose_logging=verbose,
+    )
+    if "run_dir" not in finished:
+        raise RuntimeError("the simulation ended before the run finished; see the log above")
+    return finished["run_dir"]

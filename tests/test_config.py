@@ -1,0 +1,76 @@
+"""Hydra config: defaults, overrides, and errors that name the bad key before training."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from server_app.config import ConfigError, compose_config, group_options, validate_config
+
+
+def test_default_is_the_small_cpu_run():
+    cfg = compose_config()
+    validate_config(cfg)
+    assert cfg.model.name == "tiny" and cfg.dataset.name == "fashion_mnist"
+    assert 2 <= cfg.num_clients <= 4 and cfg.num_rounds <= 5
+    assert cfg.strategy.name == "vanilla" and cfg.partition.name == "iid"
+
+
+def test_overrides_from_a_string_or_a_list():
+    a = compose_config("partition=dirichlet partition.alpha=0.1 num_rounds=7")
+    b = compose_config(["partition=dirichlet", "partition.alpha=0.1", "num_rounds=7"])
+    assert a == b and a.partition.alpha == 0.1 and a.num_rounds == 7
+
+
+def test_every_group_option_composes_and_validates():
+    for group in ("dataset", "model", "partition", "strategy"):
+        for option in group_options(group):
+            validate_config(compose_config([f"{group}={option}"]))
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigCompositionException, match="num_roundz"):
+        compose_config(["num_roundz=3"])
+
+
+def test_unknown_group_choice_lists_the_options():
+    with pytest.raises(MissingConfigException, match="vanilla"):
+        compose_config(["strategy=bogus"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("partition.alpha=0", "partition.alpha"),
+        ("partition.alpha=-1", "partition.alpha"),
+        ("local_steps=0", "local_steps"),
+        ("local_epochs=0", "local_epochs"),
+        ("num_rounds=0", "num_rounds"),
+        ("num_clients=0", "num_clients"),
+        ("lr=0", "lr"),
+        ("batch_size=0", "batch_size"),
+        ("device=tpu", "device"),
+        ("eval.every=0", "eval.every"),
+        ("eval.ddim_steps=0", "eval.ddim_steps"),
+        ("client_eval_fraction=1.0", "client_eval_fraction"),
+        ("partition.classes_per_client=0", "partition.classes_per_client"),
+        ("dataset.name=mnist", "dataset.name"),
+    ],
+)
+def test_out_of_range_values_name_the_key_and_what_is_allowed(override, key):
+    group = []
+    if override.startswith("partition.alpha"):
+        group = ["partition=dirichlet"]
+    if override.startswith("partition.classes"):
+        group = ["partition=pathological"]
+    cfg = compose_config([*group, override])
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert f"{key}=" in str(err.value) and "allowed" in str(err.value)
+
+
+def test_all_errors_are_reported_at_once():
+    cfg = compose_config(["lr=-1", "num_rounds=0"])
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert "lr=" in str(err.value) and "num_rounds=" in str(err.value)

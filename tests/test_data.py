@@ -1,0 +1,93 @@
+"""Datasets and flwr-datasets partitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from client_app.partition import partition_indices, split_train_holdout
+from models import DatasetNotFoundError, load_image_dataset
+
+LABELS = np.repeat(np.arange(10), 100)  # 1000 images, 10 classes
+
+
+def _all_partitions(partition, n=4, seed=0):
+    return [
+        partition_indices(LABELS, partition, partition_id=i, num_partitions=n, seed=seed)
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize(
+    "partition", [{"name": "iid"}, {"name": "dirichlet", "alpha": 0.3, "min_partition_size": 5}]
+)
+def test_partitions_are_disjoint_and_cover_the_data(partition):
+    parts = _all_partitions(partition)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(np.unique(joined)) == len(LABELS)
+    assert all(len(p) > 0 for p in parts)
+
+
+def test_iid_partitions_are_balanced_and_mixed():
+    for part in _all_partitions({"name": "iid"}):
+        assert len(part) == 250
+        assert len(np.unique(LABELS[part])) == 10
+
+
+def test_dirichlet_small_alpha_is_more_skewed_than_large_alpha():
+    def skew(alpha):
+        parts = _all_partitions({"name": "dirichlet", "alpha": alpha, "min_partition_size": 5})
+        shares = [np.bincount(LABELS[p], minlength=10).max() / len(p) for p in parts]
+        return np.mean(shares)
+
+    assert skew(0.05) > skew(100.0) + 0.2
+
+
+def test_pathological_gives_each_client_k_classes_disjointly():
+    parts = _all_partitions(
+        {"name": "pathological", "classes_per_client": 2, "class_assignment_mode": "deterministic"}
+    )
+    joined = np.concatenate(parts)
+    assert len(joined) == len(np.unique(joined))
+    assert all(len(np.unique(LABELS[p])) == 2 for p in parts)
+
+
+def test_partitions_are_reproducible_and_seed_dependent():
+    a = _all_partitions({"name": "iid"}, seed=1)
+    b = _all_partitions({"name": "iid"}, seed=1)
+    c = _all_partitions({"name": "iid"}, seed=2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_bad_partition_requests_name_the_problem():
+    with pytest.raises(ValueError, match="partition-id 4"):
+        partition_indices(LABELS, {"name": "iid"}, partition_id=4, num_partitions=4, seed=0)
+    with pytest.raises(ValueError, match="more than the 1000 images"):
+        partition_indices(LABELS, {"name": "iid"}, partition_id=0, num_partitions=2000, seed=0)
+    with pytest.raises(ValueError, match="unknown"):
+        partition_indices(LABELS, {"name": "bogus"}, partition_id=0, num_partitions=2, seed=0)
+
+
+def test_holdout_split_is_disjoint():
+    train, held = split_train_holdout(np.arange(100), 0.1, seed=0)
+    assert len(held) == 10 and len(train) == 90
+    assert not set(train) & set(held)
+
+
+def test_fashion_mnist_loads_scaled_to_minus_one_one(data_root):
+    train = load_image_dataset("fashion_mnist", data_root, train=True)
+    test = load_image_dataset("fashion_mnist", data_root, train=False)
+    assert len(train) == 60000 and len(test) == 10000
+    image = train[0]
+    assert image.shape == (1, 28, 28)
+    assert image.min() >= -1.0 and image.max() <= 1.0 and image.min() < 0 < image.max()
+    assert set(np.unique(train.labels)) == set(range(10))
+    assert train.uint8([0]).dtype.is_floating_point is False
+
+
+def test_missing_dataset_names_the_path_and_the_download_option(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_image_dataset("fashion_mnist", tmp_path / "nowhere", train=True)
+    assert str(tmp_path / "nowhere") in str(err.value)
+    assert "dataset.download=true" in str(err.value)

@@ -1,0 +1,101 @@
+"""`flwr run .` end to end: the Flower CLI, a local SuperLink, the default federation.
+
+The test gives Flower its own FLWR_HOME and stops the background SuperLink (and
+everything it started) afterwards, pass or fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MICRO_OVERRIDES, REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+LOCAL_SUPERLINK_PORT = 39091  # flwr's fixed port for the managed local SuperLink
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline and int(entry.name) != os.getpid():
+            pids.append(int(entry.name))
+    return pids
+
+
+def _stop(pids: list[int], timeout: float = 20.0) -> None:
+    """SIGTERM each process group, then SIGKILL what is left after ``timeout``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.killpg(os.getpgid(pid), sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def flwr_home(tmp_path):
+    if _port_open(LOCAL_SUPERLINK_PORT):
+        pytest.skip(f"a local SuperLink already listens on {LOCAL_SUPERLINK_PORT}")
+    home = tmp_path / "flwr-home"
+    yield home
+    _stop(_processes_mentioning(str(home)))
+    assert not _processes_mentioning(str(home)), "a process of the test outlived it"
+
+
+def test_flwr_run_completes_with_the_app_config(flwr_home, tmp_path, data_root):
+    run_dir = tmp_path / "run"
+    overrides = " ".join(MICRO_OVERRIDES)
+    env = dict(
+        os.environ,
+        FLWR_HOME=str(flwr_home),
+        # The test's venv already holds every dependency; skip Flower's per-run uv env.
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
+    result = subprocess.run(
+        [
+            "flwr",
+            "run",
+            ".",
+            "--stream",
+            "--run-config",
+            f"overrides='{overrides}' run-dir='{run_dir}'",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "FedDM run finished" in output, output[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert (run_dir / "samples" / "round_0002.png").is_file()
+    assert (run_dir / "model" / "model_index.json").is_file()

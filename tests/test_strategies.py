@@ -1,0 +1,126 @@
+"""FedDM-vanilla: exact weighted averaging, reply validation, byte accounting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from strategies import FedDMVanilla, build_strategy
+from strategies.codec import payload_nbytes
+from tests.conftest import reply
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
+
+class FakeGrid:
+    """The part of Flower's Grid a strategy uses to sample nodes."""
+
+    def __init__(self, node_ids):
+        self.node_ids = node_ids
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+
+GLOBAL = {
+    "conv.weight": np.zeros((2, 3), dtype=np.float32),
+    "conv.bias": np.zeros(2, dtype=np.float32),
+}
+
+
+def _record(arrays):
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def _train_reply(arrays, num_examples, node_id, loss=1.0):
+    content = RecordDict(
+        {
+            "arrays": _record(arrays),
+            "metrics": MetricRecord({"train_loss": loss, "num-examples": num_examples}),
+        }
+    )
+    return reply(content, node_id)
+
+
+def _configured(strategy, node_ids=(1, 2, 3)):
+    messages = strategy.configure_train(1, _record(GLOBAL), ConfigRecord(), FakeGrid(node_ids))
+    return list(messages)
+
+
+def _strategy(num_clients=1):
+    return build_strategy({"name": "vanilla"}, num_clients=num_clients)
+
+
+def test_fedavg_weighting_is_exact():
+    strategy = _strategy()
+    _configured(strategy)
+    a = {"conv.weight": np.full((2, 3), 1.0, np.float32), "conv.bias": np.array([1.0, -1.0], np.float32)}
+    b = {"conv.weight": np.full((2, 3), 4.0, np.float32), "conv.bias": np.array([4.0, 2.0], np.float32)}
+    arrays, metrics = strategy.aggregate_train(
+        1, [_train_reply(a, 100, 1, loss=0.5), _train_reply(b, 300, 2, loss=0.1)]
+    )
+    # weights 1/4 and 3/4
+    np.testing.assert_allclose(arrays["conv.weight"].numpy(), np.full((2, 3), 3.25), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(arrays["conv.bias"].numpy(), [3.25, 1.25], rtol=0, atol=1e-6)
+    assert metrics["train_loss"] == pytest.approx(0.25 * 0.5 + 0.75 * 0.1)
+
+
+def test_downlink_and_uplink_bytes_are_counted_from_the_messages():
+    strategy = _strategy()
+    messages = _configured(strategy, node_ids=(1, 2, 3))
+    per_message = payload_nbytes(_record(GLOBAL))
+    assert len(messages) == 3
+    assert strategy.round_log[1]["downlink_bytes"] == 3 * per_message
+    strategy.aggregate_train(1, [_train_reply(GLOBAL, 10, 1), _train_reply(GLOBAL, 10, 2)])
+    assert strategy.round_log[1]["uplink_bytes"] == 2 * per_message
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ({"conv.weight": np.zeros((3, 2), np.float32), "conv.bias": np.zeros(2, np.float32)}, "expected float32"),
+        ({"conv.weight": np.zeros((2, 3), np.float64), "conv.bias": np.zeros(2, np.float32)}, "expected float32"),
+        ({"conv.weight": np.full((2, 3), np.nan, np.float32), "conv.bias": np.zeros(2, np.float32)}, "NaN"),
+        ({"conv.weight": np.zeros((2, 3), np.float32)}, "missing"),
+    ],
+)
+def test_malformed_reply_is_left_out_and_the_round_goes_on(bad, reason, caplog):
+    strategy = _strategy()
+    _configured(strategy)
+    good = {k: np.ones_like(v) for k, v in GLOBAL.items()}
+    with caplog.at_level("WARNING"):
+        arrays, _ = strategy.aggregate_train(
+            1, [_train_reply(good, 10, 1), _train_reply(bad, 1000, 2)]
+        )
+    np.testing.assert_array_equal(arrays["conv.weight"].numpy(), np.ones((2, 3)))
+    assert strategy.round_log[1]["num_aggregated"] == 1
+    assert strategy.round_log[1]["num_rejected"] == 1
+    assert "node 2" in caplog.text and reason in caplog.text
+
+
+@pytest.mark.parametrize("num_examples", [0, -5, float("nan"), "many"])
+def test_reply_with_bad_num_examples_is_left_out(num_examples):
+    strategy = _strategy()
+    _configured(strategy)
+    content = RecordDict(
+        {"arrays": _record(GLOBAL), "metrics": MetricRecord({"train_loss": 1.0})}
+    )
+    if not isinstance(num_examples, str):
+        content["metrics"]["num-examples"] = num_examples
+    arrays, _ = strategy.aggregate_train(1, [reply(content, 3), _train_reply(GLOBAL, 10, 1)])
+    assert arrays is not None
+    assert strategy.round_log[1]["num_rejected"] == 1
+
+
+def test_round_without_valid_replies_yields_no_model():
+    strategy = _strategy()
+    _configured(strategy)
+    arrays, metrics = strategy.aggregate_train(1, [_train_reply({"x": np.zeros(1, np.float32)}, 10, 1)])
+    assert arrays is None and metrics is None
+
+
+def test_build_strategy_rejects_unknown_names():
+    with pytest.raises(ValueError, match="vanilla"):
+        build_strategy({"name": "fedsomething"}, num_clients=2)
+    assert isinstance(_strategy(), FedDMVanilla)
