@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -141,6 +142,24 @@ def client_data(
 def build_model(settings: ClientSettings, device: torch.device) -> tuple[UNet2DModel, DDPMScheduler]:
     """The UNet and scheduler described by the server's config."""
     return unet_from_config(settings.unet).to(device), scheduler_from_config(settings.scheduler)
+
+
+def proximal_term(unet: UNet2DModel, mu: float) -> Regularizer | None:
+    """(mu/2)·‖w − w_global‖², anchored at the weights the client received.
+
+    ``None`` for mu = 0, so FedDM-prox with mu = 0 trains exactly as FedDM-vanilla.
+    """
+    if mu < 0 or not math.isfinite(mu):
+        raise ValueError(f"proximal-mu must be a finite number >= 0, got {mu}")
+    if mu == 0:
+        return None
+    anchors = [p.detach().clone() for p in unet.parameters()]
+
+    def term(model: UNet2DModel) -> torch.Tensor:
+        squared = sum(torch.sum((p - a) ** 2) for p, a in zip(model.parameters(), anchors))
+        return 0.5 * mu * squared
+
+    return term
 
 
 def _batches(loader: DataLoader) -> Iterator[torch.Tensor]:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import conf
 from models.data import SUPPORTED_DATASETS
+from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS
 
 
 def group_options(group: str) -> tuple[str, ...]:
@@ -64,7 +65,8 @@ def validate_config(cfg: DictConfig) -> None:
         _check(e, _is_number(cfg[key]) and cfg[key] >= 0, key, cfg[key], "a number >= 0")
     _check(e, _is_int(cfg.seed) and cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
     _check(e, cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "auto | cpu | cuda")
-    _check(e, _is_number(cfg.round_timeout_s) and cfg.round_timeout_s > 0, "round_timeout_s", cfg.round_timeout_s, "a number > 0")
+    for key in ("round_timeout_s", "node_wait_timeout_s"):
+        _check(e, _is_number(cfg[key]) and cfg[key] > 0, key, cfg[key], "a number > 0")
     frac = cfg.client_eval_fraction
     _check(e, _is_number(frac) and 0 < frac < 1, "client_eval_fraction", frac, "a number in (0, 1)")
     _check(e, _is_int(cfg.client_eval_max_examples) and cfg.client_eval_max_examples >= 1, "client_eval_max_examples", cfg.client_eval_max_examples, "an integer >= 1")
@@ -83,6 +85,15 @@ def validate_config(cfg: DictConfig) -> None:
         _check(e, _is_int(part.classes_per_client) and part.classes_per_client >= 1, "partition.classes_per_client", part.classes_per_client, "an integer >= 1")
         modes = ("random", "deterministic", "first-deterministic")
         _check(e, part.class_assignment_mode in modes, "partition.class_assignment_mode", part.class_assignment_mode, " | ".join(modes))
+
+    st = cfg.strategy
+    if st.name == "prox":
+        _check(e, _is_number(st.mu) and st.mu >= 0, "strategy.mu", st.mu, "a number >= 0")
+    if st.name == "quant":
+        _check(e, _is_int(st.bits) and MIN_BITS <= st.bits <= MAX_BITS, "strategy.bits", st.bits, f"an integer in {MIN_BITS}..{MAX_BITS}")
+        _check(e, st.granularity in GRANULARITIES, "strategy.granularity", st.granularity, " | ".join(GRANULARITIES))
+        for key in ("stochastic_rounding", "error_feedback", "quantize_downlink"):
+            _check(e, isinstance(st[key], bool), f"strategy.{key}", st[key], "true | false")
 
     ev = cfg.eval
     for key in ("every", "num_samples"):

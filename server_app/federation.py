@@ -74,6 +74,20 @@ def _format_round(row: dict) -> str:
     return " | ".join(parts)
 
 
+def wait_for_nodes(grid: Grid, num_clients: int, timeout_s: float) -> None:
+    """Wait until ``num_clients`` nodes are connected, or fail naming what to change."""
+    deadline = time.monotonic() + timeout_s
+    while (connected := len(list(grid.get_node_ids()))) < num_clients:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"num_clients={num_clients}, but only {connected} SuperNodes connected "
+                f"within node_wait_timeout_s={timeout_s:g}. In simulation, run with "
+                f"--federation-config 'num-supernodes={num_clients}' (or lower num_clients); "
+                "in a deployment, start more SuperNodes."
+            )
+        time.sleep(1.0)
+
+
 def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     """Train for ``cfg.num_rounds`` rounds and return the run folder.
 
@@ -99,6 +113,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
     strategy = build_strategy(cfg.strategy, num_clients=cfg.num_clients)
     settings = client_config(cfg, unet, scheduler)
     unet.to(device)
+    wait_for_nodes(grid, cfg.num_clients, float(cfg.node_wait_timeout_s))
     started = time.monotonic()
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

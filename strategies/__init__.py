@@ -5,15 +5,31 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from strategies.accounting import RoundAccounting
+from strategies.accounting import RoundAccounting, RoundFailedError
+from strategies.prox import FedDMProx
+from strategies.quant import FedDMQuant
 from strategies.vanilla import FedDMVanilla
 
-STRATEGIES = {"vanilla": FedDMVanilla}
+STRATEGIES = {"vanilla": FedDMVanilla, "prox": FedDMProx, "quant": FedDMQuant}
 
 
-def build_strategy(
-    strategy: Mapping[str, Any], *, num_clients: int
-) -> RoundAccounting:
+def strategy_options(strategy: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of the named strategy from its config group."""
+    name = strategy.get("name")
+    if name == "prox":
+        return {"proximal_mu": float(strategy["mu"])}
+    if name == "quant":
+        return {
+            "bits": int(strategy["bits"]),
+            "granularity": str(strategy["granularity"]),
+            "stochastic_rounding": bool(strategy["stochastic_rounding"]),
+            "error_feedback": bool(strategy["error_feedback"]),
+            "quantize_downlink": bool(strategy["quantize_downlink"]),
+        }
+    return {}
+
+
+def build_strategy(strategy: Mapping[str, Any], *, num_clients: int) -> RoundAccounting:
     """The strategy named by ``strategy['name']`` (``conf/strategy``), sampling all clients.
 
     Every connected client trains and evaluates each round; the round waits for
@@ -28,7 +44,16 @@ def build_strategy(
         min_train_nodes=num_clients,
         min_evaluate_nodes=num_clients,
         min_available_nodes=num_clients,
+        **strategy_options(strategy),
     )
 
 
-__all__ = ["STRATEGIES", "FedDMVanilla", "RoundAccounting", "build_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "FedDMProx",
+    "FedDMQuant",
+    "FedDMVanilla",
+    "RoundAccounting",
+    "RoundFailedError",
+    "build_strategy",
+]

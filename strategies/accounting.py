@@ -6,6 +6,7 @@
 * counts the bytes of the arrays actually placed in the messages, both ways;
 * checks every training reply against the global model before it reaches the
   average, and leaves out (with a logged reason) the ones that do not match;
+* lets a strategy change what travels (int8 codes, updates) through three hooks;
 * keeps the aggregated metrics per round in ``round_log`` for the ServerApp.
 """
 
@@ -16,7 +17,8 @@ from logging import WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -66,8 +68,25 @@ def check_metrics(content: Any) -> MetricRecord:
     return metrics
 
 
+def _with_content(message: Message, content: RecordDict) -> Message:
+    """A copy of a reply with other content (same sender and metadata)."""
+    return make_message(metadata=message.metadata, content=content)
+
+
+class RoundFailedError(RuntimeError):
+    """No reply of a training round could be aggregated; the run must stop."""
+
+
 class RoundAccounting:
-    """Mixin for Flower strategies: byte counts, reply validation, per-round log."""
+    """Mixin for Flower strategies: byte counts, reply validation, per-round log.
+
+    Hooks for strategies that do not exchange plain full weights:
+
+    * ``downlink_payload(arrays)``: what is sent instead of the global arrays;
+    * ``decode_train_reply(message)``: the reply's arrays as full-precision
+      arrays for the average, raising ``PayloadError`` if it must be left out;
+    * ``apply_aggregate(arrays)``: the new global model from the average.
+    """
 
     round_log: dict[int, dict[str, float]]
     _global_arrays: ArrayRecord | None = None
@@ -77,13 +96,31 @@ class RoundAccounting:
             self.round_log = {}
         self.round_log.setdefault(server_round, {}).update(values)
 
+    # -- hooks -----------------------------------------------------------------
+    def downlink_payload(self, arrays: ArrayRecord) -> ArrayRecord:
+        """What the clients receive for the global ``arrays`` (default: the arrays)."""
+        return arrays
+
+    def decode_train_reply(self, message: Message) -> ArrayRecord:
+        """Validate a reply and return the arrays that enter the weighted mean."""
+        records = list(message.content.array_records.values())
+        if len(records) != 1:
+            raise PayloadError(f"expected one ArrayRecord, found {len(records)}")
+        check_full_weights(records[0], self._global_arrays)
+        return records[0]
+
+    def apply_aggregate(self, aggregated: ArrayRecord) -> ArrayRecord:
+        """The new global model from the weighted mean (default: the mean itself)."""
+        return aggregated
+
     # -- training --------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember the global model, then count what Flower's strategy sends."""
         self._global_arrays = arrays
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        payload = self.downlink_payload(arrays)
+        messages = list(super().configure_train(server_round, payload, config, grid))
         self._log_round(
             server_round,
             downlink_bytes=sum(message_nbytes(m) for m in messages),
@@ -91,28 +128,23 @@ class RoundAccounting:
         )
         return messages
 
-    def validate_train_reply(self, message: Message) -> None:
-        """Raise ``PayloadError`` if a training reply must not enter the average.
-
-        Strategies that send something other than full weights override this.
-        """
-        check_metrics(message.content)
-        records = list(message.content.array_records.values())
-        if len(records) != 1:
-            raise PayloadError(f"expected one ArrayRecord, found {len(records)}")
-        check_full_weights(records[0], self._global_arrays)
-
-    def accepted_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """Count uplink bytes and keep the replies that pass ``validate_train_reply``."""
+    def accepted_replies(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> list[Message]:
+        """Count uplink bytes; return the valid replies with their decoded arrays."""
         replies = list(replies)
-        accepted, rejected = [], 0
+        accepted, rejected, reasons = [], 0, []
         for message in replies:
             if message.has_error():
-                continue  # Flower logs error replies itself.
+                # Flower logs error replies itself.
+                reasons.append(f"node {message.metadata.src_node_id}: {message.error.reason}")
+                continue
             try:
-                self.validate_train_reply(message)
+                metrics = check_metrics(message.content)
+                arrays = self.decode_train_reply(message)
             except PayloadError as err:
                 rejected += 1
+                reasons.append(f"node {message.metadata.src_node_id}: {err}")
                 log(
                     WARNING,
                     "Round %d: left out the reply of node %d: %s",
@@ -121,7 +153,8 @@ class RoundAccounting:
                     err,
                 )
                 continue
-            accepted.append(message)
+            content = RecordDict({"arrays": arrays, "metrics": metrics})
+            accepted.append(_with_content(message, content))
         self._log_round(
             server_round,
             uplink_bytes=sum(message_nbytes(m) for m in replies),
@@ -129,22 +162,41 @@ class RoundAccounting:
             num_aggregated=len(accepted),
             num_rejected=rejected,
         )
+        if not accepted:
+            raise RoundFailedError(
+                f"round {server_round}: none of the {len(replies)} training replies could "
+                "be aggregated, so the run stops with the last global model. "
+                + ("Reasons: " + "; ".join(reasons[:4]) if reasons else "No client replied.")
+            )
         return accepted
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate only the valid replies (Flower's averaging does the rest)."""
+        """Average the valid replies with Flower's strategy, then apply the result."""
         replies = list(replies)
         accepted = self.accepted_replies(server_round, replies)
         # Error replies go on to Flower, which logs them and leaves them out.
         errors = [m for m in replies if m.has_error()]
         arrays, metrics = super().aggregate_train(server_round, errors + accepted)
+        if arrays is not None:
+            arrays = self.apply_aggregate(arrays)
         if metrics is not None:
             self._log_round(server_round, **{k: float(v) for k, v in metrics.items()})
         return arrays, metrics
 
     # -- evaluation ------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the evaluation model in the same form as the training model."""
+        payload = self.downlink_payload(arrays)
+        messages = list(super().configure_evaluate(server_round, payload, config, grid))
+        self._log_round(
+            server_round, eval_downlink_bytes=sum(message_nbytes(m) for m in messages)
+        )
+        return messages
+
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:

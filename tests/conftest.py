@@ -16,10 +16,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("FEDDM_DATA_ROOT", REPO_ROOT.parent / "shared" / "data"))
 
 # A UNet of a few thousand parameters and a couple of steps: fast on 2 CPU cores.
-MICRO_OVERRIDES = [
+MICRO_MODEL = [
     "model.unet.block_out_channels=[8,16]",
     "model.unet.norm_num_groups=4",
     "model.unet.attention_head_dim=4",
+]
+SHORT_RUN = [
     "num_rounds=2",
     "local_steps=2",
     "batch_size=4",
@@ -28,6 +30,7 @@ MICRO_OVERRIDES = [
     "eval.ddim_steps=3",
     f"dataset.root={DATA_ROOT}",
 ]
+MICRO_OVERRIDES = MICRO_MODEL + SHORT_RUN
 
 
 @pytest.fixture(scope="session")

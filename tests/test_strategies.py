@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from strategies import FedDMVanilla, build_strategy
+from strategies import FedDMVanilla, RoundFailedError, build_strategy
 from strategies.codec import payload_nbytes
 from tests.conftest import reply
 
@@ -113,11 +113,13 @@ def test_reply_with_bad_num_examples_is_left_out(num_examples):
     assert strategy.round_log[1]["num_rejected"] == 1
 
 
-def test_round_without_valid_replies_yields_no_model():
+def test_round_without_valid_replies_stops_the_run_with_the_reasons():
     strategy = _strategy()
     _configured(strategy)
-    arrays, metrics = strategy.aggregate_train(1, [_train_reply({"x": np.zeros(1, np.float32)}, 10, 1)])
-    assert arrays is None and metrics is None
+    with pytest.raises(RoundFailedError, match="none of the 1 training replies.*node 1"):
+        strategy.aggregate_train(1, [_train_reply({"x": np.zeros(1, np.float32)}, 10, 1)])
+    with pytest.raises(RoundFailedError, match="No client replied"):
+        strategy.aggregate_train(2, [])
 
 
 def test_build_strategy_rejects_unknown_names():

@@ -1,0 +1,73 @@
+"""What a client receives and sends: full weights, or int8 codes of the update (FedDM-quant).
+
+The encoding settings come from the strategy's ConfigRecord (``quant-*`` keys);
+the codec is ``strategies.codec``, the same one the server decodes with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, RecordDict
+
+from strategies.codec import decode_arrays, encode_arrays, is_quantized
+
+# Key of the quantization residual in the client's persistent state (Context.state).
+RESIDUAL_KEY = "feddm-quant-residual"
+
+
+def _reference(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {n: (tuple(t.shape), str(t.detach().cpu().numpy().dtype)) for n, t in state_dict.items()}
+
+
+def received_weights(record: ArrayRecord, model_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The global weights in ``record``: plain arrays, or int8 codes to decode.
+
+    ``model_state`` (the freshly built model's state dict) gives the names,
+    shapes and dtypes a quantized payload must match.
+    """
+    if is_quantized(record):
+        decoded = decode_arrays(record, _reference(model_state))
+        return {name: torch.from_numpy(array) for name, array in decoded.items()}
+    return record.to_torch_state_dict()
+
+
+def wants_quantized_update(config: Mapping[str, Any]) -> bool:
+    """True when the strategy asked for int8 updates (FedDM-quant)."""
+    return "quant-bits" in config
+
+
+def quantized_update(
+    local: Mapping[str, torch.Tensor],
+    received: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    state: RecordDict,
+    seed: int,
+) -> ArrayRecord:
+    """int8 codes of Δ = local − received, with the settings the strategy sent.
+
+    With error feedback, last round's residual (kept in ``state``) is added to Δ
+    before quantizing, and this round's residual replaces it.
+    """
+    update = {
+        name: (local[name].detach().cpu() - received[name].cpu()).numpy()
+        for name in received
+    }
+    error_feedback = bool(config["quant-error-feedback"])
+    if error_feedback and RESIDUAL_KEY in state:
+        residual = state[RESIDUAL_KEY]
+        if set(residual.keys()) == set(update):
+            update = {name: update[name] + residual[name].numpy() for name in update}
+    record, residual = encode_arrays(
+        update,
+        bits=int(config["quant-bits"]),
+        granularity=str(config["quant-granularity"]),
+        stochastic=bool(config["quant-stochastic"]),
+        rng=np.random.default_rng(seed),
+    )
+    if error_feedback:
+        state[RESIDUAL_KEY] = ArrayRecord({n: Array(r) for n, r in residual.items()})
+    return record

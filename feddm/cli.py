@@ -1,0 +1,61 @@
+"""``feddm-run``: compose the config with Hydra and run the Flower app.
+
+    feddm-run strategy=quant partition=dirichlet partition.alpha=0.1
+    feddm-run -m strategy=vanilla,prox,quant          # a sweep, one run folder each
+    feddm-run superlink=my-superlink num_rounds=50     # submit to a SuperLink with flwr run
+
+The run folder is Hydra's output directory (``hydra.run.dir=...`` moves it).
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+import conf
+from feddm.simulation import simulate
+from server_app.config import validate_config
+
+
+def _app_dir() -> Path:
+    """The project folder holding ``pyproject.toml`` (what ``flwr run`` builds)."""
+    root = Path(conf.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise FileNotFoundError(
+            f"no pyproject.toml in {root}: submitting to a SuperLink needs the project "
+            "checkout (install it with `pip install -e .`)"
+        )
+    return root
+
+
+def submit(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+    """Run the app on the SuperLink connection ``cfg.superlink`` with ``flwr run``."""
+    app_overrides = [o for o in overrides if not o.lstrip("+~").startswith("superlink=")]
+    # Paths must be absolute: the SuperLink runs the app in its own directory.
+    app_overrides.append(f"dataset.root={Path(cfg.dataset.root).expanduser().resolve()}")
+    run_config = f"overrides='{shlex.join(app_overrides)}' run-dir='{run_dir}'"
+    command = ["flwr", "run", str(_app_dir()), str(cfg.superlink), "--stream", "--run-config", run_config]
+    print("+", shlex.join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+@hydra.main(version_base=None, config_path="pkg://conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Entry point of ``feddm-run``."""
+    validate_config(cfg)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
+    if cfg.superlink:
+        submit(cfg, run_dir, list(hydra_cfg.overrides.task))
+    else:
+        simulate(cfg, run_dir)
+    print(f"FedDM run folder: {run_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""FedDM-prox and FedDM-quant: client-side terms and encodings, server-side decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from omegaconf import OmegaConf
+
+from client_app.task import proximal_term
+from client_app.updates import RESIDUAL_KEY, quantized_update, received_weights
+from models import build_unet
+from server_app.config import compose_config
+from strategies import FedDMProx, FedDMQuant, build_strategy
+from strategies.codec import SCALE_SUFFIX, payload_nbytes
+from tests.conftest import reply
+from tests.test_strategies import FakeGrid
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
+
+def _micro_state(seed=0):
+    torch.manual_seed(seed)
+    unet = build_unet(
+        {"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+         "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1,
+         "norm_num_groups": 4, "attention_head_dim": 4},
+        image_size=28, channels=1,
+    )
+    return unet
+
+
+# -- FedDM-prox ----------------------------------------------------------------
+
+def test_proximal_term_is_half_mu_times_squared_distance():
+    unet = _micro_state()
+    term = proximal_term(unet, mu=0.3)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01)
+    num_params = sum(p.numel() for p in unet.parameters())
+    expected = 0.5 * 0.3 * num_params * 0.01**2
+    assert term(unet).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_proximal_term_is_off_for_mu_zero_and_rejects_negative_mu():
+    unet = _micro_state()
+    assert proximal_term(unet, 0.0) is None
+    with pytest.raises(ValueError, match="proximal-mu"):
+        proximal_term(unet, -1.0)
+
+
+def test_prox_strategy_sends_mu_to_clients():
+    strategy = build_strategy({"name": "prox", "mu": 0.05}, num_clients=1)
+    assert isinstance(strategy, FedDMProx)
+    weights = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    (message,) = strategy.configure_train(1, weights, ConfigRecord(), FakeGrid([1]))
+    assert message.content["config"]["proximal-mu"] == 0.05
+
+
+# -- FedDM-quant -----------------------------------------------------------------
+
+QUANT_CONFIG = {
+    "quant-bits": 8,
+    "quant-granularity": "channel",
+    "quant-stochastic": False,
+    "quant-error-feedback": False,
+}
+
+
+def _quant_strategy(**options):
+    return build_strategy(
+        {"name": "quant", "bits": 8, "granularity": "channel", "stochastic_rounding": False,
+         "error_feedback": False, "quantize_downlink": False} | options,
+        num_clients=1,
+    )
+
+
+def _client_reply(global_state, local_state, num_examples, node_id, config=QUANT_CONFIG, state=None):
+    record = quantized_update(local_state, global_state, config, state if state is not None else RecordDict(), seed=node_id)
+    metrics = MetricRecord({"train_loss": 0.1, "num-examples": num_examples})
+    return reply(RecordDict({"arrays": record, "metrics": metrics}), node_id)
+
+
+def test_quant_round_applies_the_weighted_mean_update_within_quantization_error():
+    global_state = _micro_state(0).state_dict()
+    local_a = {k: v + 0.01 * torch.randn_like(v) for k, v in global_state.items()}
+    local_b = {k: v + 0.01 * torch.randn_like(v) for k, v in global_state.items()}
+    strategy = _quant_strategy()
+    (message,) = strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), FakeGrid([1]))
+    assert message.content["config"]["quant-bits"] == 8
+    arrays, _ = strategy.aggregate_train(
+        1, [_client_reply(global_state, local_a, 30, 1), _client_reply(global_state, local_b, 10, 2)]
+    )
+    new = arrays.to_torch_state_dict()
+    for name, g in global_state.items():
+        expected = 0.75 * local_a[name] + 0.25 * local_b[name]
+        # each update carries at most scale/2 error per element, scale <= max|Δ|/127
+        bound = max((local_a[name] - g).abs().max(), (local_b[name] - g).abs().max()) / 127
+        assert (new[name] - expected).abs().max() <= bound + 1e-7, name
+        assert new[name].dtype == g.dtype
+
+
+def test_quant_reply_is_int8_and_about_four_times_smaller():
+    # the fashion_mnist UNet (6.8M parameters): npy headers are negligible
+    cfg = compose_config(["model=fashion_mnist"])
+    unet = build_unet(OmegaConf.to_container(cfg.model.unet), image_size=28, channels=1)
+    global_state = unet.state_dict()
+    local = {k: v + 1e-3 for k, v in global_state.items()}
+    record = quantized_update(local, global_state, QUANT_CONFIG, RecordDict(), seed=0)
+    values = [a for k, a in record.items() if not k.endswith(SCALE_SUFFIX)]
+    assert values and all(a.dtype == "int8" for a in values)
+    assert payload_nbytes(ArrayRecord(global_state)) / payload_nbytes(record) >= 3.9
+
+
+def test_error_feedback_keeps_the_residual_in_client_state():
+    global_state = _micro_state(0).state_dict()
+    local = {k: v + 0.013 * torch.randn_like(v) for k, v in global_state.items()}
+    state = RecordDict()
+    config = QUANT_CONFIG | {"quant-error-feedback": True}
+    first = quantized_update(local, global_state, config, state, seed=0)
+    assert RESIDUAL_KEY in state
+    residual = {k: a.numpy() for k, a in state[RESIDUAL_KEY].items()}
+    assert max(np.abs(r).max() for r in residual.values()) > 0
+    # Round 2 with no training: the update is exactly the carried residual.
+    second = quantized_update(global_state, global_state, config, state, seed=1)
+    no_feedback = quantized_update(global_state, global_state, QUANT_CONFIG, RecordDict(), seed=1)
+    assert any(not np.array_equal(second[k].numpy(), no_feedback[k].numpy()) for k in second.keys())
+    assert first.keys() == second.keys()
+
+
+def test_quantized_downlink_is_what_clients_decode():
+    global_state = _micro_state(0).state_dict()
+    strategy = _quant_strategy(quantize_downlink=True)
+    (message,) = strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), FakeGrid([1]))
+    payload = message.content["arrays"]
+    assert any(k.endswith(SCALE_SUFFIX) for k in payload.keys())
+    received = received_weights(payload, _micro_state(1).state_dict())
+    for name, tensor in received.items():
+        assert np.array_equal(tensor.numpy(), strategy._client_view[name])
+        assert (tensor - global_state[name]).abs().max() <= global_state[name].abs().max() / 127 + 1e-7
+    # A client that did not train sends a zero update; the server keeps the client view.
+    arrays, _ = strategy.aggregate_train(1, [_client_reply(received, received, 5, 1)])
+    for name, tensor in arrays.to_torch_state_dict().items():
+        assert np.array_equal(tensor.numpy(), strategy._client_view[name])
+
+
+def _corrupt(record: ArrayRecord, how: str) -> ArrayRecord:
+    arrays = {k: a.numpy() for k, a in record.items()}
+    name = next(k for k in arrays if k.endswith(SCALE_SUFFIX))
+    if how == "nan-scale":
+        arrays[name] = np.full_like(arrays[name], np.nan)
+    elif how == "zero-scale":
+        arrays[name] = np.zeros_like(arrays[name])
+    elif how == "float-values":
+        value = name[: -len(SCALE_SUFFIX)]
+        arrays[value] = arrays[value].astype(np.float32)
+    elif how == "wrong-shape":
+        value = name[: -len(SCALE_SUFFIX)]
+        arrays[value] = arrays[value].reshape(-1)[:-1].copy()
+    elif how == "missing":
+        del arrays[name]
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+@pytest.mark.parametrize("how", ["nan-scale", "zero-scale", "float-values", "wrong-shape", "missing"])
+def test_corrupted_quantized_update_is_left_out(how, caplog):
+    global_state = _micro_state(0).state_dict()
+    local = {k: v + 0.01 for k, v in global_state.items()}
+    strategy = _quant_strategy()
+    strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), FakeGrid([1]))
+    good = _client_reply(global_state, local, 10, 1)
+    record = quantized_update(local, global_state, QUANT_CONFIG, RecordDict(), seed=0)
+    metrics = MetricRecord({"train_loss": 0.1, "num-examples": 1000})
+    bad = reply(RecordDict({"arrays": _corrupt(record, how), "metrics": metrics}), 2)
+    with caplog.at_level("WARNING"):
+        arrays, _ = strategy.aggregate_train(1, [good, bad])
+    assert strategy.round_log[1]["num_rejected"] == 1
+    assert "node 2" in caplog.text
+    for name, tensor in arrays.to_torch_state_dict().items():
+        assert (tensor - local[name]).abs().max() < 1e-3
+
+
+def test_quant_strategy_rejects_bad_settings():
+    with pytest.raises(ValueError, match="bits"):
+        FedDMQuant(bits=9)
+    with pytest.raises(ValueError, match="granularity"):
+        FedDMQuant(granularity="row")
