@@ -38,7 +38,10 @@ def submit(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
     app_overrides = [o for o in overrides if not o.lstrip("+~").startswith("superlink=")]
     # Paths must be absolute: the SuperLink runs the app in its own directory.
     app_overrides.append(f"dataset.root={Path(cfg.dataset.root).expanduser().resolve()}")
-    run_config = f"overrides='{shlex.join(app_overrides)}' run-dir='{run_dir}'"
+    # flwr's --run-config takes TOML literal strings: no single quotes inside.
+    if any("'" in o for o in app_overrides):
+        raise ValueError(f"overrides sent to a SuperLink may not contain single quotes: {app_overrides}")
+    run_config = f"overrides='{' '.join(app_overrides)}' run-dir='{run_dir}'"
     command = ["flwr", "run", str(_app_dir()), str(cfg.superlink), "--stream", "--run-config", run_config]
     print("+", shlex.join(command), flush=True)
     subprocess.run(command, check=True)

@@ -23,9 +23,16 @@ def test_overrides_from_a_string_or_a_list():
 
 
 def test_every_group_option_composes_and_validates():
-    for group in ("dataset", "model", "partition", "strategy"):
+    for group in ("dataset", "model", "partition", "strategy", "experiment"):
         for option in group_options(group):
             validate_config(compose_config([f"{group}={option}"]))
+
+
+def test_experiment_presets_set_paper_scale_models():
+    cfg = compose_config(["experiment=cifar10_paper", "strategy=quant"])
+    assert cfg.model.name == "cifar10" and cfg.dataset.name == "cifar10"
+    assert cfg.num_clients == 10 and cfg.strategy.name == "quant"
+    assert set(group_options("experiment")) >= {"fashion_mnist_paper", "cifar10_paper", "celeba_paper"}
 
 
 def test_unknown_key_is_named():

@@ -57,6 +57,16 @@ def _stop(pids: list[int], timeout: float = 20.0) -> None:
             time.sleep(0.2)
 
 
+def _flower_env(flwr_home: Path) -> dict[str, str]:
+    return dict(
+        os.environ,
+        FLWR_HOME=str(flwr_home),
+        # The test's venv already holds every dependency; skip Flower's per-run uv env.
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
+
+
 @pytest.fixture
 def flwr_home(tmp_path):
     if _port_open(LOCAL_SUPERLINK_PORT):
@@ -70,13 +80,6 @@ def flwr_home(tmp_path):
 def test_flwr_run_completes_with_the_app_config(flwr_home, tmp_path, data_root):
     run_dir = tmp_path / "run"
     overrides = " ".join(MICRO_OVERRIDES)
-    env = dict(
-        os.environ,
-        FLWR_HOME=str(flwr_home),
-        # The test's venv already holds every dependency; skip Flower's per-run uv env.
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    )
     result = subprocess.run(
         [
             "flwr",
@@ -87,7 +90,7 @@ def test_flwr_run_completes_with_the_app_config(flwr_home, tmp_path, data_root):
             f"overrides='{overrides}' run-dir='{run_dir}'",
         ],
         cwd=REPO_ROOT,
-        env=env,
+        env=_flower_env(flwr_home),
         capture_output=True,
         text=True,
         timeout=480,
@@ -99,3 +102,22 @@ def test_flwr_run_completes_with_the_app_config(flwr_home, tmp_path, data_root):
     assert [r["round"] for r in rows] == [1, 2]
     assert (run_dir / "samples" / "round_0002.png").is_file()
     assert (run_dir / "model" / "model_index.json").is_file()
+
+
+def test_feddm_run_submits_to_a_named_superlink(flwr_home, tmp_path, data_root):
+    """feddm-run superlink=local: the same app, submitted with flwr run."""
+    result = subprocess.run(
+        ["feddm-run", "superlink=local", "strategy=quant", f"output_dir={tmp_path}", *MICRO_OVERRIDES],
+        cwd=tmp_path,
+        env=_flower_env(flwr_home),
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("_quant")]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert (run_dir / ".hydra" / "overrides.yaml").is_file()
+    assert "name: quant" in (run_dir / "config.yaml").read_text()
