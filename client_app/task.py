@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
 from client_app.partition import partition_indices, split_train_holdout
 from models import (
@@ -193,7 +194,8 @@ def local_train(
     optimizer = make_optimizer(unet, lr=settings.lr, weight_decay=settings.weight_decay)
     losses = []
     batches = _batches(loader)
-    for _ in range(steps):
+    # A bar on terminals only (disable=None); in Ray workers and CI logs it stays quiet.
+    for _ in tqdm(range(steps), desc="local training", leave=False, disable=None, mininterval=2):
         images = next(batches).to(device)
         losses.append(
             train_step(

@@ -3,6 +3,7 @@
     feddm-run strategy=quant partition=dirichlet partition.alpha=0.1
     feddm-run -m strategy=vanilla,prox,quant          # a sweep, one run folder each
     feddm-run superlink=my-superlink num_rounds=50     # submit to a SuperLink with flwr run
+    feddm-run resume=outputs/2026-11-25_10-00-00_quant  # continue a run from its checkpoint
 
 The run folder is Hydra's output directory (``hydra.run.dir=...`` moves it).
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import conf
 from feddm.simulation import simulate
@@ -47,9 +48,28 @@ def submit(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
     subprocess.run(command, check=True)
 
 
+# hydra.run.dir in conf/config.yaml: a resumed run writes into its own folder.
+OmegaConf.register_new_resolver(
+    "feddm_run_dir", lambda resume, default: str(resume) if resume else default, replace=True
+)
+
+
+def resumed_config(run_dir: str | Path) -> DictConfig:
+    """The saved config of ``run_dir``, set to resume there."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"resume={run_dir}: no config.yaml there; is it a FedDM run folder?")
+    cfg = OmegaConf.load(saved)
+    cfg.resume = str(run_dir)
+    return cfg
+
+
 @hydra.main(version_base=None, config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     """Entry point of ``feddm-run``."""
+    if cfg.resume:
+        cfg = resumed_config(cfg.resume)
     validate_config(cfg)
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir).resolve()

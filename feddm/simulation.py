@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 from omegaconf import DictConfig
 
-from client_app.app import app as client_app
+from client_app.app import app as feddm_client_app
 from server_app.config import validate_config
 from server_app.federation import run_federation
 
@@ -21,10 +22,12 @@ def simulate(
     *,
     backend_config: dict[str, Any] | None = None,
     verbose: bool = False,
+    client_app: ClientApp = feddm_client_app,
 ) -> Path:
     """Train with ``cfg.num_clients`` simulated SuperNodes; return the run folder.
 
     The config is checked here too, so a bad value fails before Ray starts.
+    ``client_app`` replaces the FedDM ClientApp (tests use it to inject faults).
     """
     validate_config(cfg)
     finished: dict[str, Path] = {}

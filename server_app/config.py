@@ -96,8 +96,14 @@ def validate_config(cfg: DictConfig) -> None:
             _check(e, isinstance(st[key], bool), f"strategy.{key}", st[key], "true | false")
 
     ev = cfg.eval
-    for key in ("every", "num_samples"):
+    for key in ("every", "grid_size", "batch_size"):
         _check(e, _is_int(ev[key]) and ev[key] >= 1, f"eval.{key}", ev[key], "an integer >= 1")
+    _check(e, _is_int(ev.num_samples) and (ev.num_samples == 0 or ev.num_samples >= 2), "eval.num_samples", ev.num_samples, "0 (no FID) or an integer >= 2")
+    if ev.fid_weights is not None:
+        _check(e, Path(str(ev.fid_weights)).expanduser().is_file(), "eval.fid_weights", ev.fid_weights, "null or the path of an existing TorchScript file")
+    _check(e, isinstance(cfg.ema.enabled, bool), "ema.enabled", cfg.ema.enabled, "true | false")
+    _check(e, _is_number(cfg.ema.decay) and 0 <= cfg.ema.decay < 1, "ema.decay", cfg.ema.decay, "a number in [0, 1)")
+    _check(e, _is_int(cfg.checkpoint_every) and cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "an integer >= 0 (0: no checkpoints)")
     _check(e, ev.ddim_steps is None or (_is_int(ev.ddim_steps) and ev.ddim_steps >= 1), "eval.ddim_steps", ev.ddim_steps, "null (full DDPM) or an integer >= 1")
     if e:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))
@@ -106,12 +112,16 @@ def validate_config(cfg: DictConfig) -> None:
 def resolve_paths(cfg: DictConfig) -> DictConfig:
     """Make ``dataset.root`` absolute against the current directory.
 
-    The ServerApp may run in another directory than the one the user typed the
-    command in (a background SuperLink keeps its own), and clients in simulation
-    share the server's view, so they get the absolute path.
+    Also ``eval.fid_cache`` and ``eval.fid_weights``. The ServerApp may run in
+    another directory than the one the user typed the command in (a background
+    SuperLink keeps its own), and clients in simulation share the server's view,
+    so they get absolute paths.
     """
     cfg = cfg.copy()
     cfg.dataset.root = str(Path(cfg.dataset.root).expanduser().resolve())
+    cfg.eval.fid_cache = str(Path(cfg.eval.fid_cache).expanduser().resolve())
+    if cfg.eval.fid_weights:
+        cfg.eval.fid_weights = str(Path(cfg.eval.fid_weights).expanduser().resolve())
     return cfg
 
 

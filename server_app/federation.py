@@ -11,17 +11,26 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 from omegaconf import DictConfig, OmegaConf
 
-from models import build_scheduler, build_unet, resolve_device, sample_images
+from models import build_scheduler, build_unet, resolve_device
+from server_app.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from server_app.config import resolve_paths, to_yaml, validate_config
+from server_app.evaluation import GlobalEvaluator
 from server_app.run_folder import RunFolder, new_run_dir
 from strategies import build_strategy
 
-# Round-log keys copied to metrics.jsonl, besides round and wall_time_s.
+# Round-log keys copied to metrics.jsonl, besides round, wall_time_s and fid.
 METRIC_KEYS = (
     "train_loss",
     "eval_loss",
@@ -64,7 +73,7 @@ def _seed_everything(seed: int) -> None:
 
 def _format_round(row: dict) -> str:
     parts = [f"round {row['round']}"]
-    for key in ("train_loss", "eval_loss"):
+    for key in ("train_loss", "eval_loss", "fid"):
         if key in row:
             parts.append(f"{key} {row[key]:.4f}")
     for key in ("uplink_bytes", "downlink_bytes"):
@@ -88,67 +97,142 @@ def wait_for_nodes(grid: Grid, num_clients: int, timeout_s: float) -> None:
         time.sleep(1.0)
 
 
-def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
-    """Train for ``cfg.num_rounds`` rounds and return the run folder.
+class GlobalModel:
+    """The server's copy of the global UNet, its EMA, and what is saved of them."""
 
-    The config is checked before anything is trained; the run folder gets the
+    def __init__(self, unet: UNet2DModel, ema_cfg: DictConfig) -> None:
+        self.unet = unet
+        self.ema = (
+            EMAModel(unet.parameters(), decay=float(ema_cfg.decay)) if ema_cfg.enabled else None
+        )
+
+    def update(self, arrays: ArrayRecord) -> None:
+        """Load the new global weights and take an EMA step."""
+        self.unet.load_state_dict(arrays.to_torch_state_dict())
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())
+
+    def evaluation_weights(self):
+        """Context manager: the UNet holds the EMA weights (if on) inside the block."""
+        return _EMAWeights(self)
+
+    def checkpoint(self, server_round: int, strategy_name: str) -> Checkpoint:
+        names = [n for n, _ in self.unet.named_parameters()]
+        return Checkpoint(
+            round=server_round,
+            global_weights=self.unet.state_dict(),
+            ema_weights=dict(zip(names, self.ema.shadow_params)) if self.ema else {},
+            ema_step=self.ema.optimization_step if self.ema else 0,
+            strategy_state={"name": strategy_name},
+        )
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        expected = {n: tuple(t.shape) for n, t in self.unet.state_dict().items()}
+        found = {n: tuple(t.shape) for n, t in checkpoint.global_weights.items()}
+        if expected != found:
+            raise CheckpointError("the checkpoint's weights do not match the run's model config")
+        self.unet.load_state_dict(checkpoint.global_weights)
+        if self.ema is not None:
+            names = [n for n, _ in self.unet.named_parameters()]
+            if set(checkpoint.ema_weights) != set(names):
+                raise CheckpointError("the checkpoint holds no EMA weights for this model")
+            state = self.ema.state_dict()
+            state["shadow_params"] = [checkpoint.ema_weights[n] for n in names]
+            state["optimization_step"] = checkpoint.ema_step
+            self.ema.load_state_dict(state)
+
+
+class _EMAWeights:
+    def __init__(self, model: GlobalModel) -> None:
+        self.model = model
+
+    def __enter__(self) -> UNet2DModel:
+        if self.model.ema is not None:
+            self.model.ema.store(self.model.unet.parameters())
+            self.model.ema.copy_to(self.model.unet.parameters())
+        return self.model.unet
+
+    def __exit__(self, *exc) -> None:
+        if self.model.ema is not None:
+            self.model.ema.restore(self.model.unet.parameters())
+
+
+def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
+    """Train until round ``cfg.num_rounds`` and return the run folder.
+
+    The config is checked before anything is trained. The run folder gets the
     resolved config, ``metrics.jsonl`` (a row per round), a sample grid per
-    evaluation round and the final model as a diffusers pipeline.
+    evaluation round, checkpoints, and the final model as a diffusers pipeline.
+    With ``cfg.resume=RUN_DIR`` the run continues from that folder's checkpoint.
     """
     validate_config(cfg)
     cfg = resolve_paths(cfg)
-    run = RunFolder(run_dir or cfg.run_dir or new_run_dir(cfg.output_dir, cfg.strategy.name))
+    folder = cfg.resume or run_dir or cfg.run_dir or new_run_dir(cfg.output_dir, cfg.strategy.name)
+    run = RunFolder(folder)
     log(INFO, "FedDM run folder: %s", run.path)
-    run.write_config(to_yaml(cfg))
+    if not cfg.resume:
+        run.write_config(to_yaml(cfg))
 
     _seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     plain = OmegaConf.to_container(cfg, resolve=True)
     unet = build_unet(
-        plain["model"]["unet"],
-        image_size=cfg.dataset.image_size,
-        channels=cfg.dataset.channels,
+        plain["model"]["unet"], image_size=cfg.dataset.image_size, channels=cfg.dataset.channels
     )
     scheduler = build_scheduler(plain["scheduler"])
     strategy = build_strategy(cfg.strategy, num_clients=cfg.num_clients)
     settings = client_config(cfg, unet, scheduler)
-    unet.to(device)
+    model = GlobalModel(unet.to(device), cfg.ema)
+
+    done_rounds, elapsed_before = 0, 0.0
+    if cfg.resume:
+        checkpoint, torch_rng = load_checkpoint(run.path)
+        if checkpoint.strategy_state.get("name") != cfg.strategy.name:
+            raise CheckpointError(
+                f"the checkpoint is of strategy {checkpoint.strategy_state.get('name')!r}, "
+                f"the config says {cfg.strategy.name!r}"
+            )
+        model.restore(checkpoint)
+        restore_rng_state(checkpoint.rng_state, torch_rng)
+        done_rounds = checkpoint.round
+        rows = run.truncate_metrics(done_rounds)
+        elapsed_before = rows[-1]["wall_time_s"] if rows else 0.0
+        strategy.round_offset = done_rounds
+        log(INFO, "FedDM resumes after round %d of %d", done_rounds, cfg.num_rounds)
+
+    evaluator = GlobalEvaluator(cfg, run, device)
     wait_for_nodes(grid, cfg.num_clients, float(cfg.node_wait_timeout_s))
     started = time.monotonic()
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Called by Flower after each round: grid, metrics row, progress line."""
-        if server_round == 0:
+    def after_round(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Called by Flower after each round: EMA, evaluation, metrics, checkpoint."""
+        if local_round == 0:
             return None
+        server_round = local_round + done_rounds
+        model.update(arrays)
         row = {"round": server_round}
-        row.update(
-            {k: v for k, v in strategy.round_log.get(server_round, {}).items() if k in METRIC_KEYS}
-        )
+        row.update({k: v for k, v in strategy.round_log.get(server_round, {}).items() if k in METRIC_KEYS})
         if server_round % cfg.eval.every == 0 or server_round == cfg.num_rounds:
-            unet.load_state_dict(arrays.to_torch_state_dict())
-            images = sample_images(
-                unet,
-                scheduler,
-                cfg.eval.num_samples,
-                seed=cfg.eval.seed,
-                ddim_steps=cfg.eval.ddim_steps,
-            )
-            run.save_grid(images, server_round)
-        row["wall_time_s"] = round(time.monotonic() - started, 3)
+            with model.evaluation_weights() as weights:
+                row.update(evaluator(weights, scheduler, server_round))
+        row["wall_time_s"] = round(elapsed_before + time.monotonic() - started, 3)
         run.append_metrics(row)
         log(INFO, "FedDM %s", _format_round(row))
+        if cfg.checkpoint_every and server_round % cfg.checkpoint_every == 0:
+            save_checkpoint(run.path, model.checkpoint(server_round, cfg.strategy.name))
         return None
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(unet.state_dict()),
-        num_rounds=cfg.num_rounds,
-        timeout=float(cfg.round_timeout_s),
-        train_config=settings,
-        evaluate_config=ConfigRecord(dict(settings)),
-        evaluate_fn=evaluate_global,
-    )
-    unet.load_state_dict(result.arrays.to_torch_state_dict())
-    run.save_model(unet.cpu(), scheduler)
+    if cfg.num_rounds > done_rounds:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.unet.state_dict()),
+            num_rounds=cfg.num_rounds - done_rounds,
+            timeout=float(cfg.round_timeout_s),
+            train_config=settings,
+            evaluate_config=ConfigRecord(dict(settings)),
+            evaluate_fn=after_round,
+        )
+    with model.evaluation_weights() as weights:
+        run.save_model(weights.cpu(), scheduler)
     log(INFO, "FedDM run finished; results in %s", run.path)
     return run.path

@@ -6,6 +6,7 @@ Layout::
       config.yaml        resolved config of the run
       metrics.jsonl      one JSON object per round
       samples/round_NNNN.png
+      checkpoint.safetensors   the last checkpoint (weights, EMA, round, RNG states)
       model/             diffusers DDPMPipeline (save_pretrained)
 """
 
@@ -62,6 +63,12 @@ class RunFolder:
             return []
         lines = self.metrics_file.read_text(encoding="utf-8").splitlines()
         return [json.loads(line) for line in lines if line.strip()]
+
+    def truncate_metrics(self, last_round: int) -> list[dict[str, Any]]:
+        """Keep the rows up to ``last_round`` (a resumed run redoes the later ones)."""
+        rows = [r for r in self.read_metrics() if r["round"] <= last_round]
+        self._write_atomic(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        return rows
 
     def save_grid(self, images: torch.Tensor, server_round: int) -> Path:
         """Save uint8 N x C x H x W images as ``samples/round_NNNN.png``."""

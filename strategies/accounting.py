@@ -90,6 +90,9 @@ class RoundAccounting:
 
     round_log: dict[int, dict[str, float]]
     _global_arrays: ArrayRecord | None = None
+    # Rounds done before this start (a resumed run): Flower counts from 1 again,
+    # clients and logs see the true round.
+    round_offset: int = 0
 
     def _log_round(self, server_round: int, **values: float) -> None:
         if not hasattr(self, "round_log"):
@@ -118,6 +121,7 @@ class RoundAccounting:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember the global model, then count what Flower's strategy sends."""
+        server_round += self.round_offset
         self._global_arrays = arrays
         payload = self.downlink_payload(arrays)
         messages = list(super().configure_train(server_round, payload, config, grid))
@@ -174,6 +178,7 @@ class RoundAccounting:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the valid replies with Flower's strategy, then apply the result."""
+        server_round += self.round_offset
         replies = list(replies)
         accepted = self.accepted_replies(server_round, replies)
         # Error replies go on to Flower, which logs them and leaves them out.
@@ -190,6 +195,7 @@ class RoundAccounting:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the evaluation model in the same form as the training model."""
+        server_round += self.round_offset
         payload = self.downlink_payload(arrays)
         messages = list(super().configure_evaluate(server_round, payload, config, grid))
         self._log_round(
@@ -201,6 +207,7 @@ class RoundAccounting:
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Aggregate client evaluation metrics and keep them in the round log."""
+        server_round += self.round_offset
         valid = []
         for message in replies:
             if message.has_error():

@@ -26,7 +26,7 @@ SHORT_RUN = [
     "local_steps=2",
     "batch_size=4",
     "client_eval_max_examples=8",
-    "eval.num_samples=4",
+    "eval.grid_size=4",
     "eval.ddim_steps=3",
     f"dataset.root={DATA_ROOT}",
 ]

@@ -14,14 +14,25 @@ from PIL import Image
 from feddm.simulation import simulate
 from models import build_unet
 from server_app.config import compose_config
-from tests.conftest import MICRO_OVERRIDES
+from tests.conftest import MICRO_OVERRIDES, REPO_ROOT
+
+FID_WEIGHTS = REPO_ROOT.parent / "shared" / "weights" / "pt_inception-2015-12-05.torchscript.pt"
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, data_root):
-    cfg = compose_config([*MICRO_OVERRIDES, "partition=dirichlet", "partition.alpha=0.5"])
+    cfg = compose_config(
+        [
+            *MICRO_OVERRIDES,
+            "partition=dirichlet",
+            "partition.alpha=0.5",
+            "eval.num_samples=8",  # FID on 8 images: too few to mean much, enough to run the path
+            f"eval.fid_weights={FID_WEIGHTS}",
+            f"eval.fid_cache={tmp_path_factory.mktemp('fid')}",
+        ]
+    )
     run_dir = simulate(cfg, tmp_path_factory.mktemp("run") / "run")
     return cfg, run_dir
 
@@ -31,7 +42,7 @@ def test_run_folder_is_complete(finished_run):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
-        for key in ("train_loss", "eval_loss", "wall_time_s", "uplink_bytes", "downlink_bytes"):
+        for key in ("train_loss", "eval_loss", "wall_time_s", "uplink_bytes", "downlink_bytes", "fid"):
             assert np.isfinite(row[key]), key
         assert row["num_aggregated"] == 2 and row["num_rejected"] == 0
     assert rows[1]["wall_time_s"] > rows[0]["wall_time_s"]
@@ -69,3 +80,39 @@ def test_global_weights_changed_and_pipeline_samples(finished_run):
     assert drift < 0.05
     images = pipeline(batch_size=2, num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 28, 28, 1) and np.isfinite(images).all()
+
+
+def test_feddm_plot_draws_the_runs(finished_run, tmp_path):
+    from feddm.plot import main as plot_main
+
+    _, run_dir = finished_run
+    out = tmp_path / "plot.png"
+    plot_main([str(run_dir), str(run_dir), "--out", str(out)])
+    image = Image.open(out)
+    assert image.size[0] > 1000 and image.size[1] > 300
+
+
+def test_feddm_plot_rejects_a_folder_without_metrics(tmp_path):
+    from feddm.plot import main as plot_main
+
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        plot_main([str(tmp_path), "--out", str(tmp_path / "x.png")])
+
+
+def test_feddm_sample_writes_a_grid_from_the_saved_model(finished_run, tmp_path):
+    from feddm.sample import main as sample_main
+
+    _, run_dir = finished_run
+    out = tmp_path / "grid.png"
+    sample_main([str(run_dir / "model"), "--num", "4", "--out", str(out), "--ddim-steps", "2", "--seed", "3"])
+    first = np.asarray(Image.open(out))
+    sample_main([str(run_dir / "model"), "--num", "4", "--out", str(out), "--ddim-steps", "2", "--seed", "3"])
+    assert first.shape[0] > 2 * 28 and np.array_equal(first, np.asarray(Image.open(out)))
+
+
+def test_checkpoint_is_written_every_round(finished_run):
+    from server_app.checkpoint import load_checkpoint
+
+    _, run_dir = finished_run
+    checkpoint, _ = load_checkpoint(run_dir)
+    assert checkpoint.round == 2 and checkpoint.ema_weights

@@ -96,3 +96,15 @@ def test_feddm_run_names_a_missing_dataset_path(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert str(missing) in output and "dataset.download=true" in output
+
+
+def test_a_client_sending_a_corrupted_update_is_left_out_every_round(tmp_path, data_root):
+    from tests.faulty_client import app as faulty_client_app
+
+    cfg = compose_config([*MICRO_OVERRIDES, "strategy=quant", "num_clients=3"])
+    run_dir = simulate(cfg, tmp_path / "run", client_app=faulty_client_app)
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["num_aggregated"] == 2 and r["num_rejected"] == 1 for r in rows)
+    weights = _weights(run_dir)
+    assert all(torch.isfinite(t).all() for t in weights.values())

@@ -1,0 +1,52 @@
+"""``feddm-sample MODEL_DIR --num 64 --out grid.png [--ddim-steps 50] [--seed S]``.
+
+Draws images from a saved model folder (a diffusers ``DDPMPipeline``, e.g.
+``RUN_DIR/model``) and writes them as one grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from models import load_pipeline, resolve_device, sample_images
+
+
+def sample_grid(
+    model_dir: Path, num: int, out: Path, *, ddim_steps: int | None, seed: int, device: str = "auto"
+) -> Path:
+    """Sample ``num`` images from ``model_dir`` into the grid PNG ``out``."""
+    if not (Path(model_dir) / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
+    pipeline = load_pipeline(model_dir)
+    unet = pipeline.unet.to(resolve_device(device))
+    images = sample_images(
+        unet, pipeline.scheduler, num, seed=seed, ddim_steps=ddim_steps, show_progress=True
+    )
+    grid = make_grid(images.float() / 255.0, nrow=max(1, int(num**0.5)), padding=2, pad_value=1.0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``feddm-sample``."""
+    parser = argparse.ArgumentParser(prog="feddm-sample", description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", type=Path, help="saved model folder (RUN_DIR/model)")
+    parser.add_argument("--num", type=int, default=64, help="number of images")
+    parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    parser.add_argument("--ddim-steps", type=int, default=None, help="DDIM steps (default: full DDPM)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = parser.parse_args(argv)
+    if args.num < 1 or (args.ddim_steps is not None and args.ddim_steps < 1):
+        parser.error("--num and --ddim-steps must be >= 1")
+    torch.set_grad_enabled(False)
+    print(sample_grid(args.model_dir, args.num, args.out, ddim_steps=args.ddim_steps, seed=args.seed, device=args.device))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Server-side evaluation of the global (or EMA) model: sample grids and FID."""
+
+from __future__ import annotations
+
+from logging import INFO
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from flwr.supercore import log
+from omegaconf import DictConfig
+
+from models import load_image_dataset, sample_images
+from models.fid import FID
+from server_app.run_folder import RunFolder
+
+
+class GlobalEvaluator:
+    """Draws the sample grid of a round and, if ``eval.num_samples > 0``, its FID.
+
+    Grids and FID samples come from the fixed noise seed ``eval.seed``, so they
+    compare across rounds. FID is against as many test images as samples.
+    """
+
+    def __init__(self, cfg: DictConfig, run: RunFolder, device: torch.device) -> None:
+        self.cfg = cfg.eval
+        self.run = run
+        self.fid: FID | None = None
+        if self.cfg.num_samples > 0:
+            self.fid = FID(
+                weights_path=self.cfg.fid_weights,
+                cache_dir=self.cfg.fid_cache,
+                device=device,
+                batch_size=self.cfg.batch_size,
+            )
+            test_set = load_image_dataset(
+                cfg.dataset.name,
+                cfg.dataset.root,
+                train=False,
+                download=bool(cfg.dataset.download),
+                image_size=cfg.dataset.image_size,
+                label_attribute=cfg.dataset.get("label_attribute"),
+            )
+            log(INFO, "FID: real statistics of %d %s test images", self.cfg.num_samples, cfg.dataset.name)
+            self.fid.set_real(test_set, self.cfg.num_samples, f"{cfg.dataset.name}-test")
+
+    def __call__(self, unet: UNet2DModel, scheduler: DDPMScheduler, server_round: int) -> dict[str, float]:
+        """Save ``samples/round_NNNN.png``; return ``{"fid": ...}`` when FID is on."""
+        grid = sample_images(
+            unet,
+            scheduler,
+            self.cfg.grid_size,
+            seed=self.cfg.seed,
+            ddim_steps=self.cfg.ddim_steps,
+            batch_size=self.cfg.batch_size,
+        )
+        self.run.save_grid(grid, server_round)
+        if self.fid is None:
+            return {}
+        images = sample_images(
+            unet,
+            scheduler,
+            self.cfg.num_samples,
+            seed=self.cfg.seed,
+            ddim_steps=self.cfg.ddim_steps,
+            batch_size=self.cfg.batch_size,
+            show_progress=True,
+        )
+        return {"fid": self.fid.score(images)}

@@ -1,0 +1,75 @@
+"""Checkpoints: round trip, RNG states, damaged files."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from server_app.checkpoint import (
+    CHECKPOINT_NAME,
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+
+
+def _checkpoint():
+    return Checkpoint(
+        round=3,
+        global_weights={"a.weight": torch.randn(4, 3), "a.bias": torch.randn(4)},
+        ema_weights={"a.weight": torch.randn(4, 3), "a.bias": torch.randn(4)},
+        ema_step=3,
+        strategy_state={"name": "quant"},
+    )
+
+
+def test_round_trip_and_rng_states(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    saved = _checkpoint()
+    save_checkpoint(tmp_path, saved)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+
+    loaded, torch_rng = load_checkpoint(tmp_path)
+    assert loaded.round == 3 and loaded.ema_step == 3
+    assert loaded.strategy_state == {"name": "quant"}
+    for name, tensor in saved.global_weights.items():
+        assert torch.equal(loaded.global_weights[name], tensor)
+        assert torch.equal(loaded.ema_weights[name], saved.ema_weights[name])
+    restore_rng_state(loaded.rng_state, torch_rng)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_missing_checkpoint_says_where_it_looked(tmp_path):
+    with pytest.raises(CheckpointError, match=str(tmp_path)):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_damaged_checkpoint_raises_a_clear_error(tmp_path, damage):
+    save_checkpoint(tmp_path, _checkpoint())
+    path = tmp_path / CHECKPOINT_NAME
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00" * 64 + data[64:])
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="damaged or incomplete"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_new_checkpoint_replaces_the_old_one(tmp_path):
+    save_checkpoint(tmp_path, _checkpoint())
+    later = _checkpoint()
+    later.round = 4
+    save_checkpoint(tmp_path, later)
+    assert load_checkpoint(tmp_path)[0].round == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]
