@@ -55,6 +55,9 @@ def validate_config(cfg: DictConfig) -> None:
     e: list[str] = []
     for key in ("num_rounds", "num_clients", "batch_size"):
         _check(e, _is_int(cfg[key]) and cfg[key] >= 1, key, cfg[key], "an integer >= 1")
+    if cfg.min_clients is not None:
+        ok = _is_int(cfg.min_clients) and _is_int(cfg.num_clients) and 1 <= cfg.min_clients <= cfg.num_clients
+        _check(e, ok, "min_clients", cfg.min_clients, "null or an integer in 1..num_clients")
     steps, epochs = cfg.local_steps, cfg.local_epochs
     if epochs is None:
         _check(e, _is_int(steps) and steps >= 1, "local_steps", steps, "an integer >= 1")

@@ -180,7 +180,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
         plain["model"]["unet"], image_size=cfg.dataset.image_size, channels=cfg.dataset.channels
     )
     scheduler = build_scheduler(plain["scheduler"])
-    strategy = build_strategy(cfg.strategy, num_clients=cfg.num_clients)
+    strategy = build_strategy(cfg.strategy, num_clients=cfg.num_clients, min_clients=cfg.min_clients)
     settings = client_config(cfg, unet, scheduler)
     model = GlobalModel(unet.to(device), cfg.ema)
 

@@ -29,12 +29,16 @@ def strategy_options(strategy: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def build_strategy(strategy: Mapping[str, Any], *, num_clients: int) -> RoundAccounting:
+def build_strategy(
+    strategy: Mapping[str, Any], *, num_clients: int, min_clients: int | None = None
+) -> RoundAccounting:
     """The strategy named by ``strategy['name']`` (``conf/strategy``), sampling all clients.
 
-    Every connected client trains and evaluates each round; the round waits for
-    ``num_clients`` nodes to be connected.
+    Every connected client trains and evaluates each round; a round starts once
+    ``min_clients`` (default ``num_clients``) nodes are connected, so it can go
+    on after a node has failed.
     """
+    num_clients = min_clients or num_clients
     name = strategy.get("name")
     if name not in STRATEGIES:
         raise ValueError(f"strategy={name!r} is unknown; choose one of {sorted(STRATEGIES)}")
