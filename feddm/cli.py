@@ -42,7 +42,9 @@ def submit(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
     # flwr's --run-config takes TOML literal strings: no single quotes inside.
     if any("'" in o for o in app_overrides):
         raise ValueError(f"overrides sent to a SuperLink may not contain single quotes: {app_overrides}")
-    run_config = f"overrides='{' '.join(app_overrides)}' run-dir='{run_dir}'"
+    # run_dir=... names a folder on the SuperLink's machine (e.g. in its container).
+    remote_run_dir = cfg.run_dir or run_dir
+    run_config = f"overrides='{' '.join(app_overrides)}' run-dir='{remote_run_dir}'"
     command = ["flwr", "run", str(_app_dir()), str(cfg.superlink), "--stream", "--run-config", run_config]
     print("+", shlex.join(command), flush=True)
     subprocess.run(command, check=True)
