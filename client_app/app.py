@@ -8,7 +8,7 @@ loss. ``evaluate``: reply with the denoising loss on the client's held-out image
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.task import (
@@ -54,7 +54,10 @@ def train(msg: Message, context: Context) -> Message:
     else:
         arrays = ArrayRecord(unet.state_dict())
     metrics = MetricRecord({"train_loss": train_loss, "num-examples": len(train_idx)})
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    # The partition id lets the server sum replies in a fixed order (reproducible runs).
+    info = ConfigRecord({"partition-id": partition_id})
+    content = RecordDict({"arrays": arrays, "metrics": metrics, "info": info})
+    return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
@@ -71,4 +74,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         unet, scheduler, dataset, holdout_idx, settings, seed=seed
     )
     metrics = MetricRecord({"eval_loss": eval_loss, "num-examples": num_examples})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    info = ConfigRecord({"partition-id": int(context.node_config["partition-id"])})
+    return Message(content=RecordDict({"metrics": metrics, "info": info}), reply_to=msg)

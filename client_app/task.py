@@ -178,8 +178,17 @@ def local_train(
     seed: int,
     regularizer: Regularizer | None = None,
 ) -> tuple[float, int]:
-    """Train ``unet`` in place on ``dataset[indices]``; returns (mean loss, steps)."""
+    """Train ``unet`` in place on ``dataset[indices]``; returns (mean loss, steps).
+
+    Everything random (order, noise, timesteps, dropout) follows ``seed``.
+    """
     device = next(unet.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # dropout draws from the global generator
+        return _train(unet, scheduler, dataset, indices, settings, seed, regularizer, device)
+
+
+def _train(unet, scheduler, dataset, indices, settings, seed, regularizer, device) -> tuple[float, int]:
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         Subset(dataset, indices.tolist()),

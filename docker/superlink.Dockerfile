@@ -13,6 +13,7 @@ COPY --chown=app:app conf ./conf
 COPY --chown=app:app feddm ./feddm
 # The image already has flwr; keep it, install the rest (torch and friends).
 RUN sed -i 's/.*flwr\[simulation\].*//' pyproject.toml \
-    && python -m pip install --no-cache-dir .
+    && python -m pip install --no-cache-dir . \
+    && mkdir -p /app/state /app/outputs
 
 ENTRYPOINT ["flower-superlink"]

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import conf
 from feddm.simulation import simulate
-from server_app.config import validate_config
+from server_app.config import resumed_config, validate_config
 
 
 def _app_dir() -> Path:
@@ -34,11 +34,19 @@ def _app_dir() -> Path:
     return root
 
 
-def submit(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
-    """Run the app on the SuperLink connection ``cfg.superlink`` with ``flwr run``."""
+def submit(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
+    """Run the app on the SuperLink connection ``cfg.superlink`` with ``flwr run``.
+
+    Returns the run folder (a path on the SuperLink's machine).
+    """
     app_overrides = [o for o in overrides if not o.lstrip("+~").startswith("superlink=")]
+    if cfg.resume:
+        app_overrides = [f"resume={cfg.resume}"]
     # Paths must be absolute: the SuperLink runs the app in its own directory.
     app_overrides.append(f"dataset.root={Path(cfg.dataset.root).expanduser().resolve()}")
+    app_overrides.append(f"eval.fid_cache={Path(cfg.eval.fid_cache).expanduser().resolve()}")
+    if cfg.eval.fid_weights:
+        app_overrides.append(f"eval.fid_weights={Path(cfg.eval.fid_weights).expanduser().resolve()}")
     # flwr's --run-config takes TOML literal strings: no single quotes inside.
     if any("'" in o for o in app_overrides):
         raise ValueError(f"overrides sent to a SuperLink may not contain single quotes: {app_overrides}")
@@ -48,6 +56,7 @@ def submit(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
     command = ["flwr", "run", str(_app_dir()), str(cfg.superlink), "--stream", "--run-config", run_config]
     print("+", shlex.join(command), flush=True)
     subprocess.run(command, check=True)
+    return Path(remote_run_dir)
 
 
 # hydra.run.dir in conf/config.yaml: a resumed run writes into its own folder.
@@ -56,29 +65,20 @@ OmegaConf.register_new_resolver(
 )
 
 
-def resumed_config(run_dir: str | Path) -> DictConfig:
-    """The saved config of ``run_dir``, set to resume there."""
-    run_dir = Path(run_dir).expanduser().resolve()
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise FileNotFoundError(f"resume={run_dir}: no config.yaml there; is it a FedDM run folder?")
-    cfg = OmegaConf.load(saved)
-    cfg.resume = str(run_dir)
-    return cfg
-
-
 @hydra.main(version_base=None, config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     """Entry point of ``feddm-run``."""
+    superlink = cfg.superlink
     if cfg.resume:
         cfg = resumed_config(cfg.resume)
+        cfg.superlink = superlink
     validate_config(cfg)
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
+    run_dir = Path(cfg.run_dir or hydra_cfg.runtime.output_dir).resolve()
     if cfg.superlink:
-        submit(cfg, run_dir, list(hydra_cfg.overrides.task))
+        run_dir = submit(cfg, run_dir, list(hydra_cfg.overrides.task))
     else:
-        simulate(cfg, run_dir)
+        run_dir = simulate(cfg, run_dir)
     print(f"FedDM run folder: {run_dir}", flush=True)
 
 

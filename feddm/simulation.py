@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -30,6 +31,9 @@ def simulate(
     ``client_app`` replaces the FedDM ClientApp (tests use it to inject faults).
     """
     validate_config(cfg)
+    if backend_config is None and torch.cuda.is_available() and cfg.device != "cpu":
+        # Ray hides GPUs from actors that reserve none: share the GPU between clients.
+        backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": 1.0 / int(cfg.num_clients)}}
     finished: dict[str, Path] = {}
     server_app = ServerApp()
 

@@ -20,6 +20,10 @@ def group_options(group: str) -> tuple[str, ...]:
     return tuple(sorted(p.stem for p in (Path(conf.__file__).parent / group).glob("*.yaml")))
 
 
+# Image size and channels of the datasets that are used as stored.
+NATIVE_GEOMETRY = {"fashion_mnist": (28, 1), "cifar10": (32, 3)}
+
+
 class ConfigError(ValueError):
     """One or more config values are out of range; the message names each key."""
 
@@ -75,6 +79,10 @@ def validate_config(cfg: DictConfig) -> None:
     _check(e, _is_int(cfg.client_eval_max_examples) and cfg.client_eval_max_examples >= 1, "client_eval_max_examples", cfg.client_eval_max_examples, "an integer >= 1")
 
     _check(e, cfg.dataset.name in SUPPORTED_DATASETS, "dataset.name", cfg.dataset.name, " | ".join(SUPPORTED_DATASETS))
+    native = NATIVE_GEOMETRY.get(cfg.dataset.name)
+    if native:  # these datasets are not resized: the model must match their images
+        _check(e, cfg.dataset.image_size == native[0], "dataset.image_size", cfg.dataset.image_size, f"{native[0]} for {cfg.dataset.name}")
+        _check(e, cfg.dataset.channels == native[1], "dataset.channels", cfg.dataset.channels, f"{native[1]} for {cfg.dataset.name}")
     for key in ("image_size", "channels"):
         _check(e, _is_int(cfg.dataset[key]) and cfg.dataset[key] >= 1, f"dataset.{key}", cfg.dataset[key], "an integer >= 1")
 
@@ -110,6 +118,17 @@ def validate_config(cfg: DictConfig) -> None:
     _check(e, ev.ddim_steps is None or (_is_int(ev.ddim_steps) and ev.ddim_steps >= 1), "eval.ddim_steps", ev.ddim_steps, "null (full DDPM) or an integer >= 1")
     if e:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))
+
+
+def resumed_config(run_dir: str | Path) -> DictConfig:
+    """The saved config of the run folder ``run_dir``, set to resume there."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"resume={run_dir}: no config.yaml there; is it a FedDM run folder?")
+    cfg = OmegaConf.load(saved)
+    cfg.resume = str(run_dir)
+    return cfg
 
 
 def resolve_paths(cfg: DictConfig) -> DictConfig:

@@ -41,7 +41,8 @@ class GlobalEvaluator:
                 label_attribute=cfg.dataset.get("label_attribute"),
             )
             log(INFO, "FID: real statistics of %d %s test images", self.cfg.num_samples, cfg.dataset.name)
-            self.fid.set_real(test_set, self.cfg.num_samples, f"{cfg.dataset.name}-test")
+            name = f"{cfg.dataset.name}-{cfg.dataset.image_size}px-test"
+            self.fid.set_real(test_set, self.cfg.num_samples, name)
 
     def __call__(self, unet: UNet2DModel, scheduler: DDPMScheduler, server_round: int) -> dict[str, float]:
         """Save ``samples/round_NNNN.png``; return ``{"fid": ...}`` when FID is on."""

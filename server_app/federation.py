@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 from omegaconf import DictConfig, OmegaConf
 
-from models import build_scheduler, build_unet, resolve_device
+from models import build_scheduler, build_unet, load_image_dataset, resolve_device
 from server_app.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -25,7 +25,7 @@ from server_app.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from server_app.config import resolve_paths, to_yaml, validate_config
+from server_app.config import resolve_paths, resumed_config, to_yaml, validate_config
 from server_app.evaluation import GlobalEvaluator
 from server_app.run_folder import RunFolder, new_run_dir
 from strategies import build_strategy
@@ -39,6 +39,7 @@ METRIC_KEYS = (
     "num_sampled",
     "num_aggregated",
     "num_rejected",
+    "eval_downlink_bytes",
 )
 
 
@@ -133,11 +134,12 @@ class GlobalModel:
             raise CheckpointError("the checkpoint's weights do not match the run's model config")
         self.unet.load_state_dict(checkpoint.global_weights)
         if self.ema is not None:
-            names = [n for n, _ in self.unet.named_parameters()]
-            if set(checkpoint.ema_weights) != set(names):
+            params = dict(self.unet.named_parameters())
+            shapes = {n: tuple(t.shape) for n, t in checkpoint.ema_weights.items()}
+            if shapes != {n: tuple(p.shape) for n, p in params.items()}:
                 raise CheckpointError("the checkpoint holds no EMA weights for this model")
             state = self.ema.state_dict()
-            state["shadow_params"] = [checkpoint.ema_weights[n] for n in names]
+            state["shadow_params"] = [checkpoint.ema_weights[n].to(p.device) for n, p in params.items()]
             state["optimization_step"] = checkpoint.ema_step
             self.ema.load_state_dict(state)
 
@@ -165,13 +167,28 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
     evaluation round, checkpoints, and the final model as a diffusers pipeline.
     With ``cfg.resume=RUN_DIR`` the run continues from that folder's checkpoint.
     """
+    if cfg.resume:
+        cfg = resumed_config(cfg.resume)  # the run's own settings, not today's defaults
     validate_config(cfg)
     cfg = resolve_paths(cfg)
-    folder = cfg.resume or run_dir or cfg.run_dir or new_run_dir(cfg.output_dir, cfg.strategy.name)
+    folder = cfg.resume or cfg.run_dir or run_dir or new_run_dir(cfg.output_dir, cfg.strategy.name)
     run = RunFolder(folder)
     log(INFO, "FedDM run folder: %s", run.path)
     if not cfg.resume:
+        if run.read_metrics():
+            raise FileExistsError(
+                f"run folder {run.path} already holds metrics.jsonl; continue it with "
+                f"resume={run.path} or choose another folder"
+            )
         run.write_config(to_yaml(cfg))
+    if cfg.dataset.download:
+        # Download once here, so simulated clients do not race on the same folder.
+        for train in (True, False):
+            load_image_dataset(
+                cfg.dataset.name, cfg.dataset.root, train=train, download=True,
+                image_size=cfg.dataset.image_size, label_attribute=cfg.dataset.get("label_attribute"),
+            )
+        cfg.dataset.download = False
 
     _seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -218,7 +235,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
         row["wall_time_s"] = round(elapsed_before + time.monotonic() - started, 3)
         run.append_metrics(row)
         log(INFO, "FedDM %s", _format_round(row))
-        if cfg.checkpoint_every and server_round % cfg.checkpoint_every == 0:
+        last = server_round == cfg.num_rounds
+        if cfg.checkpoint_every and (server_round % cfg.checkpoint_every == 0 or last):
             save_checkpoint(run.path, model.checkpoint(server_round, cfg.strategy.name))
         return None
 

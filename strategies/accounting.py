@@ -17,7 +17,7 @@ from logging import WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 from flwr.supercore import log
@@ -34,8 +34,12 @@ def message_nbytes(message: Message) -> int:
     return sum(payload_nbytes(r) for r in message.content.array_records.values())
 
 
-def check_full_weights(record: ArrayRecord, reference: ArrayRecord) -> None:
-    """Raise ``PayloadError`` unless ``record`` holds finite arrays shaped like ``reference``."""
+def check_full_weights(record: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """The arrays of ``record`` rebuilt from their decoded values, if they match ``reference``.
+
+    Names, decoded shapes and dtypes must equal the global model's and every
+    value must be finite; otherwise ``PayloadError`` names the array.
+    """
     missing = set(reference.keys()) - set(record.keys())
     extra = set(record.keys()) - set(reference.keys())
     if missing or extra:
@@ -43,29 +47,65 @@ def check_full_weights(record: ArrayRecord, reference: ArrayRecord) -> None:
             f"array names differ from the global model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(extra)[:5]}"
         )
+    checked = {}
     for name, expected in reference.items():
-        got = record[name]
-        if tuple(got.shape) != tuple(expected.shape) or got.dtype != expected.dtype:
+        try:
+            values = record[name].numpy()
+        except (TypeError, ValueError, OSError) as err:
+            raise PayloadError(f"array {name!r} cannot be decoded: {err}") from err
+        if values.shape != tuple(expected.shape) or str(values.dtype) != expected.dtype:
             raise PayloadError(
-                f"array {name!r} is {got.dtype}{list(got.shape)}, expected "
+                f"array {name!r} is {values.dtype}{list(values.shape)}, expected "
                 f"{expected.dtype}{list(expected.shape)}"
             )
-        if not np.all(np.isfinite(got.numpy())):
+        if not np.all(np.isfinite(values)):
             raise PayloadError(f"array {name!r} holds NaN or inf")
+        checked[name] = Array(values)
+    return ArrayRecord(checked)
 
 
-def check_metrics(content: Any) -> MetricRecord:
-    """The reply's single MetricRecord, with a positive ``num-examples``."""
+def check_metrics(content: Any, loss_key: str) -> MetricRecord:
+    """The reply's single MetricRecord: exactly ``loss_key`` and a positive ``num-examples``.
+
+    Exact keys keep Flower's averaging from failing on one odd reply; every value
+    must be a finite number.
+    """
     records = list(content.metric_records.values())
     if len(records) != 1:
         raise PayloadError(f"expected one MetricRecord, found {len(records)}")
     metrics = records[0]
-    num_examples = metrics.get(NUM_EXAMPLES_KEY)
-    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float)):
-        raise PayloadError(f"metric {NUM_EXAMPLES_KEY!r} is missing or not a number")
-    if not np.isfinite(num_examples) or num_examples <= 0:
-        raise PayloadError(f"metric {NUM_EXAMPLES_KEY!r} must be > 0, got {num_examples}")
+    if set(metrics.keys()) != {loss_key, NUM_EXAMPLES_KEY}:
+        raise PayloadError(
+            f"metrics must be exactly {sorted([loss_key, NUM_EXAMPLES_KEY])}, got {sorted(metrics.keys())}"
+        )
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise PayloadError(f"metric {key!r} must be a finite number, got {value!r}")
+    if metrics[NUM_EXAMPLES_KEY] <= 0:
+        raise PayloadError(f"metric {NUM_EXAMPLES_KEY!r} must be > 0, got {metrics[NUM_EXAMPLES_KEY]}")
     return metrics
+
+
+def reply_order(message: Message) -> tuple[int, int]:
+    """Sort key of replies: the client's partition id (sent in its ``info`` record).
+
+    Flower hands replies over in arrival order; summing them in a fixed order
+    makes the average, and so the run, reproducible.
+    """
+    info = message.content.config_records.get("info", {})
+    return int(info.get("partition-id", -1)), int(message.metadata.src_node_id)
+
+
+def single_array_record(message: Message) -> ArrayRecord:
+    """The reply's only ArrayRecord (``PayloadError`` otherwise)."""
+    records = list(message.content.array_records.values())
+    if len(records) != 1:
+        raise PayloadError(f"expected one ArrayRecord, found {len(records)}")
+    return records[0]
+
+
+def _error_last(message: Message) -> tuple[int, int, int]:
+    return (int(message.has_error()), *(reply_order(message) if not message.has_error() else (0, 0)))
 
 
 def _with_content(message: Message, content: RecordDict) -> Message:
@@ -106,11 +146,7 @@ class RoundAccounting:
 
     def decode_train_reply(self, message: Message) -> ArrayRecord:
         """Validate a reply and return the arrays that enter the weighted mean."""
-        records = list(message.content.array_records.values())
-        if len(records) != 1:
-            raise PayloadError(f"expected one ArrayRecord, found {len(records)}")
-        check_full_weights(records[0], self._global_arrays)
-        return records[0]
+        return check_full_weights(single_array_record(message), self._global_arrays)
 
     def apply_aggregate(self, aggregated: ArrayRecord) -> ArrayRecord:
         """The new global model from the weighted mean (default: the mean itself)."""
@@ -144,7 +180,7 @@ class RoundAccounting:
                 reasons.append(f"node {message.metadata.src_node_id}: {message.error.reason}")
                 continue
             try:
-                metrics = check_metrics(message.content)
+                metrics = check_metrics(message.content, "train_loss")
                 arrays = self.decode_train_reply(message)
             except PayloadError as err:
                 rejected += 1
@@ -158,14 +194,16 @@ class RoundAccounting:
                 )
                 continue
             content = RecordDict({"arrays": arrays, "metrics": metrics})
+            if "info" in message.content.config_records:
+                content["info"] = message.content.config_records["info"]
             accepted.append(_with_content(message, content))
         self._log_round(
             server_round,
             uplink_bytes=sum(message_nbytes(m) for m in replies),
-            num_replies=len(replies),
             num_aggregated=len(accepted),
             num_rejected=rejected,
         )
+        accepted.sort(key=reply_order)
         if not accepted:
             raise RoundFailedError(
                 f"round {server_round}: none of the {len(replies)} training replies could "
@@ -214,11 +252,11 @@ class RoundAccounting:
                 valid.append(message)
                 continue
             try:
-                check_metrics(message.content)
+                check_metrics(message.content, "eval_loss")
                 valid.append(message)
             except PayloadError as err:
                 log(WARNING, "Round %d: left out an evaluate reply: %s", server_round, err)
-        metrics = super().aggregate_evaluate(server_round, valid)
+        metrics = super().aggregate_evaluate(server_round, sorted(valid, key=_error_last))
         if metrics is not None:
             self._log_round(server_round, **{k: float(v) for k, v in metrics.items()})
         return metrics

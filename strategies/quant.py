@@ -25,8 +25,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from strategies.accounting import RoundAccounting
-from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS, PayloadError, decode_arrays, encode_arrays
+from strategies.accounting import RoundAccounting, single_array_record
+from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS, decode_arrays, encode_arrays
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -114,17 +114,15 @@ class FedDMQuant(RoundAccounting, FedAvg):
         if not self.quantize_downlink:
             self._client_view = weights
             return arrays
-        record, _ = encode_arrays(weights, bits=self.bits, granularity=self.granularity)
+        # Weights always travel as full 8-bit codes; `bits` applies to the updates.
+        record, _ = encode_arrays(weights, bits=8, granularity=self.granularity)
         # Exactly what the clients decode: they train from it and send Δ against it.
         self._client_view = decode_arrays(record, reference_of(arrays))
         return record
 
     def decode_train_reply(self, message: Message) -> ArrayRecord:
         """Validate and dequantize a client's update (raises ``PayloadError``)."""
-        records = list(message.content.array_records.values())
-        if len(records) != 1:
-            raise PayloadError(f"expected one ArrayRecord, found {len(records)}")
-        update = decode_arrays(records[0], reference_of(self._global_arrays))
+        update = decode_arrays(single_array_record(message), reference_of(self._global_arrays))
         return to_record(update)
 
     def apply_aggregate(self, aggregated: ArrayRecord) -> ArrayRecord:

@@ -81,3 +81,10 @@ def test_all_errors_are_reported_at_once():
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     assert "lr=" in str(err.value) and "num_rounds=" in str(err.value)
+
+
+def test_datasets_used_as_stored_must_keep_their_geometry():
+    with pytest.raises(ConfigError, match="dataset.image_size=32"):
+        validate_config(compose_config(["dataset.image_size=32"]))
+    with pytest.raises(ConfigError, match="dataset.channels=3"):
+        validate_config(compose_config(["dataset.channels=3"]))

@@ -126,3 +126,46 @@ def test_build_strategy_rejects_unknown_names():
     with pytest.raises(ValueError, match="vanilla"):
         build_strategy({"name": "fedsomething"}, num_clients=2)
     assert isinstance(_strategy(), FedDMVanilla)
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        {"train_loss": float("nan"), "num-examples": 10},
+        {"train_loss": [1.0, 2.0], "num-examples": 10},
+        {"train_loss": 1.0, "num-examples": 10, "extra": 1.0},
+        {"loss": 1.0, "num-examples": 10},
+    ],
+)
+def test_reply_with_odd_metrics_is_left_out_not_fatal(metrics):
+    strategy = _strategy()
+    _configured(strategy)
+    odd = reply(RecordDict({"arrays": _record(GLOBAL), "metrics": MetricRecord(metrics)}), 3)
+    arrays, aggregated = strategy.aggregate_train(1, [odd, _train_reply(GLOBAL, 10, 1)])
+    assert arrays is not None and set(aggregated.keys()) == {"train_loss"}
+    assert strategy.round_log[1]["num_rejected"] == 1
+
+
+def test_array_whose_data_contradicts_its_metadata_is_left_out():
+    strategy = _strategy()
+    _configured(strategy)
+    honest = np.zeros(2, np.float32)
+    lying = Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=Array(np.zeros(5, np.float32)).data)
+    record = ArrayRecord({"conv.weight": Array(np.zeros((2, 3), np.float32)), "conv.bias": lying})
+    content = RecordDict({"arrays": record, "metrics": MetricRecord({"train_loss": 1.0, "num-examples": 5})})
+    strategy.aggregate_train(1, [reply(content, 4), _train_reply({"conv.weight": np.zeros((2, 3), np.float32), "conv.bias": honest}, 1, 1)])
+    assert strategy.round_log[1]["num_rejected"] == 1
+
+
+def test_replies_are_averaged_in_partition_order():
+    from flwr.app import ConfigRecord as Info
+
+    def with_partition(message, partition_id):
+        message.content["info"] = Info({"partition-id": partition_id})
+        return message
+
+    replies = [with_partition(_train_reply(GLOBAL, 10 + i, node_id=100 - i), pid) for i, pid in enumerate([2, 0, 1])]
+    strategy = _strategy()
+    _configured(strategy)
+    accepted = strategy.accepted_replies(1, replies)
+    assert [m.content["info"]["partition-id"] for m in accepted] == [0, 1, 2]
