@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -58,6 +59,8 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     ax_fid.set(title="FID vs round", xlabel="round", ylabel="FID")
     ax_loss.set(title="Diffusion loss vs round", xlabel="round", ylabel="MSE (noise)")
     ax_bytes.set(title="FID vs cumulative uplink", xlabel="uplink MB (all clients)", ylabel="FID")
+    for ax in (ax_fid, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (ax_fid, ax_loss, ax_bytes):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

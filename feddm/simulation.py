@@ -13,8 +13,24 @@ from flwr.simulation import run_simulation
 from omegaconf import DictConfig
 
 from client_app.app import app as feddm_client_app
+from models import load_image_dataset
+from server_app.checkpoint import load_checkpoint
 from server_app.config import validate_config
 from server_app.federation import run_federation
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Fail before Ray starts on what can be checked here: the data and a resume checkpoint.
+
+    In simulation the clients read the same data root as this process.
+    """
+    if cfg.resume:
+        load_checkpoint(Path(cfg.resume).expanduser())
+    if not cfg.dataset.download:
+        load_image_dataset(
+            cfg.dataset.name, cfg.dataset.root, train=False,
+            image_size=cfg.dataset.image_size, label_attribute=cfg.dataset.get("label_attribute"),
+        )
 
 
 def simulate(
@@ -31,6 +47,7 @@ def simulate(
     ``client_app`` replaces the FedDM ClientApp (tests use it to inject faults).
     """
     validate_config(cfg)
+    preflight(cfg)
     if backend_config is None and torch.cuda.is_available() and cfg.device != "cpu":
         # Ray hides GPUs from actors that reserve none: share the GPU between clients.
         backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": 1.0 / int(cfg.num_clients)}}

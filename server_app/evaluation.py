@@ -46,24 +46,13 @@ class GlobalEvaluator:
 
     def __call__(self, unet: UNet2DModel, scheduler: DDPMScheduler, server_round: int) -> dict[str, float]:
         """Save ``samples/round_NNNN.png``; return ``{"fid": ...}`` when FID is on."""
-        grid = sample_images(
-            unet,
-            scheduler,
-            self.cfg.grid_size,
-            seed=self.cfg.seed,
-            ddim_steps=self.cfg.ddim_steps,
-            batch_size=self.cfg.batch_size,
-        )
-        self.run.save_grid(grid, server_round)
+        def draw(count: int, show_progress: bool = False) -> torch.Tensor:
+            return sample_images(
+                unet, scheduler, count, seed=self.cfg.seed, ddim_steps=self.cfg.ddim_steps,
+                batch_size=self.cfg.batch_size, show_progress=show_progress,
+            )
+
+        self.run.save_grid(draw(self.cfg.grid_size), server_round)
         if self.fid is None:
             return {}
-        images = sample_images(
-            unet,
-            scheduler,
-            self.cfg.num_samples,
-            seed=self.cfg.seed,
-            ddim_steps=self.cfg.ddim_steps,
-            batch_size=self.cfg.batch_size,
-            show_progress=True,
-        )
-        return {"fid": self.fid.score(images)}
+        return {"fid": self.fid.score(draw(self.cfg.num_samples, show_progress=True))}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MICRO_MODEL, REPO_ROOT, SHORT_RUN
+from tests.conftest import MICRO_MODEL, REPO_ROOT, SHORT_RUN, processes_mentioning
 
 pytestmark = pytest.mark.slow
 
@@ -24,19 +24,6 @@ LAUNCHER = REPO_ROOT / "docker" / "local-deployment.sh"
 
 def _env() -> dict[str, str]:
     return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append(int(entry.name))
-    return found
 
 
 def _launch(workdir: Path, nodes: int, overrides: list[str]) -> subprocess.Popen:
@@ -59,9 +46,9 @@ def _finish(process: subprocess.Popen, workdir: Path, timeout: float) -> str:
             os.killpg(process.pid, signal.SIGINT)
             process.wait(timeout=60)
         deadline = time.monotonic() + 30
-        while _processes_mentioning(str(workdir)) and time.monotonic() < deadline:
+        while processes_mentioning(str(workdir)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not _processes_mentioning(str(workdir)), "a Flower process outlived the launcher"
+        assert not processes_mentioning(str(workdir)), "a Flower process outlived the launcher"
     return output
 
 
@@ -107,7 +94,7 @@ def test_a_supernode_killed_during_a_round_leaves_the_others_to_finish(tmp_path,
             assert process.poll() is None, process.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "round 1 did not start"
             time.sleep(0.2)
-        (victim,) = [p for p in _processes_mentioning(victim_key) if b"flower-supernode" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        (victim,) = [p for p in processes_mentioning(victim_key) if b"flower-supernode" in Path(f"/proc/{p}/cmdline").read_bytes()]
         os.killpg(os.getpgid(victim), signal.SIGKILL)
     except BaseException:
         os.killpg(process.pid, signal.SIGINT)

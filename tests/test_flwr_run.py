@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MICRO_OVERRIDES, REPO_ROOT
+from tests.conftest import MICRO_OVERRIDES, REPO_ROOT, processes_mentioning
 
 pytestmark = pytest.mark.slow
 
@@ -28,20 +28,6 @@ def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmdline and int(entry.name) != os.getpid():
-            pids.append(int(entry.name))
-    return pids
 
 
 def _stop(pids: list[int], timeout: float = 20.0) -> None:
@@ -73,30 +59,24 @@ def flwr_home(tmp_path):
         pytest.skip(f"a local SuperLink already listens on {LOCAL_SUPERLINK_PORT}")
     home = tmp_path / "flwr-home"
     yield home
-    _stop(_processes_mentioning(str(home)))
-    assert not _processes_mentioning(str(home)), "a process of the test outlived it"
+    _stop(processes_mentioning(str(home)))
+    assert not processes_mentioning(str(home)), "a process of the test outlived it"
+
+
+def _run(command: list[str], cwd: Path, flwr_home: Path) -> str:
+    result = subprocess.run(
+        command, cwd=cwd, env=_flower_env(flwr_home), capture_output=True, text=True, timeout=480
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    return output
 
 
 def test_flwr_run_completes_with_the_app_config(flwr_home, tmp_path, data_root):
     run_dir = tmp_path / "run"
     overrides = " ".join(MICRO_OVERRIDES)
-    result = subprocess.run(
-        [
-            "flwr",
-            "run",
-            ".",
-            "--stream",
-            "--run-config",
-            f"overrides='{overrides}' run-dir='{run_dir}'",
-        ],
-        cwd=REPO_ROOT,
-        env=_flower_env(flwr_home),
-        capture_output=True,
-        text=True,
-        timeout=480,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
+    run_config = f"overrides='{overrides}' run-dir='{run_dir}'"
+    output = _run(["flwr", "run", ".", "--stream", "--run-config", run_config], REPO_ROOT, flwr_home)
     assert "FedDM run finished" in output, output[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
@@ -106,16 +86,9 @@ def test_flwr_run_completes_with_the_app_config(flwr_home, tmp_path, data_root):
 
 def test_feddm_run_submits_to_a_named_superlink(flwr_home, tmp_path, data_root):
     """feddm-run superlink=local: the same app, submitted with flwr run."""
-    result = subprocess.run(
-        ["feddm-run", "superlink=local", "strategy=quant", f"output_dir={tmp_path}", *MICRO_OVERRIDES],
-        cwd=tmp_path,
-        env=_flower_env(flwr_home),
-        capture_output=True,
-        text=True,
-        timeout=480,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
+    command = ["feddm-run", "superlink=local", "strategy=quant", f"output_dir={tmp_path}", *MICRO_OVERRIDES]
+    output = _run(command, tmp_path, flwr_home)
+    assert "FedDM run folder:" in output
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("_quant")]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]

@@ -20,13 +20,13 @@ from diffusers import UNet2DModel
 from safetensors import safe_open
 
 from feddm.simulation import simulate
-from server_app.checkpoint import CHECKPOINT_NAME
-from server_app.config import compose_config
+from server_app.checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkpoint
+from server_app.config import compose_config, to_yaml
 from tests.conftest import MICRO_MODEL, SHORT_RUN
 
 pytestmark = pytest.mark.slow
 
-OVERRIDES = [*MICRO_MODEL, *SHORT_RUN, "num_rounds=4", "strategy=prox", "ema.decay=0.5"]
+OVERRIDES = [*MICRO_MODEL, *SHORT_RUN, "num_rounds=3", "strategy=prox", "ema.decay=0.5"]
 COMPARED = ("round", "train_loss", "eval_loss", "uplink_bytes", "downlink_bytes", "num_aggregated")
 
 
@@ -83,7 +83,13 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, data_root):
 
 
 def test_resume_of_a_damaged_checkpoint_fails_clearly(tmp_path, data_root):
-    run_dir = simulate(compose_config([*MICRO_MODEL, *SHORT_RUN, "num_rounds=1"]), tmp_path / "run")
+    # A run folder as a killed run leaves it: config, a row of metrics, a cut-off checkpoint.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = compose_config([*MICRO_MODEL, *SHORT_RUN])
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    (run_dir / "metrics.jsonl").write_text('{"round": 1}\n')
+    save_checkpoint(run_dir, Checkpoint(round=1, global_weights={"w": torch.zeros(3)}))
     checkpoint = run_dir / CHECKPOINT_NAME
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])
     result = subprocess.run(
@@ -92,4 +98,5 @@ def test_resume_of_a_damaged_checkpoint_fails_clearly(tmp_path, data_root):
     )
     assert result.returncode != 0
     assert "damaged or incomplete" in result.stdout + result.stderr
+    assert "Starting Flower" not in result.stdout + result.stderr  # checked before the simulation
     assert (run_dir / "metrics.jsonl").read_text().count("\n") == 1
