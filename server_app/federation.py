@@ -40,6 +40,7 @@ METRIC_KEYS = (
     "num_aggregated",
     "num_rejected",
     "eval_downlink_bytes",
+    "train_time_s",
 )
 
 
@@ -198,6 +199,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
     )
     scheduler = build_scheduler(plain["scheduler"])
     strategy = build_strategy(cfg.strategy, num_clients=cfg.num_clients, min_clients=cfg.min_clients)
+    strategy.evaluate_every, strategy.last_round = int(cfg.eval.every), int(cfg.num_rounds)
     settings = client_config(cfg, unet, scheduler)
     model = GlobalModel(unet.to(device), cfg.ema)
 

@@ -7,17 +7,20 @@
 * checks every training reply against the global model before it reaches the
   average, and leaves out (with a logged reason) the ones that do not match;
 * lets a strategy change what travels (int8 codes, updates) through three hooks;
-* keeps the aggregated metrics per round in ``round_log`` for the ServerApp.
+* keeps the aggregated metrics per round in ``round_log`` for the ServerApp,
+  with the wall time of each round's training phase (``train_time_s``);
+* asks clients to evaluate only on evaluation rounds (``evaluate_every``).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from logging import WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 from flwr.supercore import log
@@ -35,7 +38,7 @@ def message_nbytes(message: Message) -> int:
 
 
 def check_full_weights(record: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
-    """The arrays of ``record`` rebuilt from their decoded values, if they match ``reference``.
+    """``record`` itself, once its arrays are known to match ``reference``.
 
     Names, decoded shapes and dtypes must equal the global model's and every
     value must be finite; otherwise ``PayloadError`` names the array.
@@ -47,7 +50,6 @@ def check_full_weights(record: ArrayRecord, reference: ArrayRecord) -> ArrayReco
             f"array names differ from the global model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(extra)[:5]}"
         )
-    checked = {}
     for name, expected in reference.items():
         try:
             values = record[name].numpy()
@@ -60,8 +62,7 @@ def check_full_weights(record: ArrayRecord, reference: ArrayRecord) -> ArrayReco
             )
         if not np.all(np.isfinite(values)):
             raise PayloadError(f"array {name!r} holds NaN or inf")
-        checked[name] = Array(values)
-    return ArrayRecord(checked)
+    return record
 
 
 def check_metrics(content: Any, loss_key: str) -> MetricRecord:
@@ -104,8 +105,9 @@ def single_array_record(message: Message) -> ArrayRecord:
     return records[0]
 
 
-def _error_last(message: Message) -> tuple[int, int, int]:
-    return (int(message.has_error()), *(reply_order(message) if not message.has_error() else (0, 0)))
+def _errors_last(message: Message) -> tuple[bool, tuple[int, int]]:
+    """Sort key for evaluate replies: valid ones by ``reply_order``, errors after them."""
+    return message.has_error(), (0, 0) if message.has_error() else reply_order(message)
 
 
 def _with_content(message: Message, content: RecordDict) -> Message:
@@ -133,6 +135,14 @@ class RoundAccounting:
     # Rounds done before this start (a resumed run): Flower counts from 1 again,
     # clients and logs see the true round.
     round_offset: int = 0
+    # Clients evaluate on rounds divisible by `evaluate_every` and on `last_round`.
+    evaluate_every: int = 1
+    last_round: int = 0
+    _train_started: float = 0.0
+
+    def is_evaluation_round(self, server_round: int) -> bool:
+        """Whether clients evaluate after ``server_round`` (a true round number)."""
+        return server_round % self.evaluate_every == 0 or server_round == self.last_round
 
     def _log_round(self, server_round: int, **values: float) -> None:
         if not hasattr(self, "round_log"):
@@ -158,6 +168,7 @@ class RoundAccounting:
     ) -> Iterable[Message]:
         """Remember the global model, then count what Flower's strategy sends."""
         server_round += self.round_offset
+        self._train_started = time.monotonic()
         self._global_arrays = arrays
         payload = self.downlink_payload(arrays)
         messages = list(super().configure_train(server_round, payload, config, grid))
@@ -226,14 +237,21 @@ class RoundAccounting:
             arrays = self.apply_aggregate(arrays)
         if metrics is not None:
             self._log_round(server_round, **{k: float(v) for k, v in metrics.items()})
+        # Sending, client work, replies, checks and the average: the round's training phase.
+        self._log_round(server_round, train_time_s=round(time.monotonic() - self._train_started, 3))
         return arrays, metrics
 
     # -- evaluation ------------------------------------------------------------
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the evaluation model in the same form as the training model."""
+        """Send the evaluation model in the same form as the training model.
+
+        Nothing is sent on rounds that are not evaluation rounds.
+        """
         server_round += self.round_offset
+        if not self.is_evaluation_round(server_round):
+            return []
         payload = self.downlink_payload(arrays)
         messages = list(super().configure_evaluate(server_round, payload, config, grid))
         self._log_round(
@@ -256,7 +274,7 @@ class RoundAccounting:
                 valid.append(message)
             except PayloadError as err:
                 log(WARNING, "Round %d: left out an evaluate reply: %s", server_round, err)
-        metrics = super().aggregate_evaluate(server_round, sorted(valid, key=_error_last))
+        metrics = super().aggregate_evaluate(server_round, sorted(valid, key=_errors_last))
         if metrics is not None:
             self._log_round(server_round, **{k: float(v) for k, v in metrics.items()})
         return metrics

@@ -40,20 +40,6 @@ def data_root() -> Path:
     return DATA_ROOT
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """PIDs of processes (other than this one) whose command line contains ``text``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append(int(entry.name))
-    return found
-
-
 def reply(content: RecordDict, src_node_id: int, message_type: str = "train") -> Message:
     """A reply Message as the server receives it from node ``src_node_id``."""
     metadata = Metadata(

@@ -11,7 +11,7 @@ from flwr.clientapp import ClientApp
 
 from client_app.app import evaluate as feddm_evaluate
 from client_app.app import train as feddm_train
-from strategies.codec import SCALE_SUFFIX
+from strategies.codec import SCALES_KEY
 
 app = ClientApp()
 
@@ -23,9 +23,7 @@ def train(msg: Message, context: Context) -> Message:
     if int(context.node_config["partition-id"]) != 1:
         return reply
     arrays = {name: array.numpy() for name, array in reply.content["arrays"].items()}
-    for name in arrays:
-        if name.endswith(SCALE_SUFFIX):
-            arrays[name] = np.full_like(arrays[name], np.nan)
+    arrays[SCALES_KEY] = np.full_like(arrays[SCALES_KEY], np.nan)
     corrupted = ArrayRecord({name: Array(a) for name, a in arrays.items()})
     content = RecordDict({"arrays": corrupted, "metrics": reply.content["metrics"]})
     return Message(content=content, reply_to=msg)

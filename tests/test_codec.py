@@ -9,7 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from strategies.codec import (
-    SCALE_SUFFIX,
+    SCALES_KEY,
     PayloadError,
     QuantizedTensor,
     decode_arrays,
@@ -18,6 +18,7 @@ from strategies.codec import (
     is_quantized,
     payload_nbytes,
     quantize,
+    scale_lengths,
 )
 
 SHAPES = {
@@ -51,10 +52,28 @@ def _npy_header_size(x: np.ndarray) -> int:
 
 
 def _tamper(record: ArrayRecord, **changes: np.ndarray | None) -> ArrayRecord:
-    """Copy ``record``, replacing (ndarray) or dropping (None) entries."""
+    """Copy ``record``, replacing (ndarray) or dropping (None) entries.
+
+    ``NAME__scale=...`` replaces (or, with None, drops) the scales of array
+    ``NAME`` inside the packed scale array.
+    """
     entries = {k: v for k, v in record.items()}
+    scale_changes = {k[: -len("__scale")]: v for k, v in changes.items() if k.endswith("__scale")}
+    if scale_changes:
+        names = sorted(k for k in entries if k != SCALES_KEY)
+        lengths = scale_lengths({n: (entries[n].shape, "float32") for n in names}, "channel")
+        packed, offset, parts = entries[SCALES_KEY].numpy(), 0, []
+        for name in names:
+            part = packed[offset : offset + lengths[name]]
+            offset += lengths[name]
+            if name in scale_changes:
+                part = scale_changes[name]
+            if part is not None:
+                parts.append(part)
+        entries[SCALES_KEY] = Array(np.concatenate(parts))
     for key, value in changes.items():
-        key = key.replace("__scale", SCALE_SUFFIX)
+        if key.endswith("__scale"):
+            continue
         if value is None:
             del entries[key]
         else:
@@ -138,27 +157,20 @@ def test_payload_nbytes_is_sum_of_npy_sizes():
     expected_from_record = sum(len(a.data) for _, a in record.items())
     assert payload_nbytes(record) == expected_from_record
 
-    expected = 0
+    expected = _npy_size(np.concatenate([quantize(arrays[n]).scale for n in sorted(arrays)]))
     for name, x in arrays.items():
-        q = quantize(x)
-        expected += _npy_size(q.values) + _npy_size(q.scale)
+        expected += _npy_size(quantize(x).values)
     assert payload_nbytes(record) == expected
 
 
 def test_payload_nbytes_exact_formula():
     arrays = _random_arrays()
     record, _ = encode_arrays(arrays, granularity="channel")
-    expected = 0
+    channels = sum(x.shape[0] if x.ndim >= 2 else 1 for x in arrays.values())
+    scales = np.zeros((channels,), dtype=np.float32)
+    expected = 4 * channels + _npy_header_size(scales)  # one packed scale array
     for x in arrays.values():
-        channels = x.shape[0] if x.ndim >= 2 else 1
-        values = np.zeros(x.shape, dtype=np.int8)
-        scale = np.zeros((channels,), dtype=np.float32)
-        expected += (
-            x.size * 1
-            + 4 * channels
-            + _npy_header_size(values)
-            + _npy_header_size(scale)
-        )
+        expected += x.size * 1 + _npy_header_size(np.zeros(x.shape, dtype=np.int8))
     assert payload_nbytes(record) == expected
     # count_bytes additionally counts key lengths.
     keys = sum(len(k) for k in record.keys())
@@ -317,13 +329,24 @@ def test_stochastic_stays_within_one_step():
 def test_encode_record_layout():
     arrays = _random_arrays()
     record, _ = encode_arrays(arrays)
-    assert set(record.keys()) == {
-        k for n in arrays for k in (n, f"{n}{SCALE_SUFFIX}")
-    }
+    assert set(record.keys()) == set(arrays) | {SCALES_KEY}
     for name in arrays:
         assert record[name].dtype == "int8"
         assert tuple(record[name].shape) == arrays[name].shape
-        assert record[f"{name}{SCALE_SUFFIX}"].dtype == "float32"
+    # every scale in one float32 array, in sorted name order
+    scales = record[SCALES_KEY].numpy()
+    assert scales.dtype == np.float32
+    expected = np.concatenate([quantize(arrays[n]).scale for n in sorted(arrays)])
+    np.testing.assert_array_equal(scales, expected)
+    assert scales.size == 16 + 32 + 1 + 1  # conv, linear per channel; bias, scalar per tensor
+
+
+def test_decode_does_not_depend_on_dict_order():
+    arrays = _random_arrays()
+    record, _ = encode_arrays(dict(reversed(list(arrays.items()))))
+    decoded = decode_arrays(record, _reference(arrays))
+    for name, x in arrays.items():
+        np.testing.assert_array_equal(decoded[name], dequantize(quantize(x)))
 
 
 @pytest.mark.parametrize("stochastic", [False, True])
@@ -349,8 +372,8 @@ def test_is_quantized():
 
 
 def test_encode_rejects_reserved_name():
-    with pytest.raises(ValueError, match=SCALE_SUFFIX):
-        encode_arrays({f"w{SCALE_SUFFIX}": np.ones(3, dtype=np.float32)})
+    with pytest.raises(ValueError, match=SCALES_KEY):
+        encode_arrays({SCALES_KEY: np.ones(3, dtype=np.float32)})
 
 
 # ---------------------------------------------------------------------------
@@ -373,8 +396,10 @@ def test_decode_rejects_missing_value(payload):
 
 def test_decode_rejects_missing_scale(payload):
     record, ref = payload
-    with pytest.raises(PayloadError, match="conv.*missing"):
-        decode_arrays(_tamper(record, conv__scale=None), ref)
+    with pytest.raises(PayloadError, match="49 scales, expected 50 .channel. or 4 .tensor."):
+        decode_arrays(_tamper(record, scalar__scale=None), ref)
+    with pytest.raises(PayloadError, match="not int8-encoded"):
+        decode_arrays(_tamper(record, **{SCALES_KEY: None}), ref)
 
 
 def test_decode_rejects_extra_key(payload):
@@ -401,7 +426,7 @@ def test_decode_rejects_float32_values(payload):
 def test_decode_rejects_unquantized_record():
     arrays = _random_arrays()
     fp32 = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    with pytest.raises(PayloadError, match="conv"):
+    with pytest.raises(PayloadError, match="not int8-encoded"):
         decode_arrays(fp32, _reference(arrays))
 
 
@@ -410,7 +435,7 @@ def test_decode_rejects_non_positive_scale(payload, value):
     record, ref = payload
     scale = np.full(16, 0.01, dtype=np.float32)
     scale[3] = value
-    with pytest.raises(PayloadError, match=r"conv.*non-positive"):
+    with pytest.raises(PayloadError, match=r"'conv'.*non-positive"):
         decode_arrays(_tamper(record, conv__scale=scale), ref)
 
 
@@ -418,26 +443,42 @@ def test_decode_rejects_non_positive_scale(payload, value):
 def test_decode_rejects_non_finite_scale(payload, value):
     record, ref = payload
     scale = np.array([value], dtype=np.float32)
-    with pytest.raises(PayloadError, match=r"bias.*non-finite"):
+    with pytest.raises(PayloadError, match=r"'bias'.*non-finite"):
         decode_arrays(_tamper(record, bias__scale=scale), ref)
 
 
-def test_decode_rejects_float64_scale(payload):
+def test_decode_rejects_float64_scales(payload):
     record, ref = payload
-    scale = np.full(32, 0.01, dtype=np.float64)
-    with pytest.raises(PayloadError, match=r"linear.*float32"):
-        decode_arrays(_tamper(record, linear__scale=scale), ref)
+    scales = record[SCALES_KEY].numpy().astype(np.float64)
+    with pytest.raises(PayloadError, match=r"@scales.*float64.*float32"):
+        decode_arrays(_tamper(record, **{SCALES_KEY: scales}), ref)
 
 
 @pytest.mark.parametrize(
     ("name", "scale_shape"),
-    [("conv", (8,)), ("conv", (16, 1)), ("bias", (32,)), ("scalar", (2,))],
+    [("conv", (8,)), ("conv", (17,)), ("bias", (2,)), ("scalar", (2,))],
 )
-def test_decode_rejects_wrong_scale_shape(payload, name, scale_shape):
+def test_decode_rejects_wrong_number_of_scales(payload, name, scale_shape):
     record, ref = payload
     scale = np.full(scale_shape, 0.01, dtype=np.float32)
-    with pytest.raises(PayloadError, match=rf"{name}.*shape"):
+    with pytest.raises(PayloadError, match=r"@scales.*holds \d+ scales, expected 50"):
         decode_arrays(_tamper(record, **{f"{name}__scale": scale}), ref)
+
+
+def test_decode_rejects_two_dimensional_scales(payload):
+    record, ref = payload
+    scales = record[SCALES_KEY].numpy().reshape(1, -1)
+    with pytest.raises(PayloadError, match=r"1-D float32"):
+        decode_arrays(_tamper(record, **{SCALES_KEY: scales}), ref)
+
+
+def test_decode_accepts_per_tensor_scales():
+    arrays = _random_arrays()
+    record, _ = encode_arrays(arrays, granularity="tensor")
+    assert record[SCALES_KEY].numpy().size == len(arrays)
+    decoded = decode_arrays(record, _reference(arrays))
+    for name, x in arrays.items():
+        np.testing.assert_array_equal(decoded[name], dequantize(quantize(x, granularity="tensor")))
 
 
 # ---------------------------------------------------------------------------

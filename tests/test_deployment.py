@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MICRO_MODEL, REPO_ROOT, SHORT_RUN, processes_mentioning
+from feddm.processes import processes_mentioning
+from tests.conftest import MICRO_MODEL, REPO_ROOT, SHORT_RUN
 
 pytestmark = pytest.mark.slow
 

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import MICRO_OVERRIDES, REPO_ROOT, processes_mentioning
+from feddm.processes import processes_mentioning, stop_process_groups
+from tests.conftest import MICRO_OVERRIDES, REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -28,19 +27,6 @@ def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _stop(pids: list[int], timeout: float = 20.0) -> None:
-    """SIGTERM each process group, then SIGKILL what is left after ``timeout``."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.killpg(os.getpgid(pid), sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-            time.sleep(0.2)
 
 
 def _flower_env(flwr_home: Path) -> dict[str, str]:
@@ -59,7 +45,7 @@ def flwr_home(tmp_path):
         pytest.skip(f"a local SuperLink already listens on {LOCAL_SUPERLINK_PORT}")
     home = tmp_path / "flwr-home"
     yield home
-    _stop(processes_mentioning(str(home)))
+    stop_process_groups(processes_mentioning(str(home)))
     assert not processes_mentioning(str(home)), "a process of the test outlived it"
 
 

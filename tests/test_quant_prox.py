@@ -13,7 +13,7 @@ from client_app.updates import RESIDUAL_KEY, quantized_update, received_weights
 from models import build_unet
 from server_app.config import compose_config
 from strategies import FedDMProx, FedDMQuant, build_strategy
-from strategies.codec import SCALE_SUFFIX, payload_nbytes
+from strategies.codec import SCALES_KEY, payload_nbytes
 from tests.conftest import reply
 from tests.test_strategies import FakeGrid
 
@@ -109,7 +109,7 @@ def test_quant_reply_is_int8_and_about_four_times_smaller():
     global_state = unet.state_dict()
     local = {k: v + 1e-3 for k, v in global_state.items()}
     record = quantized_update(local, global_state, QUANT_CONFIG, RecordDict(), seed=0)
-    values = [a for k, a in record.items() if not k.endswith(SCALE_SUFFIX)]
+    values = [a for k, a in record.items() if k != SCALES_KEY]
     assert values and all(a.dtype == "int8" for a in values)
     assert payload_nbytes(ArrayRecord(global_state)) / payload_nbytes(record) >= 3.9
 
@@ -135,7 +135,7 @@ def test_quantized_downlink_is_what_clients_decode():
     strategy = _quant_strategy(quantize_downlink=True)
     (message,) = strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), FakeGrid([1]))
     payload = message.content["arrays"]
-    assert any(k.endswith(SCALE_SUFFIX) for k in payload.keys())
+    assert SCALES_KEY in payload.keys()
     received = received_weights(payload, _micro_state(1).state_dict())
     for name, tensor in received.items():
         assert np.array_equal(tensor.numpy(), strategy._client_view[name])
@@ -148,19 +148,17 @@ def test_quantized_downlink_is_what_clients_decode():
 
 def _corrupt(record: ArrayRecord, how: str) -> ArrayRecord:
     arrays = {k: a.numpy() for k, a in record.items()}
-    name = next(k for k in arrays if k.endswith(SCALE_SUFFIX))
+    value = next(k for k in arrays if k != SCALES_KEY and arrays[k].ndim >= 2)
     if how == "nan-scale":
-        arrays[name] = np.full_like(arrays[name], np.nan)
+        arrays[SCALES_KEY][0] = np.nan
     elif how == "zero-scale":
-        arrays[name] = np.zeros_like(arrays[name])
+        arrays[SCALES_KEY][-1] = 0.0
     elif how == "float-values":
-        value = name[: -len(SCALE_SUFFIX)]
         arrays[value] = arrays[value].astype(np.float32)
     elif how == "wrong-shape":
-        value = name[: -len(SCALE_SUFFIX)]
         arrays[value] = arrays[value].reshape(-1)[:-1].copy()
     elif how == "missing":
-        del arrays[name]
+        del arrays[SCALES_KEY]
     return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 

@@ -169,3 +169,21 @@ def test_replies_are_averaged_in_partition_order():
     _configured(strategy)
     accepted = strategy.accepted_replies(1, replies)
     assert [m.content["info"]["partition-id"] for m in accepted] == [0, 1, 2]
+
+
+def test_clients_evaluate_only_on_evaluation_rounds():
+    strategy = _strategy()
+    strategy.evaluate_every, strategy.last_round = 2, 5
+    asked = [
+        r for r in range(1, 6)
+        if strategy.configure_evaluate(r, _record(GLOBAL), ConfigRecord(), FakeGrid([1, 2]))
+    ]
+    assert asked == [2, 4, 5]
+    assert strategy.aggregate_evaluate(1, []) is None
+
+
+def test_training_phase_time_is_logged_per_round():
+    strategy = _strategy()
+    _configured(strategy)
+    strategy.aggregate_train(1, [_train_reply(GLOBAL, 10, 1)])
+    assert 0 <= strategy.round_log[1]["train_time_s"] < 60

@@ -1,0 +1,255 @@
+"""Image quality under non-IID data: centralized vs FedDM-vanilla, -prox, -quant.
+
+    python benchmarks/quality.py --quick          # 2 CPU cores, under an hour
+    python benchmarks/quality.py                  # full scale, for a GPU machine
+
+Fashion-MNIST, 4 clients, IID and Dirichlet alpha = 0.1 partitions. Every run
+trains for the same total number of steps: the federated runs do R rounds of S
+local steps on each of the 4 clients; the centralized run is the same app with
+one client that holds the whole training set and does 4 x S steps per round
+(same model, optimizer, EMA and evaluation code, no federation). FID is
+torchmetrics' with the standard Inception weights, on ``--num-samples``
+generated images against as many test images, at every evaluation round.
+
+Each run is a ``feddm-run`` process with its own run folder under ``--work``;
+the script collects their ``metrics.jsonl``, writes
+``benchmarks/results/quality[_quick].{json,md}`` and a plot of FID vs round and
+vs cumulative uplink bytes (``quality[_quick].png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E402
+
+NUM_CLIENTS = 4
+PARTITIONS = {"iid": ["partition=iid"], "dirichlet-0.1": ["partition=dirichlet", "partition.alpha=0.1"]}
+# Federated methods and their overrides; "centralized" is the one-client baseline.
+METHODS = {
+    "vanilla": ["strategy=vanilla"],
+    "prox": ["strategy=prox"],
+    "quant": ["strategy=quant"],
+}
+DEFAULT_FID_WEIGHTS = REPO.parent / "shared" / "weights" / "pt_inception-2015-12-05.torchscript.pt"
+
+# Scales: --quick fits 2 CPU cores in under an hour (7 runs, two FIDs of 1000 images each);
+# the full scale is for a GPU machine.
+SCALES = {
+    "quick": dict(model="tiny", rounds=8, local_steps=25, eval_every=4, num_samples=1000, ddim_steps=10, batch_size=32),
+    "full": dict(model="fashion_mnist", rounds=20, local_steps=250, eval_every=5, num_samples=5000, ddim_steps=50, batch_size=64),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the comparison."""
+
+    method: str
+    partition: str  # "-" for centralized: one client holds every image
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_{self.partition}" if self.method != "centralized" else "centralized"
+
+
+def plan(scale: dict, only: list[str] | None = None) -> list[Run]:
+    """The runs: centralized once, each strategy under each partition."""
+    runs = [Run("centralized", "-")]
+    runs += [Run(m, p) for p in PARTITIONS for m in METHODS]
+    return [r for r in runs if not only or r.name in only]
+
+
+def run_overrides(run: Run, scale: dict, data_root: Path, fid_weights: Path | None, fid_cache: Path) -> list[str]:
+    """Hydra overrides of one run (what ``feddm-run`` gets)."""
+    common = [
+        f"model={scale['model']}",
+        f"num_rounds={scale['rounds']}",
+        f"batch_size={scale['batch_size']}",
+        f"eval.every={scale['eval_every']}",
+        f"eval.num_samples={scale['num_samples']}",
+        f"eval.ddim_steps={scale['ddim_steps']}",
+        f"eval.fid_cache={fid_cache}",
+        f"dataset.root={data_root}",
+        "checkpoint_every=0",
+        "seed=0",
+    ]
+    if fid_weights:
+        common.append(f"eval.fid_weights={fid_weights}")
+    if run.method == "centralized":
+        return common + ["num_clients=1", "strategy=vanilla", "partition=iid",
+                         f"local_steps={NUM_CLIENTS * scale['local_steps']}"]
+    return common + [f"num_clients={NUM_CLIENTS}", *METHODS[run.method],
+                     f"local_steps={scale['local_steps']}", *PARTITIONS[run.partition]]
+
+
+def execute(run: Run, overrides: list[str], work: Path) -> dict:
+    """Run ``feddm-run`` (a fresh process) and return its metrics rows and wall time."""
+    run_dir = work / run.name
+    if (run_dir / "metrics.jsonl").is_file():
+        raise FileExistsError(f"{run_dir} holds a finished run; pick an empty --work folder")
+    log = work / f"{run.name}.log"
+    command = [str(Path(sys.executable).parent / "feddm-run"), *overrides, f"hydra.run.dir={run_dir}"]
+    print(f"[{time.strftime('%H:%M:%S')}] {run.name}: {' '.join(overrides)}", flush=True)
+    started = time.perf_counter()
+    with log.open("w") as out:
+        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=work)
+    wall_s = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{run.name} failed; see {log}:\n{log.read_text()[-3000:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    print(f"    done in {wall_s:.0f} s: FID " + ", ".join(f"r{r['round']} {r['fid']:.1f}" for r in rows if "fid" in r), flush=True)
+    return {"wall_s": round(wall_s, 1), "rows": rows, "run_dir": str(run_dir)}
+
+
+def summarize(run: Run, outcome: dict) -> dict:
+    """FID per evaluation round with the cumulative uplink bytes at that round."""
+    cumulative, points = 0, []
+    for row in outcome["rows"]:
+        cumulative += row.get("uplink_bytes", 0)
+        if "fid" in row:
+            points.append({"round": row["round"], "fid": row["fid"], "cumulative_uplink_bytes": cumulative})
+    return {
+        "method": run.method,
+        "partition": run.partition,
+        "fid": points,
+        "final_fid": points[-1]["fid"],
+        "total_uplink_bytes": cumulative if run.method != "centralized" else 0,
+        "wall_s": outcome["wall_s"],
+    }
+
+
+def merged_with_earlier(name: str, scale: dict, results: dict) -> dict:
+    """Earlier runs of the same scale (from ``results/NAME.json``) with this invocation's on top.
+
+    So a comparison can be extended by ``--only`` without rerunning every method.
+    """
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return results
+    earlier = json.loads(path.read_text())["results"]
+    if earlier.get("settings") != scale:
+        print(f"{path} holds another scale's results; they are replaced", flush=True)
+        return results
+    merged = {k: v for k, v in earlier["runs"].items() if k not in results}
+    merged.update(results)
+    order = [r.name for r in plan(scale)]
+    return dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def plot(results: dict, out: Path) -> None:
+    """FID vs round and vs cumulative uplink, one row per partition."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    partitions = list(PARTITIONS)
+    fig, axes = plt.subplots(len(partitions), 2, figsize=(11, 4 * len(partitions)), squeeze=False)
+    central = results.get("centralized")
+    for row, partition in enumerate(partitions):
+        ax_round, ax_bytes = axes[row]
+        if central:
+            rounds = [p["round"] for p in central["fid"]]
+            ax_round.plot(rounds, [p["fid"] for p in central["fid"]], "k--", marker="o", label="centralized")
+            ax_bytes.axhline(central["final_fid"], color="k", linestyle="--", label="centralized (final, no uplink)")
+        for name, r in results.items():
+            if r["partition"] != partition:
+                continue
+            ax_round.plot([p["round"] for p in r["fid"]], [p["fid"] for p in r["fid"]], marker="o", label=r["method"])
+            ax_bytes.plot([p["cumulative_uplink_bytes"] / 1e6 for p in r["fid"]], [p["fid"] for p in r["fid"]],
+                          marker="o", label=r["method"])
+        ax_round.set(title=f"FID vs round ({partition})", xlabel="round (equal steps for every method)", ylabel="FID")
+        ax_bytes.set(title=f"FID vs cumulative uplink ({partition})", xlabel="uplink MB, all clients", ylabel="FID")
+        ax_round.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_bytes.set_xlim(left=0)
+        for ax in (ax_round, ax_bytes):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def report(results: dict, scale_name: str, scale: dict) -> tuple[str, str]:
+    """The Markdown table and notes."""
+    central = results.get("centralized", {}).get("final_fid")
+    rows = []
+    for name, r in results.items():
+        vanilla = results.get(f"vanilla_{r['partition']}")
+        byte_ratio = (vanilla["total_uplink_bytes"] / r["total_uplink_bytes"]
+                      if vanilla and r["total_uplink_bytes"] else None)
+        rows.append([
+            r["method"], r["partition"],
+            " / ".join(f"{p['fid']:.1f}" for p in r["fid"]),
+            f"{r['final_fid'] / central:.2f}" if central else "-",
+            f"{r['total_uplink_bytes'] / 1e6:.1f}" if r["total_uplink_bytes"] else "0 (no federation)",
+            f"{byte_ratio:.2f}x" if byte_ratio else "-",
+            f"{r['wall_s']:.0f}",
+        ])
+    evals = ", ".join(str(p["round"]) for p in next(iter(results.values()))["fid"])
+    table = markdown_table(
+        ["method", "partition", f"FID at rounds {evals}", "final FID / centralized",
+         "uplink MB (all clients)", "uplink saved vs vanilla", "wall s"], rows)
+    steps = scale["rounds"] * NUM_CLIENTS * scale["local_steps"]
+    notes = (
+        f"Scale `{scale_name}`: model `{scale['model']}`, {NUM_CLIENTS} clients, {scale['rounds']} rounds x "
+        f"{scale['local_steps']} local steps per client (centralized: 1 client, {NUM_CLIENTS * scale['local_steps']} "
+        f"steps per round), {steps} training steps per run at batch {scale['batch_size']}; FID of the EMA model on "
+        f"{scale['num_samples']} DDIM-{scale['ddim_steps']} samples against {scale['num_samples']} test images "
+        "(standard Inception weights) every "
+        f"{scale['eval_every']} rounds. Plot: `quality{'_quick' if scale_name == 'quick' else ''}.png`."
+    )
+    return table, notes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the 2-CPU-core scale (under an hour)")
+    parser.add_argument("--work", type=Path, default=REPO / "outputs" / "benchmarks" / "quality",
+                        help="folder for the run folders and logs (a new subfolder per invocation)")
+    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--fid-weights", type=Path, default=DEFAULT_FID_WEIGHTS if DEFAULT_FID_WEIGHTS.is_file() else None,
+                        help="TorchScript FID Inception network; without it torchmetrics downloads the standard one")
+    parser.add_argument("--only", nargs="+", help="run only these (e.g. centralized vanilla_iid)")
+    for key in SCALES["quick"]:
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(SCALES["quick"][key]), help="override the scale")
+    args = parser.parse_args()
+    scale_name = "quick" if args.quick else "full"
+    scale = dict(SCALES[scale_name])
+    scale.update({k: v for k, v in vars(args).items() if k in scale and v is not None})
+
+    work = (args.work / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
+    work.mkdir(parents=True)
+    fid_cache = args.work.resolve() / "fid_cache"  # real statistics, shared by invocations
+    results, started = {}, time.perf_counter()
+    for run in plan(scale, args.only):
+        overrides = run_overrides(run, scale, args.data_root.resolve(),
+                                  args.fid_weights.resolve() if args.fid_weights else None, fid_cache)
+        results[run.name] = summarize(run, execute(run, overrides, work))
+    total_s = time.perf_counter() - started
+
+    name = "quality_quick" if args.quick else "quality"
+    results = merged_with_earlier(name, scale, results)
+    plot(results, RESULTS / f"{name}.png")
+    table, notes = report(results, scale_name, scale)
+    notes += (f"\n\nThis invocation ran {len(plan(scale, args.only))} of the {len(results)} runs in "
+              f"{total_s / 60:.1f} minutes on this machine (run folders: `{work}`).")
+    print(write_results(name, {"scale": scale_name, "settings": scale, "runs": results,
+                               "last_invocation_minutes": round(total_s / 60, 1)}, table, notes))
+    print(table)
+    print(notes)
+
+
+if __name__ == "__main__":
+    main()
