@@ -52,6 +52,8 @@ class ClientSettings:
     device: str
     eval_fraction: float
     eval_max_examples: int
+    ema_enabled: bool
+    ema_decay: float
 
 
 _JSON_KEYS = ("unet", "scheduler", "dataset", "partition")
@@ -66,6 +68,8 @@ _TYPED_KEYS = {
     "device": str,
     "eval-fraction": float,
     "eval-max-examples": int,
+    "ema-enabled": bool,
+    "ema-decay": float,
 }
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from models.data import LabeledImages
 
 _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+_FAKE_STATES = ("fake_features_sum", "fake_features_cov_sum", "fake_features_num_samples")
 
 
 class TorchScriptInception(nn.Module):
@@ -132,6 +133,23 @@ class FID:
         self.metric.reset()  # drops the previous fake features, keeps the real ones
         self._update(fake, real=False, desc="FID generated")
         return float(self.metric.compute())
+
+    def score_groups(self, groups: list[torch.Tensor]) -> tuple[list[float], float]:
+        """FID of each group of generated images, and of all groups pooled.
+
+        The pooled FID (the mixture of the groups' generators) reuses each group's
+        feature statistics, so it costs no extra Inception passes.
+        """
+        if self._real_key is None:
+            raise RuntimeError("call set_real() before score_groups()")
+        scores, pooled = [], None
+        for images in groups:
+            scores.append(self.score(images))
+            stats = [getattr(self.metric, s).clone() for s in _FAKE_STATES]
+            pooled = stats if pooled is None else [a + b for a, b in zip(pooled, stats)]
+        for state, value in zip(_FAKE_STATES, pooled):
+            getattr(self.metric, state).copy_(value)
+        return scores, float(self.metric.compute())
 
 
 def _file_digest(path: Path) -> str:

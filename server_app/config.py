@@ -100,11 +100,14 @@ def validate_config(cfg: DictConfig) -> None:
     st = cfg.strategy
     if st.name == "prox":
         _check(e, _is_number(st.mu) and st.mu >= 0, "strategy.mu", st.mu, "a number >= 0")
-    if st.name == "quant":
+    if st.name in ("quant", "partial"):
         _check(e, _is_int(st.bits) and MIN_BITS <= st.bits <= MAX_BITS, "strategy.bits", st.bits, f"an integer in {MIN_BITS}..{MAX_BITS}")
         _check(e, st.granularity in GRANULARITIES, "strategy.granularity", st.granularity, " | ".join(GRANULARITIES))
-        for key in ("stochastic_rounding", "error_feedback", "quantize_downlink"):
+        flags = ("stochastic_rounding", "error_feedback") + (("quantize_downlink",) if st.name == "quant" else ("quantize",))
+        for key in flags:
             _check(e, isinstance(st[key], bool), f"strategy.{key}", st[key], "true | false")
+    if st.name == "partial":
+        _check_partial(e, st, len(cfg.model.unet.block_out_channels))
 
     ev = cfg.eval
     for key in ("every", "grid_size", "batch_size"):
@@ -118,6 +121,21 @@ def validate_config(cfg: DictConfig) -> None:
     _check(e, ev.ddim_steps is None or (_is_int(ev.ddim_steps) and ev.ddim_steps >= 1), "eval.ddim_steps", ev.ddim_steps, "null (full DDPM) or an integer >= 1")
     if e:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))
+
+
+def _check_partial(e: list[str], st: DictConfig, num_levels: int) -> None:
+    """The partial strategy's preset, shared parts (``models.parts`` names) and split."""
+    presets = ("udec", "ulatdec", "usplit", "custom")
+    _check(e, st.preset in presets, "strategy.preset", st.preset, " | ".join(presets))
+    parts = ["conv_in", "time_embedding", "down_blocks", "mid_block", "up_blocks", "head"]
+    parts += [f"{side}_blocks.{i}" for side in ("down", "up") for i in range(num_levels)]
+    if st.preset == "custom":
+        shared = st.shared
+        ok = shared is not None and not isinstance(shared, str) and len(shared) > 0 and all(p in parts for p in shared)
+        _check(e, ok, "strategy.shared", shared, f"a non-empty list of UNet parts from {parts}")
+    else:
+        _check(e, st.shared is None, "strategy.shared", st.shared, "null unless strategy.preset=custom")
+    _check(e, _is_int(st.split_ways) and st.split_ways >= 2, "strategy.split_ways", st.split_ways, "an integer >= 2")
 
 
 def resumed_config(run_dir: str | Path) -> DictConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from logging import INFO
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from flwr.supercore import log
@@ -16,6 +17,9 @@ from server_app.run_folder import RunFolder
 
 class GlobalEvaluator:
     """Draws the sample grid of a round and, if ``eval.num_samples > 0``, its FID.
+
+    ``clients`` does the same for images that clients generated with their own
+    models, when parts of the model stay on the clients.
 
     Grids and FID samples come from the fixed noise seed ``eval.seed``, so they
     compare across rounds. FID is against as many test images as samples.
@@ -56,3 +60,27 @@ class GlobalEvaluator:
         if self.fid is None:
             return {}
         return {"fid": self.fid.score(draw(self.cfg.num_samples, show_progress=True))}
+
+    def clients(self, samples: dict[int, np.ndarray], server_round: int) -> dict:
+        """Grid and FID of images the clients generated with their own models (partial exchange).
+
+        The grid has a row per client; ``fid`` is the mean of the clients' FIDs (as
+        in FedDiffuse), ``fid_clients`` each client's, and ``fid_mixture`` the FID
+        of all clients' images pooled (the federation as one generator).
+        """
+        if not samples:
+            log(INFO, "Round %d: no client sent samples; no grid or FID", server_round)
+            return {}
+        per_row = max(1, self.cfg.grid_size // len(samples))
+        rows = [torch.from_numpy(images[:per_row]) for images in samples.values()]
+        self.run.save_grid(torch.cat(rows), server_round, nrow=per_row)
+        if self.fid is None:
+            return {}
+        scores, pooled = self.fid.score_groups(
+            [torch.from_numpy(images[: self.cfg.num_samples]) for images in samples.values()]
+        )
+        return {
+            "fid": float(np.mean(scores)),
+            "fid_mixture": pooled,
+            "fid_clients": {str(pid): score for pid, score in zip(samples, scores)},
+        }

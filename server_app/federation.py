@@ -63,8 +63,22 @@ def client_config(cfg: DictConfig, unet: UNet2DModel, scheduler: DDPMScheduler) 
             "device": str(cfg.device),
             "eval-fraction": float(cfg.client_eval_fraction),
             "eval-max-examples": int(cfg.client_eval_max_examples),
+            # Clients that keep parts of the model (strategy=partial) keep an EMA of their own.
+            "ema-enabled": bool(cfg.ema.enabled),
+            "ema-decay": float(cfg.ema.decay),
         }
     )
+
+
+def client_sampling(cfg: DictConfig) -> dict:
+    """What clients that keep parts of the model generate at evaluation rounds (grid and FID)."""
+    return {
+        "sample-count": max(int(cfg.eval.num_samples), int(cfg.eval.grid_size)),
+        "sample-seed": int(cfg.eval.seed),
+        "sample-ddim-steps": int(cfg.eval.ddim_steps or 0),  # 0: full DDPM
+        "sample-batch-size": int(cfg.eval.batch_size),
+        "sample-shape": json.dumps([int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size)]),
+    }
 
 
 def _seed_everything(seed: int) -> None:
@@ -198,7 +212,10 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
         plain["model"]["unet"], image_size=cfg.dataset.image_size, channels=cfg.dataset.channels
     )
     scheduler = build_scheduler(plain["scheduler"])
-    strategy = build_strategy(cfg.strategy, num_clients=cfg.num_clients, min_clients=cfg.min_clients)
+    strategy = build_strategy(
+        cfg.strategy, num_clients=cfg.num_clients, min_clients=cfg.min_clients, seed=int(cfg.seed),
+        client_sampling=client_sampling(cfg),
+    )
     strategy.evaluate_every, strategy.last_round = int(cfg.eval.every), int(cfg.num_rounds)
     settings = client_config(cfg, unet, scheduler)
     model = GlobalModel(unet.to(device), cfg.ema)
@@ -232,8 +249,11 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
         row = {"round": server_round}
         row.update({k: v for k, v in strategy.round_log.get(server_round, {}).items() if k in METRIC_KEYS})
         if server_round % cfg.eval.every == 0 or server_round == cfg.num_rounds:
-            with model.evaluation_weights() as weights:
-                row.update(evaluator(weights, scheduler, server_round))
+            if getattr(strategy, "personalized", False):  # each client has its own model
+                row.update(evaluator.clients(strategy.client_samples.pop(server_round, {}), server_round))
+            else:
+                with model.evaluation_weights() as weights:
+                    row.update(evaluator(weights, scheduler, server_round))
         row["wall_time_s"] = round(elapsed_before + time.monotonic() - started, 3)
         run.append_metrics(row)
         log(INFO, "FedDM %s", _format_round(row))
@@ -252,7 +272,10 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
             evaluate_config=ConfigRecord(dict(settings)),
             evaluate_fn=after_round,
         )
-    with model.evaluation_weights() as weights:
-        run.save_model(weights.cpu(), scheduler)
+    if getattr(strategy, "personalized", False):
+        log(INFO, "Each client keeps its own model (shared and local parts); the run folder has no model/")
+    else:
+        with model.evaluation_weights() as weights:
+            run.save_model(weights.cpu(), scheduler)
     log(INFO, "FedDM run finished; results in %s", run.path)
     return run.path

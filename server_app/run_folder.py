@@ -70,10 +70,10 @@ class RunFolder:
         self._write_atomic(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         return rows
 
-    def save_grid(self, images: torch.Tensor, server_round: int) -> Path:
-        """Save uint8 N x C x H x W images as ``samples/round_NNNN.png``."""
+    def save_grid(self, images: torch.Tensor, server_round: int, nrow: int | None = None) -> Path:
+        """Save uint8 N x C x H x W images as ``samples/round_NNNN.png`` (``nrow`` per row; default square)."""
         path = self.samples / f"round_{server_round:04d}.png"
-        nrow = max(1, int(len(images) ** 0.5))
+        nrow = nrow or max(1, int(len(images) ** 0.5))
         grid = make_grid(images.float() / 255.0, nrow=nrow, padding=2, pad_value=1.0)
         tmp = path.with_suffix(".tmp.png")
         save_image(grid, tmp)

@@ -6,11 +6,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from strategies.accounting import RoundAccounting, RoundFailedError
+from strategies.partial import FedDMPartial
 from strategies.prox import FedDMProx
 from strategies.quant import FedDMQuant
 from strategies.vanilla import FedDMVanilla
 
-STRATEGIES = {"vanilla": FedDMVanilla, "prox": FedDMProx, "quant": FedDMQuant}
+STRATEGIES = {"vanilla": FedDMVanilla, "prox": FedDMProx, "quant": FedDMQuant, "partial": FedDMPartial}
 
 
 def strategy_options(strategy: Mapping[str, Any]) -> dict[str, Any]:
@@ -26,17 +27,34 @@ def strategy_options(strategy: Mapping[str, Any]) -> dict[str, Any]:
             "error_feedback": bool(strategy["error_feedback"]),
             "quantize_downlink": bool(strategy["quantize_downlink"]),
         }
+    if name == "partial":
+        return {
+            "preset": str(strategy["preset"]),
+            "shared": list(strategy["shared"]) if strategy.get("shared") else None,
+            "split_ways": int(strategy["split_ways"]),
+            "quantize": bool(strategy["quantize"]),
+            "bits": int(strategy["bits"]),
+            "granularity": str(strategy["granularity"]),
+            "stochastic_rounding": bool(strategy["stochastic_rounding"]),
+            "error_feedback": bool(strategy["error_feedback"]),
+        }
     return {}
 
 
 def build_strategy(
-    strategy: Mapping[str, Any], *, num_clients: int, min_clients: int | None = None
+    strategy: Mapping[str, Any],
+    *,
+    num_clients: int,
+    min_clients: int | None = None,
+    seed: int = 0,
+    client_sampling: dict[str, Any] | None = None,
 ) -> RoundAccounting:
     """The strategy named by ``strategy['name']`` (``conf/strategy``), sampling all clients.
 
     Every connected client trains and evaluates each round; a round starts once
     ``min_clients`` (default ``num_clients``) nodes are connected, so it can go
-    on after a node has failed.
+    on after a node has failed. ``seed`` and ``client_sampling`` (what clients
+    that keep parts of the model generate for FID) go to the partial strategy.
     """
     num_clients = min_clients or num_clients
     name = strategy.get("name")
@@ -49,11 +67,13 @@ def build_strategy(
         min_evaluate_nodes=num_clients,
         min_available_nodes=num_clients,
         **strategy_options(strategy),
+        **({"seed": seed, "client_sampling": client_sampling} if name == "partial" else {}),
     )
 
 
 __all__ = [
     "STRATEGIES",
+    "FedDMPartial",
     "FedDMProx",
     "FedDMQuant",
     "FedDMVanilla",

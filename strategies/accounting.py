@@ -125,8 +125,12 @@ class RoundAccounting:
     Hooks for strategies that do not exchange plain full weights:
 
     * ``downlink_payload(arrays)``: what is sent instead of the global arrays;
+    * ``address(messages, arrays)``: last changes to the messages for each node
+      (e.g. the full model for a node contacted the first time);
     * ``decode_train_reply(message)``: the reply's arrays as full-precision
       arrays for the average, raising ``PayloadError`` if it must be left out;
+    * ``average(server_round, errors, accepted)``: the weighted mean (default:
+      the Flower strategy's ``aggregate_train``);
     * ``apply_aggregate(arrays)``: the new global model from the average.
     """
 
@@ -158,6 +162,16 @@ class RoundAccounting:
         """Validate a reply and return the arrays that enter the weighted mean."""
         return check_full_weights(single_array_record(message), self._global_arrays)
 
+    def address(self, messages: list[Message], arrays: ArrayRecord) -> list[Message]:
+        """The messages as sent to each node (default: unchanged)."""
+        return messages
+
+    def average(
+        self, server_round: int, errors: list[Message], accepted: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Weighted mean of the accepted replies (Flower's strategy logs the errors)."""
+        return super().aggregate_train(server_round, errors + accepted)
+
     def apply_aggregate(self, aggregated: ArrayRecord) -> ArrayRecord:
         """The new global model from the weighted mean (default: the mean itself)."""
         return aggregated
@@ -171,7 +185,7 @@ class RoundAccounting:
         self._train_started = time.monotonic()
         self._global_arrays = arrays
         payload = self.downlink_payload(arrays)
-        messages = list(super().configure_train(server_round, payload, config, grid))
+        messages = self.address(list(super().configure_train(server_round, payload, config, grid)), arrays)
         self._log_round(
             server_round,
             downlink_bytes=sum(message_nbytes(m) for m in messages),
@@ -232,7 +246,7 @@ class RoundAccounting:
         accepted = self.accepted_replies(server_round, replies)
         # Error replies go on to Flower, which logs them and leaves them out.
         errors = [m for m in replies if m.has_error()]
-        arrays, metrics = super().aggregate_train(server_round, errors + accepted)
+        arrays, metrics = self.average(server_round, errors, accepted)
         if arrays is not None:
             arrays = self.apply_aggregate(arrays)
         if metrics is not None:
@@ -253,7 +267,7 @@ class RoundAccounting:
         if not self.is_evaluation_round(server_round):
             return []
         payload = self.downlink_payload(arrays)
-        messages = list(super().configure_evaluate(server_round, payload, config, grid))
+        messages = self.address(list(super().configure_evaluate(server_round, payload, config, grid)), arrays)
         self._log_round(
             server_round, eval_downlink_bytes=sum(message_nbytes(m) for m in messages)
         )

@@ -88,3 +88,27 @@ def test_datasets_used_as_stored_must_keep_their_geometry():
         validate_config(compose_config(["dataset.image_size=32"]))
     with pytest.raises(ConfigError, match="dataset.channels=3"):
         validate_config(compose_config(["dataset.channels=3"]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["strategy.preset=ulat"], "strategy.preset"),
+        (["strategy.preset=custom"], "strategy.shared"),
+        (["strategy.preset=custom", "strategy.shared=[up_blocks.7]"], "strategy.shared"),
+        (["strategy.preset=custom", "strategy.shared=[decoder]"], "strategy.shared"),
+        (["strategy.shared=[up_blocks]"], "strategy.shared"),
+        (["strategy.split_ways=1"], "strategy.split_ways"),
+        (["strategy.bits=9"], "strategy.bits"),
+        (["strategy.quantize=yes"], "strategy.quantize"),
+    ],
+)
+def test_partial_strategy_settings_are_checked(overrides, key):
+    cfg = compose_config(["strategy=partial", *overrides])
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert f"{key}=" in str(err.value) and "allowed" in str(err.value)
+
+
+def test_partial_custom_parts_compose():
+    validate_config(compose_config(["strategy=partial", "strategy.preset=custom", "strategy.shared=[mid_block,up_blocks.1,head]"]))

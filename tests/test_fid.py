@@ -60,3 +60,12 @@ def test_grayscale_is_repeated_to_rgb():
 def test_missing_weights_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="eval.fid_weights"):
         TorchScriptInception(tmp_path / "nope.pt")
+
+
+@pytest.mark.slow
+def test_pooled_fid_of_groups_equals_fid_of_their_union(fid, data_root):
+    train = load_image_dataset("fashion_mnist", data_root, train=True)
+    first, second = train.uint8(range(20)), train.uint8(range(20, 40))
+    scores, pooled = fid.score_groups([first, second])
+    assert scores == pytest.approx([fid.score(first), fid.score(second)], rel=1e-6)
+    assert pooled == pytest.approx(fid.score(torch.cat([first, second])), rel=1e-6)

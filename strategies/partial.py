@@ -1,0 +1,253 @@
+"""Partial-UNet exchange (FedDiffuse; de Goede et al. 2024, arXiv 2406.12575).
+
+Only some parts of the UNet (``models.parts``) travel; the presets are the
+paper's:
+
+* ``udec``: the decoder (up blocks and output head) is federated; the encoder
+  (``conv_in``, time embedding, down blocks) and the mid block stay on each
+  client across rounds, in its ``Context.state``, and are never sent;
+* ``ulatdec``: the mid block and the decoder are federated; the encoder stays;
+* ``usplit``: every part is federated and the server sends the whole model, but
+  each client sends back only its share: clients are grouped ``split_ways`` at a
+  time and each part of the model is sent by one member of each group
+  (``models.parts.usplit_assignment``);
+* ``custom``: ``shared`` lists the federated parts; the others stay local.
+
+With local parts, every client holds its own model (shared parts from the
+server, local parts of its own); the server's copy of the local parts is the
+initial model, which each node receives once, the first time it is contacted.
+The server averages each part over the replies that carry it (weighted by
+``num-examples``). With ``quantize`` the replies carry int8 codes of the update
+of what is sent (the codec of FedDM-quant).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from logging import INFO
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.supercore import log
+
+from models.parts import PRESETS, expand, names_in, parts_of
+from strategies.accounting import RoundAccounting, check_full_weights, single_array_record
+from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS, SCALES_KEY, PayloadError, decode_arrays
+from strategies.quant import reference_of, to_numpy, to_record
+
+PARTIAL_PRESETS = ("udec", "ulatdec", "usplit", "custom")
+SAMPLES_KEY = "samples"  # ArrayRecord of client-generated images in evaluate replies
+
+
+class FedDMPartial(RoundAccounting, FedAvg):
+    """FedAvg of chosen UNet parts; the other parts stay on the clients.
+
+    Parameters
+    ----------
+    preset : str (default: "udec")
+        ``udec``, ``ulatdec``, ``usplit`` or ``custom`` (see the module docstring).
+    shared : list[str] | None
+        ``custom`` only: the federated parts (``up_blocks``, ``mid_block``, ...).
+    split_ways : int (default: 2)
+        ``usplit`` only: clients per group that together send one model.
+    quantize : bool (default: False)
+        Replies carry int8 codes of the update (FedDM-quant's codec).
+    bits, granularity, stochastic_rounding, error_feedback
+        As in ``FedDMQuant``, when ``quantize`` is on.
+    seed : int (default: 0)
+        Seeds the USplit assignment.
+    client_sampling : dict | None
+        At evaluation rounds, ask clients with local parts for generated images
+        (``sample-count``, ``sample-seed``, ``sample-ddim-steps``,
+        ``sample-batch-size``, ``sample-shape``), for FID of their own models.
+    **kwargs
+        Passed to Flower's ``FedAvg``.
+    """
+
+    def __init__(
+        self,
+        *,
+        preset: str = "udec",
+        shared: list[str] | None = None,
+        split_ways: int = 2,
+        quantize: bool = False,
+        bits: int = 8,
+        granularity: str = "channel",
+        stochastic_rounding: bool = False,
+        error_feedback: bool = False,
+        seed: int = 0,
+        client_sampling: dict | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if preset not in PARTIAL_PRESETS:
+            raise ValueError(f"preset={preset!r} is not one of {PARTIAL_PRESETS}")
+        if (preset == "custom") != bool(shared):
+            raise ValueError("shared lists the federated parts with preset=custom, and only then")
+        if preset == "usplit" and split_ways < 2:
+            raise ValueError(f"split_ways={split_ways} must be >= 2")
+        if quantize and not MIN_BITS <= bits <= MAX_BITS:
+            raise ValueError(f"bits={bits} is not in {MIN_BITS}..{MAX_BITS}")
+        if quantize and granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
+        self.preset = preset
+        self.selection = list(shared) if preset == "custom" else list(PRESETS[preset])
+        self.split_ways = split_ways if preset == "usplit" else 0
+        self.quantize = quantize
+        self.quant_config = {
+            "quant-bits": bits,
+            "quant-granularity": granularity,
+            "quant-stochastic": stochastic_rounding,
+            "quant-error-feedback": error_feedback,
+        }
+        self.seed = seed
+        self.client_sampling = client_sampling
+        self.shared_parts: list[str] = []
+        self.shared_names: list[str] = []
+        self.personalized = False
+        self._contacted: set[int] = set()
+        self.client_samples: dict[int, dict[int, np.ndarray]] = {}
+
+    # -- what is shared ---------------------------------------------------------
+    def resolve(self, arrays: ArrayRecord) -> None:
+        """Fix the shared parts and parameter names for this model."""
+        if not self.shared_names:
+            names = list(arrays.keys())
+            self.shared_parts = expand(self.selection, names)
+            self.shared_names = names_in(self.shared_parts, names)
+            # Parts left on the clients: each client then has a model of its own.
+            self.personalized = len(self.shared_names) < len(names)
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        log(INFO, "\t├──> FedDM-partial (%s): shared parts %s", self.preset, self.selection)
+        if self.split_ways:
+            log(INFO, "\t│\t└── each part sent by one of every %d clients", self.split_ways)
+        if self.quantize:
+            log(INFO, "\t│\t└── int8 updates: %s", self.quant_config)
+        super().summary()
+
+    # -- training ---------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Tell clients what is shared (and how to encode it), then send it."""
+        self.resolve(arrays)
+        config["partial-shared"] = json.dumps(self.shared_parts)
+        config["partial-split-ways"] = self.split_ways
+        config["partial-seed"] = self.seed
+        if self.quantize:
+            config.update(self.quant_config)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def downlink_payload(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The shared parts (USplit: the whole model)."""
+        self.resolve(arrays)
+        return ArrayRecord({name: arrays[name] for name in self.shared_names})
+
+    def address(self, messages: list[Message], arrays: ArrayRecord) -> list[Message]:
+        """A node contacted for the first time gets the whole model (its local parts' start)."""
+        addressed = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if node not in self._contacted:
+                # Flower's messages share one RecordDict: give this one its own.
+                content = RecordDict(dict(message.content.items()))
+                content[self.arrayrecord_key] = arrays
+                message = Message(content=content, dst_node_id=node, message_type=message.metadata.message_type)
+                self._contacted.add(node)
+            addressed.append(message)
+        return addressed
+
+    def decode_train_reply(self, message: Message) -> ArrayRecord:
+        """Validate the reply: whole shared parts only, as weights (or int8 update codes)."""
+        record = single_array_record(message)
+        names = [n for n in record.keys() if n != SCALES_KEY]
+        unknown = sorted(set(names) - set(self.shared_names))
+        if unknown:
+            raise PayloadError(f"arrays that are not shared: {unknown[:5]}")
+        sent_parts = parts_of(names)
+        partial = [p for p in sent_parts if not set(names_in([p], self.shared_names)) <= set(names)]
+        if not sent_parts or partial:
+            raise PayloadError(f"the reply must hold whole shared parts; incomplete: {partial or 'all'}")
+        expected = names_in(sent_parts, self.shared_names)
+        reference = ArrayRecord({n: self._global_arrays[n] for n in expected})
+        if self.quantize:
+            return to_record(decode_arrays(record, reference_of(reference)))
+        return check_full_weights(record, reference)
+
+    def average(
+        self, server_round: int, errors: list[Message], accepted: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Each part averaged over the replies that carry it, weighted by ``num-examples``."""
+        metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
+        averaged: dict = {}
+        for part in self.shared_parts:
+            names = names_in([part], self.shared_names)
+            carriers = [m.content for m in accepted if names[0] in m.content["arrays"]]
+            if not carriers:
+                continue  # nobody sent this part: it keeps its global value
+            restricted = [
+                RecordDict({"arrays": ArrayRecord({n: c["arrays"][n] for n in names}), "metrics": c["metrics"]})
+                for c in carriers
+            ]
+            averaged.update(aggregate_arrayrecords(restricted, self.weighted_by_key).items())
+        return ArrayRecord(averaged), metrics
+
+    def apply_aggregate(self, aggregated: ArrayRecord) -> ArrayRecord:
+        """The global model with the averaged parts replaced (or, quantized, moved by the mean update)."""
+        global_arrays = to_numpy(self._global_arrays)
+        for name, value in to_numpy(aggregated).items():
+            dtype = global_arrays[name].dtype
+            global_arrays[name] = (global_arrays[name] + value if self.quantize else value).astype(dtype)
+        return to_record(global_arrays)
+
+    # -- evaluation -------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Clients with local parts evaluate their own model and, for FID, sample from it."""
+        self.resolve(arrays)
+        config = ConfigRecord(dict(config))
+        config["partial-shared"] = json.dumps(self.shared_parts)
+        if self.personalized and self.client_sampling:
+            config.update(self.client_sampling)
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Keep the clients' generated images of this round (checked), then aggregate the metrics."""
+        replies = list(replies)
+        true_round = server_round + self.round_offset
+        samples = {}
+        for message in replies:
+            if message.has_error() or SAMPLES_KEY not in message.content.array_records:
+                continue
+            try:
+                samples[_partition(message)] = self._checked_samples(message.content[SAMPLES_KEY])
+            except PayloadError as err:
+                log(INFO, "Round %d: left out the samples of node %d: %s",
+                    true_round, message.metadata.src_node_id, err)
+        if samples:
+            self.client_samples[true_round] = dict(sorted(samples.items()))
+        return super().aggregate_evaluate(server_round, replies)
+
+    def _checked_samples(self, record: ArrayRecord) -> np.ndarray:
+        expected = (int(self.client_sampling["sample-count"]), *json.loads(self.client_sampling["sample-shape"]))
+        try:
+            images = record["images"].numpy()
+        except (KeyError, TypeError, ValueError) as err:
+            raise PayloadError(f"no readable 'images' array: {err}") from err
+        if images.dtype != np.uint8 or images.shape != expected:
+            raise PayloadError(f"images are {images.dtype}{list(images.shape)}, expected uint8{list(expected)}")
+        return images
+
+
+def _partition(message: Message) -> int:
+    return int(message.content.config_records.get("info", {}).get("partition-id", message.metadata.src_node_id))
+
+
+__all__ = ["FedDMPartial", "PARTIAL_PRESETS", "SAMPLES_KEY"]
