@@ -108,6 +108,8 @@ def validate_config(cfg: DictConfig) -> None:
             _check(e, isinstance(st[key], bool), f"strategy.{key}", st[key], "true | false")
     if st.name == "partial":
         _check_partial(e, st, len(cfg.model.unet.block_out_channels))
+    if st.name in ("fedddpm", "fedddpm_plus"):
+        _check_fedddpm(e, st, cfg)
 
     ev = cfg.eval
     for key in ("every", "grid_size", "batch_size"):
@@ -136,6 +138,23 @@ def _check_partial(e: list[str], st: DictConfig, num_levels: int) -> None:
     else:
         _check(e, st.shared is None, "strategy.shared", st.shared, "null unless strategy.preset=custom")
     _check(e, _is_int(st.split_ways) and st.split_ways >= 2, "strategy.split_ways", st.split_ways, "an integer >= 2")
+
+
+def _check_fedddpm(e: list[str], st: DictConfig, cfg: DictConfig) -> None:
+    """FedDDPM's pretraining, auxiliary data and calibration; FedDDPM+'s stall detection."""
+    for key in ("pretrain_steps", "aux_samples", "calibration_steps", "calibration_batch_size"):
+        _check(e, _is_int(st[key]) and st[key] >= 1, f"strategy.{key}", st[key], "an integer >= 1")
+    _check(e, st.aux_allocation in ("balanced", "weighted"), "strategy.aux_allocation", st.aux_allocation, "balanced | weighted")
+    _check(e, st.aux_ddim_steps is None or (_is_int(st.aux_ddim_steps) and st.aux_ddim_steps >= 1), "strategy.aux_ddim_steps", st.aux_ddim_steps, "null (full DDPM) or an integer >= 1")
+    _check(e, _is_number(st.calibration_lr) and st.calibration_lr > 0, "strategy.calibration_lr", st.calibration_lr, "a number > 0")
+    if _is_int(st.aux_samples) and _is_int(cfg.num_clients):
+        _check(e, st.aux_samples >= cfg.num_clients, "strategy.aux_samples", st.aux_samples, f">= num_clients ({cfg.num_clients})")
+    if st.name == "fedddpm_plus":
+        _check(e, st.signal in ("eval_loss", "train_loss", "fid"), "strategy.signal", st.signal, "eval_loss | train_loss | fid")
+        if st.signal == "fid":
+            _check(e, cfg.eval.num_samples > 0, "strategy.signal", st.signal, "fid only with eval.num_samples > 0")
+        _check(e, _is_int(st.window) and st.window >= 1, "strategy.window", st.window, "an integer >= 1")
+        _check(e, _is_number(st.threshold) and st.threshold >= 0, "strategy.threshold", st.threshold, "a number >= 0")
 
 
 def resumed_config(run_dir: str | Path) -> DictConfig:

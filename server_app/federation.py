@@ -25,10 +25,12 @@ from server_app.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from server_app.auxiliary import auxiliary_images
 from server_app.config import resolve_paths, resumed_config, to_yaml, validate_config
 from server_app.evaluation import GlobalEvaluator
 from server_app.run_folder import RunFolder, new_run_dir
-from strategies import build_strategy
+from strategies import FedDDPM, build_strategy
+from strategies.fedddpm import server_calibration
 
 # Round-log keys copied to metrics.jsonl, besides round, wall_time_s and fid.
 METRIC_KEYS = (
@@ -41,6 +43,7 @@ METRIC_KEYS = (
     "num_rejected",
     "eval_downlink_bytes",
     "train_time_s",
+    "calibrated",
 )
 
 
@@ -174,6 +177,23 @@ class _EMAWeights:
             self.model.ema.restore(self.model.unet.parameters())
 
 
+def _calibration(grid, strategy, cfg, run, unet, scheduler, settings, device):
+    """FedDDPM: the clients' own models, the auxiliary images, and the server's calibration step."""
+    st = cfg.strategy
+    images, row = auxiliary_images(
+        grid, strategy, ArrayRecord(unet.state_dict()), settings, scheduler, run_dir=run.path,
+        ddim_steps=st.aux_ddim_steps, seed=int(cfg.seed), timeout=float(cfg.round_timeout_s), device=device,
+    )
+    if row:
+        run.append_metrics(row)
+        log(INFO, "FedDM %s", _format_round(row))
+    return server_calibration(
+        dict(unet.config), scheduler, images, steps=int(st.calibration_steps), lr=float(st.calibration_lr),
+        batch_size=int(st.calibration_batch_size), seed=int(cfg.seed), device=device,
+        max_grad_norm=float(cfg.max_grad_norm),
+    )
+
+
 def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     """Train until round ``cfg.num_rounds`` and return the run folder.
 
@@ -238,6 +258,8 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
 
     evaluator = GlobalEvaluator(cfg, run, device)
     wait_for_nodes(grid, cfg.num_clients, float(cfg.node_wait_timeout_s))
+    if isinstance(strategy, FedDDPM):
+        strategy.calibrate = _calibration(grid, strategy, cfg, run, model.unet, scheduler, settings, device)
     started = time.monotonic()
 
     def after_round(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -256,6 +278,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
                     row.update(evaluator(weights, scheduler, server_round))
         row["wall_time_s"] = round(elapsed_before + time.monotonic() - started, 3)
         run.append_metrics(row)
+        strategy.observe(server_round, row)
         log(INFO, "FedDM %s", _format_round(row))
         last = server_round == cfg.num_rounds
         if cfg.checkpoint_every and (server_round % cfg.checkpoint_every == 0 or last):

@@ -6,12 +6,20 @@ from collections.abc import Mapping
 from typing import Any
 
 from strategies.accounting import RoundAccounting, RoundFailedError
+from strategies.fedddpm import FedDDPM, FedDDPMPlus
 from strategies.partial import FedDMPartial
 from strategies.prox import FedDMProx
 from strategies.quant import FedDMQuant
 from strategies.vanilla import FedDMVanilla
 
-STRATEGIES = {"vanilla": FedDMVanilla, "prox": FedDMProx, "quant": FedDMQuant, "partial": FedDMPartial}
+STRATEGIES = {
+    "vanilla": FedDMVanilla,
+    "prox": FedDMProx,
+    "quant": FedDMQuant,
+    "partial": FedDMPartial,
+    "fedddpm": FedDDPM,
+    "fedddpm_plus": FedDDPMPlus,
+}
 
 
 def strategy_options(strategy: Mapping[str, Any]) -> dict[str, Any]:
@@ -38,6 +46,16 @@ def strategy_options(strategy: Mapping[str, Any]) -> dict[str, Any]:
             "stochastic_rounding": bool(strategy["stochastic_rounding"]),
             "error_feedback": bool(strategy["error_feedback"]),
         }
+    if name in ("fedddpm", "fedddpm_plus"):
+        options = {
+            "pretrain_steps": int(strategy["pretrain_steps"]),
+            "aux_samples": int(strategy["aux_samples"]),
+            "aux_allocation": str(strategy["aux_allocation"]),
+        }
+        if name == "fedddpm_plus":
+            options |= {"signal": str(strategy["signal"]), "window": int(strategy["window"]),
+                        "threshold": float(strategy["threshold"])}
+        return options
     return {}
 
 
@@ -73,6 +91,8 @@ def build_strategy(
 
 __all__ = [
     "STRATEGIES",
+    "FedDDPM",
+    "FedDDPMPlus",
     "FedDMPartial",
     "FedDMProx",
     "FedDMQuant",

@@ -176,6 +176,9 @@ class RoundAccounting:
         """The new global model from the weighted mean (default: the mean itself)."""
         return aggregated
 
+    def observe(self, server_round: int, row: dict[str, Any]) -> None:
+        """The round's finished metrics row (FID included); strategies that adapt use it."""
+
     # -- training --------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -112,3 +112,23 @@ def test_partial_strategy_settings_are_checked(overrides, key):
 
 def test_partial_custom_parts_compose():
     validate_config(compose_config(["strategy=partial", "strategy.preset=custom", "strategy.shared=[mid_block,up_blocks.1,head]"]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["strategy=fedddpm", "strategy.pretrain_steps=0"], "strategy.pretrain_steps"),
+        (["strategy=fedddpm", "strategy.aux_samples=1"], "strategy.aux_samples"),
+        (["strategy=fedddpm", "strategy.aux_allocation=random"], "strategy.aux_allocation"),
+        (["strategy=fedddpm", "strategy.calibration_lr=0"], "strategy.calibration_lr"),
+        (["strategy=fedddpm", "strategy.aux_ddim_steps=0"], "strategy.aux_ddim_steps"),
+        (["strategy=fedddpm_plus", "strategy.signal=accuracy"], "strategy.signal"),
+        (["strategy=fedddpm_plus", "strategy.signal=fid"], "strategy.signal"),
+        (["strategy=fedddpm_plus", "strategy.window=0"], "strategy.window"),
+        (["strategy=fedddpm_plus", "strategy.threshold=-0.1"], "strategy.threshold"),
+    ],
+)
+def test_fedddpm_settings_are_checked(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_config(overrides))
+    assert f"{key}=" in str(err.value) and "allowed" in str(err.value)

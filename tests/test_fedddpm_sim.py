@@ -1,0 +1,60 @@
+"""FedDDPM+ in a real 2-client Flower simulation: pretraining upload, auxiliary data, one-shot calibration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from feddm.simulation import simulate
+from server_app.config import compose_config
+from tests.conftest import MICRO_OVERRIDES
+
+pytestmark = pytest.mark.slow
+
+FAST_FEDDDPM = [
+    "strategy.pretrain_steps=2", "strategy.aux_samples=6", "strategy.aux_allocation=weighted",
+    "strategy.aux_ddim_steps=2", "strategy.calibration_steps=2", "strategy.calibration_batch_size=4",
+]
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fedddpm_plus_uploads_local_models_once_and_calibrates_when_progress_stalls(tmp_path, data_root, caplog):
+    # train_loss always "stalls" against a 100% threshold: the first check that has a full
+    # window (round 3, after rounds 1 and 2 were observed) fires, then a new window starts.
+    cfg = compose_config([*MICRO_OVERRIDES, "num_rounds=4", "strategy=fedddpm_plus", *FAST_FEDDDPM,
+                          "strategy.signal=train_loss", "strategy.window=1", "strategy.threshold=1.0"])
+    with caplog.at_level("INFO"):
+        run_dir = simulate(cfg, tmp_path / "run")
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    pretrain = rows[0]
+    assert pretrain["phase"] == "pretrain" and pretrain["num_aggregated"] == 2 and pretrain["aux_images"] == 6
+    # the upload of the two local models is counted: two whole models, as in a FedAvg round
+    assert pretrain["uplink_bytes"] == rows[1]["uplink_bytes"]
+    assert [r.get("calibrated", 0) for r in rows[1:]] == [0, 0, 1, 0]
+    assert "one-shot calibration after round 3" in caplog.text
+    aux = load_file(str(run_dir / "auxiliary.safetensors"))["images"]
+    assert tuple(aux.shape) == (6, 1, 28, 28) and str(aux.dtype) == "torch.uint8"
+    assert (run_dir / "model" / "model_index.json").is_file()
+
+
+def test_fedddpm_calibrates_every_round_and_reuses_its_auxiliary_data(tmp_path, data_root):
+    from server_app.auxiliary import AUX_NAME
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = compose_config([*MICRO_OVERRIDES, "strategy=fedddpm", *FAST_FEDDDPM])
+    first = simulate(cfg, run)
+    rows = _rows(first)
+    assert [r.get("calibrated", 0) for r in rows if r["round"] > 0] == [1, 1]
+    # a second run in a folder that holds the auxiliary images (e.g. a resumed run) uses them
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / AUX_NAME).write_bytes((first / AUX_NAME).read_bytes())
+    rows = _rows(simulate(cfg, again))
+    assert rows[0]["round"] == 1  # no pretraining round
