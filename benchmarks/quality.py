@@ -34,19 +34,36 @@ from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E4
 
 NUM_CLIENTS = 4
 PARTITIONS = {"iid": ["partition=iid"], "dirichlet-0.1": ["partition=dirichlet", "partition.alpha=0.1"]}
-# Federated methods and their overrides; "centralized" is the one-client baseline.
+# Federated methods: their overrides and the partitions they run on; "centralized" is
+# the one-client baseline. Clients with local parts (udec, ulatdec) each generate
+# a quarter of the FID images, so the pooled FID uses as many images as the others.
+BOTH, NON_IID = tuple(PARTITIONS), ("dirichlet-0.1",)
 METHODS = {
-    "vanilla": ["strategy=vanilla"],
-    "prox": ["strategy=prox"],
-    "quant": ["strategy=quant"],
+    "vanilla": (["strategy=vanilla"], BOTH),
+    "prox": (["strategy=prox"], BOTH),
+    "quant": (["strategy=quant"], BOTH),
+    "udec": (["strategy=partial", "strategy.preset=udec"], NON_IID),
+    "udec+int8": (["strategy=partial", "strategy.preset=udec", "strategy.quantize=true"], NON_IID),
+    "ulatdec": (["strategy=partial", "strategy.preset=ulatdec"], NON_IID),
+    "ulatdec+int8": (["strategy=partial", "strategy.preset=ulatdec", "strategy.quantize=true"], NON_IID),
+    "usplit": (["strategy=partial", "strategy.preset=usplit"], NON_IID),
+    "usplit+int8": (["strategy=partial", "strategy.preset=usplit", "strategy.quantize=true"], NON_IID),
+    "usplit4+int8": (["strategy=partial", "strategy.preset=usplit", "strategy.split_ways=4", "strategy.quantize=true"], NON_IID),
+    "fedddpm": (["strategy=fedddpm", "strategy.pretrain_steps={pretrain_steps}"], NON_IID),
+    # Clients evaluate every eval_every rounds only; the training loss is there every round.
+    "fedddpm_plus": (["strategy=fedddpm_plus", "strategy.pretrain_steps={pretrain_steps}",
+                      "strategy.signal=train_loss"], NON_IID),
 }
+PERSONALIZED = ("udec", "udec+int8", "ulatdec", "ulatdec+int8")
 DEFAULT_FID_WEIGHTS = REPO.parent / "shared" / "weights" / "pt_inception-2015-12-05.torchscript.pt"
 
 # Scales: --quick fits 2 CPU cores in under an hour (7 runs, two FIDs of 1000 images each);
 # the full scale is for a GPU machine.
 SCALES = {
-    "quick": dict(model="tiny", rounds=8, local_steps=25, eval_every=4, num_samples=1000, ddim_steps=10, batch_size=32),
-    "full": dict(model="fashion_mnist", rounds=20, local_steps=250, eval_every=5, num_samples=5000, ddim_steps=50, batch_size=64),
+    "quick": dict(model="tiny", rounds=8, local_steps=25, eval_every=4, num_samples=1000, ddim_steps=10,
+                  batch_size=32, pretrain_steps=100),
+    "full": dict(model="fashion_mnist", rounds=20, local_steps=250, eval_every=5, num_samples=5000, ddim_steps=50,
+                 batch_size=64, pretrain_steps=1000),
 }
 
 
@@ -63,20 +80,26 @@ class Run:
 
 
 def plan(scale: dict, only: list[str] | None = None) -> list[Run]:
-    """The runs: centralized once, each strategy under each partition."""
+    """The runs: centralized once, each method under each of its partitions."""
     runs = [Run("centralized", "-")]
-    runs += [Run(m, p) for p in PARTITIONS for m in METHODS]
+    runs += [Run(m, p) for p in PARTITIONS for m, (_, partitions) in METHODS.items() if p in partitions]
+    unknown = set(only or ()) - {r.name for r in runs}
+    if unknown:
+        raise SystemExit(f"--only: unknown runs {sorted(unknown)}; choose from {[r.name for r in runs]}")
     return [r for r in runs if not only or r.name in only]
 
 
 def run_overrides(run: Run, scale: dict, data_root: Path, fid_weights: Path | None, fid_cache: Path) -> list[str]:
     """Hydra overrides of one run (what ``feddm-run`` gets)."""
+    # Clients with local parts each generate a share of the FID images: the pooled
+    # FID (fid_mixture) then uses as many images as the global model's.
+    samples = scale["num_samples"] // (NUM_CLIENTS if run.method in PERSONALIZED else 1)
     common = [
         f"model={scale['model']}",
         f"num_rounds={scale['rounds']}",
         f"batch_size={scale['batch_size']}",
         f"eval.every={scale['eval_every']}",
-        f"eval.num_samples={scale['num_samples']}",
+        f"eval.num_samples={samples}",
         f"eval.ddim_steps={scale['ddim_steps']}",
         f"eval.fid_cache={fid_cache}",
         f"dataset.root={data_root}",
@@ -88,7 +111,8 @@ def run_overrides(run: Run, scale: dict, data_root: Path, fid_weights: Path | No
     if run.method == "centralized":
         return common + ["num_clients=1", "strategy=vanilla", "partition=iid",
                          f"local_steps={NUM_CLIENTS * scale['local_steps']}"]
-    return common + [f"num_clients={NUM_CLIENTS}", *METHODS[run.method],
+    method = [o.format(**scale) for o in METHODS[run.method][0]]
+    return common + [f"num_clients={NUM_CLIENTS}", *method,
                      f"local_steps={scale['local_steps']}", *PARTITIONS[run.partition]]
 
 
@@ -117,7 +141,13 @@ def summarize(run: Run, outcome: dict) -> dict:
     for row in outcome["rows"]:
         cumulative += row.get("uplink_bytes", 0)
         if "fid" in row:
-            points.append({"round": row["round"], "fid": row["fid"], "cumulative_uplink_bytes": cumulative})
+            # Clients with their own models: the pooled FID compares with a global model's;
+            # the mean of the clients' FIDs (each on a quarter of the images) is kept beside it.
+            point = {"round": row["round"], "fid": row.get("fid_mixture", row["fid"]),
+                     "cumulative_uplink_bytes": cumulative}
+            if "fid_mixture" in row:
+                point["fid_mean_of_clients"] = row["fid"]
+            points.append(point)
     return {
         "method": run.method,
         "partition": run.partition,
@@ -137,13 +167,24 @@ def merged_with_earlier(name: str, scale: dict, results: dict) -> dict:
     if not path.is_file():
         return results
     earlier = json.loads(path.read_text())["results"]
-    if earlier.get("settings") != scale:
+    # Settings added since (e.g. pretrain_steps) do not change the earlier runs.
+    if any(scale.get(k) != v for k, v in earlier.get("settings", {"-": None}).items()):
         print(f"{path} holds another scale's results; they are replaced", flush=True)
         return results
     merged = {k: v for k, v in earlier["runs"].items() if k not in results}
     merged.update(results)
     order = [r.name for r in plan(scale)]
     return dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (bytes, FID) points no other point beats on both, by increasing bytes."""
+    frontier, best = [], float("inf")
+    for x, y in sorted(points):
+        if y < best:
+            frontier.append((x, y))
+            best = y
+    return frontier
 
 
 def plot(results: dict, out: Path) -> None:
@@ -163,16 +204,21 @@ def plot(results: dict, out: Path) -> None:
             rounds = [p["round"] for p in central["fid"]]
             ax_round.plot(rounds, [p["fid"] for p in central["fid"]], "k--", marker="o", label="centralized")
             ax_bytes.axhline(central["final_fid"], color="k", linestyle="--", label="centralized (final, no uplink)")
+        finals = []
         for name, r in results.items():
             if r["partition"] != partition:
                 continue
             ax_round.plot([p["round"] for p in r["fid"]], [p["fid"] for p in r["fid"]], marker="o", label=r["method"])
             ax_bytes.plot([p["cumulative_uplink_bytes"] / 1e6 for p in r["fid"]], [p["fid"] for p in r["fid"]],
                           marker="o", label=r["method"])
+            finals.append((r["total_uplink_bytes"] / 1e6, r["final_fid"]))
+        frontier = pareto_frontier(finals)
+        if len(frontier) > 1:
+            ax_bytes.step(*zip(*frontier), where="post", color="grey", alpha=0.6, linewidth=3, label="frontier (final)")
         ax_round.set(title=f"FID vs round ({partition})", xlabel="round (equal steps for every method)", ylabel="FID")
-        ax_bytes.set(title=f"FID vs cumulative uplink ({partition})", xlabel="uplink MB, all clients", ylabel="FID")
+        ax_bytes.set(title=f"FID vs cumulative uplink ({partition})", xlabel="uplink MB, all clients (log)", ylabel="FID")
         ax_round.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax_bytes.set_xlim(left=0)
+        ax_bytes.set_xscale("log")
         for ax in (ax_round, ax_bytes):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
@@ -184,22 +230,27 @@ def plot(results: dict, out: Path) -> None:
 def report(results: dict, scale_name: str, scale: dict) -> tuple[str, str]:
     """The Markdown table and notes."""
     central = results.get("centralized", {}).get("final_fid")
-    rows = []
+    rows, frontier_hits = [], []
     for name, r in results.items():
         vanilla = results.get(f"vanilla_{r['partition']}")
         byte_ratio = (vanilla["total_uplink_bytes"] / r["total_uplink_bytes"]
                       if vanilla and r["total_uplink_bytes"] else None)
+        fid_vs_vanilla = r["final_fid"] / vanilla["final_fid"] if vanilla else None
+        if byte_ratio and fid_vs_vanilla and byte_ratio >= 12 and fid_vs_vanilla <= 1.1:
+            frontier_hits.append(f"{r['method']} ({r['partition']}: {byte_ratio:.1f}x fewer bytes, FID {fid_vs_vanilla:.2f}x vanilla's)")
         rows.append([
             r["method"], r["partition"],
-            " / ".join(f"{p['fid']:.1f}" for p in r["fid"]),
+            " / ".join(f"{p['fid']:.1f}" for p in r["fid"])
+            + (f" (mean of clients {r['fid'][-1]['fid_mean_of_clients']:.1f})" if "fid_mean_of_clients" in r["fid"][-1] else ""),
             f"{r['final_fid'] / central:.2f}" if central else "-",
+            f"{fid_vs_vanilla:.2f}" if fid_vs_vanilla else "-",
             f"{r['total_uplink_bytes'] / 1e6:.1f}" if r["total_uplink_bytes"] else "0 (no federation)",
             f"{byte_ratio:.2f}x" if byte_ratio else "-",
             f"{r['wall_s']:.0f}",
         ])
     evals = ", ".join(str(p["round"]) for p in next(iter(results.values()))["fid"])
     table = markdown_table(
-        ["method", "partition", f"FID at rounds {evals}", "final FID / centralized",
+        ["method", "partition", f"FID at rounds {evals}", "final FID / centralized", "final FID / vanilla",
          "uplink MB (all clients)", "uplink saved vs vanilla", "wall s"], rows)
     steps = scale["rounds"] * NUM_CLIENTS * scale["local_steps"]
     notes = (
@@ -208,7 +259,15 @@ def report(results: dict, scale_name: str, scale: dict) -> tuple[str, str]:
         f"steps per round), {steps} training steps per run at batch {scale['batch_size']}; FID of the EMA model on "
         f"{scale['num_samples']} DDIM-{scale['ddim_steps']} samples against {scale['num_samples']} test images "
         "(standard Inception weights) every "
-        f"{scale['eval_every']} rounds. Plot: `quality{'_quick' if scale_name == 'quick' else ''}.png`."
+        f"{scale['eval_every']} rounds. Plot: `quality{'_quick' if scale_name == 'quick' else ''}.png`.\n\n"
+        "Clients that keep parts of the model (udec, ulatdec) have a model each: their FID is that of the "
+        f"images of all clients pooled ({scale['num_samples'] // NUM_CLIENTS} from each), with the mean of the "
+        "clients' own FIDs (on their share of the images, so biased upwards) in brackets. FedDDPM and FedDDPM+ "
+        f"add {scale['pretrain_steps']} local pretraining steps per client and the server's calibration steps "
+        "to the training budget; their uplink includes the one upload of every local model.\n\n"
+        "Target (partial exchange, FedDDPM): some configuration sends >= 12x fewer uplink bytes than "
+        "FedDM-vanilla at a final FID <= 1.1x vanilla's: "
+        + ("; ".join(frontier_hits) if frontier_hits else "not met by any configuration run so far") + "."
     )
     return table, notes
 

@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import markdown_table, write_results  # noqa: E402
+from client_app.partial import reply_arrays  # noqa: E402
 from client_app.updates import quantized_update  # noqa: E402
 from models import build_unet  # noqa: E402
 from server_app.config import compose_config  # noqa: E402
@@ -47,6 +48,55 @@ def serialized_nbytes(obj) -> int:
 class _OneNode:
     def get_node_ids(self):
         return [1]
+
+
+# Partial-UNet exchange (strategy=partial): preset, options, label.
+PARTIAL_VARIANTS = [
+    ("udec", {}, "partial udec"),
+    ("ulatdec", {}, "partial ulatdec"),
+    ("usplit", {"split_ways": 2}, "partial usplit (pairs)"),
+    ("usplit", {"split_ways": 4}, "partial usplit (4-way)"),
+]
+PARTIAL_CLIENTS = 4  # USplit's share per client depends on the group: averaged over 4 clients
+
+
+def measure_partial(global_state: dict, local_state: dict) -> dict:
+    """Uplink and steady-state downlink per client (mean of 4 clients) of each partial variant, fp32 and int8."""
+    rows = {}
+    for preset, options, label in PARTIAL_VARIANTS:
+        for quantize in (False, True):
+            strategy = build_strategy(
+                {"name": "partial", "preset": preset, "shared": None, "split_ways": options.get("split_ways", 2),
+                 "quantize": quantize, "bits": 8, "granularity": "channel", "stochastic_rounding": False,
+                 "error_feedback": False},
+                num_clients=1,
+            )
+            grid = _Nodes(PARTIAL_CLIENTS)
+            strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), grid)  # first contact: whole model
+            messages = list(strategy.configure_train(2, ArrayRecord(global_state), ConfigRecord(), grid))
+            config = dict(messages[0].content["config"])
+            uplinks = [
+                reply_arrays(local_state, global_state, config, RecordDict(), partition_id=p,
+                             num_partitions=PARTIAL_CLIENTS, seed=p)
+                for p in range(PARTIAL_CLIENTS)
+            ]
+            rows[label + (" + int8" if quantize else "")] = {
+                "uplink_payload_bytes": sum(payload_nbytes(u) for u in uplinks) / PARTIAL_CLIENTS,
+                "uplink_serialized_bytes": sum(serialized_nbytes(u) for u in uplinks) / PARTIAL_CLIENTS,
+                "downlink_payload_bytes": payload_nbytes(messages[0].content["arrays"]),
+                "downlink_serialized_bytes": serialized_nbytes(messages[0].content["arrays"]),
+                "shared_fraction": sum(v.numel() for k, v in global_state.items() if k in strategy.shared_names)
+                / sum(v.numel() for v in global_state.values()),
+            }
+    return rows
+
+
+class _Nodes:
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def get_node_ids(self):
+        return list(range(1, self.count + 1))
 
 
 def measure(model: str) -> dict:
@@ -86,6 +136,7 @@ def measure(model: str) -> dict:
             "downlink_payload_bytes": payload_nbytes(downlink),
             "downlink_serialized_bytes": serialized_nbytes(downlink),
         }
+    rows.update(measure_partial(global_state, local_state))
     quant_down = build_strategy(
         {"name": "quant", "bits": 8, "granularity": "channel", "stochastic_rounding": False,
          "error_feedback": False, "quantize_downlink": True},
@@ -102,6 +153,9 @@ def measure(model: str) -> dict:
         "ratio_int8_downlink_vs_fp32": round(
             rows["fp32 (vanilla)"]["downlink_serialized_bytes"] / serialized_nbytes(message.content["arrays"]), 4
         ),
+        "partial_uplink_ratio_vs_fp32": {
+            name: round(fp32 / v["uplink_serialized_bytes"], 3) for name, v in rows.items() if name.startswith("partial")
+        },
     }
 
 
@@ -122,12 +176,18 @@ def main() -> None:
                          f"{v['uplink_serialized_bytes'] / 1e6:.2f}", f"{v['downlink_serialized_bytes'] / 1e6:.2f}",
                          f"{r['variants']['fp32 (vanilla)']['uplink_serialized_bytes'] / v['uplink_serialized_bytes']:.3f}"])
     table = markdown_table(["model", "params", "variant", "uplink MB/client/round", "downlink MB/client/round", "uplink ratio vs fp32"], rows)
+    best = {m: max(r["partial_uplink_ratio_vs_fp32"].items(), key=lambda kv: kv[1]) for m, r in results.items()}
     met = all(r["ratio_int8_vs_fp32"] >= 3.9 for r in results.values())
     notes = (
         "Target: int8 per-channel uplink >= 3.9x smaller than fp32 -- "
         + ("met for every model." if met else "MISSED for: " + ", ".join(m for m, r in results.items() if r["ratio_int8_vs_fp32"] < 3.9))
         + "\nWith `strategy.quantize_downlink=true` the downlink shrinks by the same factor: "
         + ", ".join(f"{m} {r['ratio_int8_downlink_vs_fp32']:.3f}x" for m, r in results.items()) + "."
+        + "\nPartial exchange (strategy=partial): uplink and round-2 downlink per client, averaged over 4 clients"
+        " (a node's first contact receives the whole model once). The largest uplink saving: "
+        + ", ".join(f"{m} {name} {ratio:.1f}x" for m, (name, ratio) in best.items()) + "."
+        + "\nFedDDPM and FedDDPM+ send what FedDM-vanilla sends every round, plus one upload of each client's"
+        " local model (one fp32 model per client) before training."
         + "\nSizes are Flower's serialized objects (npy buffers, record and chunk framing). The int8 record"
         " holds one int8 array per tensor and one packed fp32 array of all scales; the remaining gap to 4x"
         " is those scales and the per-array framing (a 128-byte npy header plus about 330 bytes of Flower"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from logging import INFO, WARNING
+from logging import INFO
 
 import numpy as np
 import torch
@@ -34,8 +34,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from models import make_optimizer, train_step, unet_from_config
-from strategies.accounting import RoundAccounting, check_full_weights, check_metrics, message_nbytes, single_array_record
-from strategies.codec import PayloadError
+from strategies.accounting import RoundAccounting, message_nbytes, reply_order
 
 SIGNALS = ("eval_loss", "train_loss", "fid")
 AUX_ALLOCATIONS = ("balanced", "weighted")
@@ -89,28 +88,16 @@ class FedDDPM(RoundAccounting, FedAvg):
         return messages
 
     def local_models(self, replies: list[Message], reference: ArrayRecord) -> dict[int, tuple[ArrayRecord, int]]:
-        """The valid uploaded local models by partition id, with their example counts."""
-        replies = list(replies)
-        models, reasons = {}, []
-        for message in replies:
-            if message.has_error():
-                reasons.append(f"node {message.metadata.src_node_id}: {message.error.reason}")
-                continue
-            try:
-                metrics = check_metrics(message.content, "train_loss")
-                arrays = check_full_weights(single_array_record(message), reference)
-            except PayloadError as err:
-                reasons.append(f"node {message.metadata.src_node_id}: {err}")
-                log(WARNING, "Pretraining: left out the local model of node %d: %s", message.metadata.src_node_id, err)
-                continue
-            info = message.content.config_records.get("info", {})
-            partition = int(info.get("partition-id", message.metadata.src_node_id))
-            models[partition] = (arrays, int(metrics["num-examples"]))
-        self._log_round(0, uplink_bytes=sum(message_nbytes(m) for m in replies),
-                        num_aggregated=len(models), num_rejected=len(replies) - len(models))
-        if not models:
-            raise PayloadError("no client uploaded a usable local model: " + "; ".join(reasons[:4]))
-        return dict(sorted(models.items()))
+        """The valid uploaded local models by partition id, with their example counts.
+
+        Checked like training replies (and counted as round 0); ``RoundFailedError``
+        if none is usable.
+        """
+        self._global_arrays = reference
+        accepted = self.accepted_replies(0, replies)
+        return {
+            reply_order(m)[0]: (m.content["arrays"], int(m.content["metrics"]["num-examples"])) for m in accepted
+        }
 
     def allocation(self, examples: dict[int, int]) -> dict[int, int]:
         """Auxiliary images to draw from each local model (they sum to ``aux_samples``)."""

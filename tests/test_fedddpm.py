@@ -7,8 +7,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from models import build_scheduler
-from strategies import FedDDPM, FedDDPMPlus, build_strategy
-from strategies.codec import PayloadError, payload_nbytes
+from strategies import FedDDPM, FedDDPMPlus, RoundFailedError, build_strategy
+from strategies.codec import payload_nbytes
 from strategies.fedddpm import server_calibration
 from tests.conftest import reply
 from tests.test_partial import _unet
@@ -44,7 +44,7 @@ def test_uploaded_local_models_are_checked():
     assert list(models) == [1] and models[1][1] == 30
     assert strategy.round_log[0]["num_rejected"] == 1
     assert strategy.round_log[0]["uplink_bytes"] > payload_nbytes(ArrayRecord(state))
-    with pytest.raises(PayloadError, match="no client uploaded a usable local model"):
+    with pytest.raises(RoundFailedError, match="round 0: none of the 1 training replies"):
         strategy.local_models([nan], ArrayRecord(state))
 
 
