@@ -90,8 +90,9 @@ class FID:
         else:
             feature = 2048
             self.extractor_id = "torchmetrics-2048"
+        # No cached compute(): score_groups sets the fake statistics directly.
         self.metric = FrechetInceptionDistance(
-            feature=feature, reset_real_features=False, normalize=False
+            feature=feature, reset_real_features=False, normalize=False, compute_with_cache=False
         ).to(self.device)
         self._real_key: str | None = None
 
