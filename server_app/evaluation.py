@@ -22,7 +22,8 @@ class GlobalEvaluator:
     models, when parts of the model stay on the clients.
 
     Grids and FID samples come from the fixed noise seed ``eval.seed``, so they
-    compare across rounds. FID is against as many test images as samples.
+    compare across rounds. FID is against as many test images as samples (for
+    clients' images: as many as all clients' images together).
     """
 
     def __init__(self, cfg: DictConfig, run: RunFolder, device: torch.device) -> None:
@@ -36,7 +37,7 @@ class GlobalEvaluator:
                 device=device,
                 batch_size=self.cfg.batch_size,
             )
-            test_set = load_image_dataset(
+            self.test_set = load_image_dataset(
                 cfg.dataset.name,
                 cfg.dataset.root,
                 train=False,
@@ -44,9 +45,17 @@ class GlobalEvaluator:
                 image_size=cfg.dataset.image_size,
                 label_attribute=cfg.dataset.get("label_attribute"),
             )
-            log(INFO, "FID: real statistics of %d %s test images", self.cfg.num_samples, cfg.dataset.name)
-            name = f"{cfg.dataset.name}-{cfg.dataset.image_size}px-test"
-            self.fid.set_real(test_set, self.cfg.num_samples, name)
+            self.real_name = f"{cfg.dataset.name}-{cfg.dataset.image_size}px-test"
+            self._reference_count = 0
+            self._reference(self.cfg.num_samples)
+
+    def _reference(self, count: int) -> None:
+        """Use ``count`` test images (at most the whole test split) as FID's reference."""
+        count = min(count, len(self.test_set))
+        if count != self._reference_count:
+            log(INFO, "FID: real statistics of %d %s images", count, self.real_name)
+            self.fid.set_real(self.test_set, count, self.real_name)
+            self._reference_count = count
 
     def __call__(self, unet: UNet2DModel, scheduler: DDPMScheduler, server_round: int) -> dict[str, float]:
         """Save ``samples/round_NNNN.png``; return ``{"fid": ...}`` when FID is on."""
@@ -59,6 +68,7 @@ class GlobalEvaluator:
         self.run.save_grid(draw(self.cfg.grid_size), server_round)
         if self.fid is None:
             return {}
+        self._reference(self.cfg.num_samples)
         return {"fid": self.fid.score(draw(self.cfg.num_samples, show_progress=True))}
 
     def clients(self, samples: dict[int, np.ndarray], server_round: int) -> dict:
@@ -76,6 +86,8 @@ class GlobalEvaluator:
         self.run.save_grid(torch.cat(rows), server_round, nrow=per_row)
         if self.fid is None:
             return {}
+        # As many real images as all clients' images: the pooled FID compares with a global model's.
+        self._reference(self.cfg.num_samples * len(samples))
         scores, pooled = self.fid.score_groups(
             [torch.from_numpy(images[: self.cfg.num_samples]) for images in samples.values()]
         )
