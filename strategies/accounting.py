@@ -105,6 +105,12 @@ def single_array_record(message: Message) -> ArrayRecord:
     return records[0]
 
 
+def _last_line(text: str, limit: int = 300) -> str:
+    """The last non-empty line of a (traceback) text, at most ``limit`` characters."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip().strip("'>")]
+    return (lines[-1] if lines else str(text))[:limit]
+
+
 def _errors_last(message: Message) -> tuple[bool, tuple[int, int]]:
     """Sort key for evaluate replies: valid ones by ``reply_order``, errors after them."""
     return message.has_error(), (0, 0) if message.has_error() else reply_order(message)
@@ -204,8 +210,8 @@ class RoundAccounting:
         accepted, rejected, reasons = [], 0, []
         for message in replies:
             if message.has_error():
-                # Flower logs error replies itself.
-                reasons.append(f"node {message.metadata.src_node_id}: {message.error.reason}")
+                # Flower logs error replies itself, traceback included; keep the last line.
+                reasons.append(f"node {message.metadata.src_node_id}: {_last_line(message.error.reason)}")
                 continue
             try:
                 metrics = check_metrics(message.content, "train_loss")

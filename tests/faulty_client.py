@@ -1,9 +1,22 @@
-"""A ClientApp whose node with partition-id 1 corrupts its int8 update (for tests).
+"""A FedDM ClientApp that misbehaves on purpose (for the fault tests).
 
-It lives in its own importable module so Ray's workers can load it.
+``FEDDM_FAULT`` picks what goes wrong from round ``FEDDM_FAULT_ROUND`` (default
+1) on, in the client with partition id 1 (``*-all``: in every client):
+
+* ``nan-scales``: int8 update with NaN scales (FedDM-quant);
+* ``nan``: weights with NaN values;
+* ``shape``: a weight with a wrong shape; ``dtype``: weights as float64;
+* ``raise``, ``raise-all``: the train function raises;
+* ``slow``: the client replies after ``FEDDM_FAULT_SLEEP`` seconds.
+
+It lives in its own importable module so Ray's workers can load it; Ray's
+workers inherit the environment of the process that starts the simulation.
 """
 
 from __future__ import annotations
+
+import os
+import time
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
@@ -16,16 +29,47 @@ from strategies.codec import SCALES_KEY
 app = ClientApp()
 
 
+class InjectedFault(RuntimeError):
+    """The failure a test asked this client for."""
+
+
+def _faulty(msg: Message, context: Context) -> str | None:
+    fault = os.environ.get("FEDDM_FAULT", "")
+    if int(msg.content["config"]["server-round"]) < int(os.environ.get("FEDDM_FAULT_ROUND", "1")):
+        return None
+    if fault.endswith("-all") or int(context.node_config["partition-id"]) == 1:
+        return fault.removesuffix("-all")
+    return None
+
+
+def _corrupt(arrays: dict[str, np.ndarray], fault: str) -> dict[str, np.ndarray]:
+    if fault == "nan-scales":
+        arrays[SCALES_KEY] = np.full_like(arrays[SCALES_KEY], np.nan)
+    elif fault == "nan":
+        name = next(iter(arrays))
+        arrays[name] = np.full_like(arrays[name], np.nan)
+    elif fault == "shape":
+        name = next(n for n, a in arrays.items() if a.ndim >= 2)
+        arrays[name] = arrays[name][:-1].copy()
+    elif fault == "dtype":
+        arrays = {n: a.astype(np.float64) for n, a in arrays.items()}
+    return arrays
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train as FedDM does; partition 1 then sends NaN scales."""
+    """Train as FedDM does, then misbehave as asked."""
+    fault = _faulty(msg, context)
+    if fault == "raise":
+        raise InjectedFault(f"injected failure in round {msg.content['config']['server-round']}")
     reply = feddm_train(msg, context)
-    if int(context.node_config["partition-id"]) != 1:
+    if fault == "slow":
+        time.sleep(float(os.environ.get("FEDDM_FAULT_SLEEP", "10")))
+    if fault in (None, "slow"):
         return reply
-    arrays = {name: array.numpy() for name, array in reply.content["arrays"].items()}
-    arrays[SCALES_KEY] = np.full_like(arrays[SCALES_KEY], np.nan)
-    corrupted = ArrayRecord({name: Array(a) for name, a in arrays.items()})
-    content = RecordDict({"arrays": corrupted, "metrics": reply.content["metrics"]})
+    arrays = _corrupt({n: a.numpy() for n, a in reply.content["arrays"].items()}, fault)
+    content = RecordDict({"arrays": ArrayRecord({n: Array(a) for n, a in arrays.items()}),
+                          "metrics": reply.content["metrics"], "info": reply.content["info"]})
     return Message(content=content, reply_to=msg)
 
 

@@ -99,9 +99,10 @@ def test_feddm_run_names_a_missing_dataset_path(tmp_path):
     assert "Starting Flower" not in output  # found before the simulation starts
 
 
-def test_a_client_sending_a_corrupted_update_is_left_out_every_round(tmp_path, data_root):
+def test_a_client_sending_a_corrupted_update_is_left_out_every_round(tmp_path, data_root, monkeypatch):
     from tests.faulty_client import app as faulty_client_app
 
+    monkeypatch.setenv("FEDDM_FAULT", "nan-scales")
     cfg = compose_config([*MICRO_OVERRIDES, "strategy=quant", "num_clients=3"])
     run_dir = simulate(cfg, tmp_path / "run", client_app=faulty_client_app)
     rows = _rows(run_dir)

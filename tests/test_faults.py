@@ -1,0 +1,83 @@
+"""Faults in real 2-client simulations: each run finishes, or stops with a clear error,
+nothing malformed is averaged, and the run folder stays consistent.
+
+The faulty client (tests/faulty_client.py) misbehaves from round 2 on, in the
+client with partition id 1 unless the fault is ``*-all``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from feddm.simulation import simulate
+from server_app.checkpoint import load_checkpoint
+from server_app.config import compose_config
+from strategies import RoundFailedError
+from tests.conftest import MICRO_OVERRIDES
+from tests.faulty_client import app as faulty_app
+
+pytestmark = pytest.mark.slow
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _fault(monkeypatch, fault: str, **extra: str) -> None:
+    monkeypatch.setenv("FEDDM_FAULT", fault)
+    monkeypatch.setenv("FEDDM_FAULT_ROUND", "2")
+    for key, value in extra.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ("raise", None),  # an error reply: Flower says why, our log counts it out
+        ("nan", "NaN"),
+        ("shape", "expected"),
+        ("dtype", "float64"),
+    ],
+)
+def test_a_failing_or_malformed_client_is_left_out_and_the_run_finishes(fault, reason, tmp_path, monkeypatch, caplog, data_root):
+    _fault(monkeypatch, fault)
+    with caplog.at_level("WARNING"):
+        run_dir = simulate(compose_config(MICRO_OVERRIDES), tmp_path / "run", client_app=faulty_app)
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["num_aggregated"] == 2
+    assert rows[1]["num_aggregated"] == 1  # the faulty reply is not in the mean
+    assert rows[1]["num_rejected"] == (0 if fault == "raise" else 1)
+    if reason:
+        assert reason in caplog.text and "left out the reply" in caplog.text
+    weights = UNet2DModel.from_pretrained(run_dir / "model" / "unet").state_dict()
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert load_checkpoint(run_dir)[0].round == 2
+
+
+def test_a_client_slower_than_the_round_timeout_is_left_out(tmp_path, monkeypatch, data_root):
+    # Round 1 (which also starts the clients) fits the 25 s time-out; in round 2 one
+    # client is 40 s late, and the round goes on with the other reply.
+    _fault(monkeypatch, "slow", FEDDM_FAULT_SLEEP="40")
+    cfg = compose_config([*MICRO_OVERRIDES, "round_timeout_s=25"])
+    run_dir = simulate(cfg, tmp_path / "run", client_app=faulty_app)
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[1]["num_aggregated"] == 1 and rows[1]["num_sampled"] == 2
+
+
+def test_every_client_failing_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, data_root):
+    _fault(monkeypatch, "raise-all")
+    cfg = compose_config([*MICRO_OVERRIDES, "num_rounds=3"])
+    with pytest.raises(RoundFailedError, match="round 2: none of the 2 training replies") as failed:
+        simulate(cfg, tmp_path / "run", client_app=faulty_app)
+    assert "injected failure in round 2" in str(failed.value) and len(str(failed.value)) < 1000
+    run_dir = tmp_path / "run"
+    assert [r["round"] for r in _rows(run_dir)] == [1]  # nothing of the failed round
+    checkpoint, _ = load_checkpoint(run_dir)  # intact, and the last good round's
+    assert checkpoint.round == 1
+    assert not (run_dir / "model").exists()
