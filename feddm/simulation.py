@@ -15,22 +15,27 @@ from omegaconf import DictConfig
 from client_app.app import app as feddm_client_app
 from models import load_image_dataset
 from server_app.checkpoint import load_checkpoint
-from server_app.config import validate_config
+from server_app.config import ConfigError, validate_config
 from server_app.federation import run_federation
 
 
 def preflight(cfg: DictConfig) -> None:
-    """Fail before Ray starts on what can be checked here: the data and a resume checkpoint.
+    """Fail before Ray starts on what can be checked here: the data, its size and a resume checkpoint.
 
     In simulation the clients read the same data root as this process.
     """
     if cfg.resume:
         load_checkpoint(Path(cfg.resume).expanduser())
     if not cfg.dataset.download:
-        load_image_dataset(
-            cfg.dataset.name, cfg.dataset.root, train=False,
+        train = load_image_dataset(
+            cfg.dataset.name, cfg.dataset.root, train=True,
             image_size=cfg.dataset.image_size, label_attribute=cfg.dataset.get("label_attribute"),
         )
+        if cfg.num_clients > len(train):
+            raise ConfigError(
+                f"num_clients={cfg.num_clients} is not allowed: more partitions than the "
+                f"{len(train)} training images of {cfg.dataset.name}"
+            )
 
 
 def simulate(

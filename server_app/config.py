@@ -98,6 +98,8 @@ def validate_config(cfg: DictConfig) -> None:
         _check(e, part.class_assignment_mode in modes, "partition.class_assignment_mode", part.class_assignment_mode, " | ".join(modes))
 
     st = cfg.strategy
+    strategies = group_options("strategy")
+    _check(e, st.name in strategies, "strategy.name", st.name, " | ".join(strategies))
     if st.name == "prox":
         _check(e, _is_number(st.mu) and st.mu >= 0, "strategy.mu", st.mu, "a number >= 0")
     if st.name in ("quant", "partial"):
@@ -121,8 +123,50 @@ def validate_config(cfg: DictConfig) -> None:
     _check(e, _is_number(cfg.ema.decay) and 0 <= cfg.ema.decay < 1, "ema.decay", cfg.ema.decay, "a number in [0, 1)")
     _check(e, _is_int(cfg.checkpoint_every) and cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "an integer >= 0 (0: no checkpoints)")
     _check(e, ev.ddim_steps is None or (_is_int(ev.ddim_steps) and ev.ddim_steps >= 1), "eval.ddim_steps", ev.ddim_steps, "null (full DDPM) or an integer >= 1")
+    _check(e, _is_int(ev.seed) and ev.seed >= 0, "eval.seed", ev.seed, "an integer >= 0")
+    _check(e, isinstance(cfg.dataset.download, bool), "dataset.download", cfg.dataset.download, "true | false")
+    _check_scheduler(e, cfg.scheduler)
+    _check_unet(e, cfg.model.unet, cfg.dataset.image_size)
     if e:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))
+
+
+# diffusers' DDPMScheduler beta schedules, and the UNet2DModel blocks that need no conditioning.
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")
+DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "SkipDownBlock2D", "AttnSkipDownBlock2D")
+UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D")
+
+
+def _check_scheduler(e: list[str], sc: DictConfig) -> None:
+    """The DDPM noise schedule: steps, schedule name, 0 < beta_start < beta_end < 1."""
+    _check(e, _is_int(sc.num_train_timesteps) and sc.num_train_timesteps >= 2, "scheduler.num_train_timesteps", sc.num_train_timesteps, "an integer >= 2")
+    _check(e, sc.beta_schedule in BETA_SCHEDULES, "scheduler.beta_schedule", sc.beta_schedule, " | ".join(BETA_SCHEDULES))
+    ok = _is_number(sc.beta_start) and _is_number(sc.beta_end) and 0 < sc.beta_start < sc.beta_end < 1
+    _check(e, ok, "scheduler.beta_start", (sc.beta_start, sc.beta_end), "0 < beta_start < beta_end < 1")
+
+
+def _check_unet(e: list[str], unet: DictConfig, image_size: object) -> None:
+    """``UNet2DModel`` arguments: one block type per level, channels that fit the group norm and the image size."""
+    channels = unet.get("block_out_channels")
+    ok = channels is not None and not isinstance(channels, str) and len(channels) >= 1 and all(_is_int(c) and c >= 1 for c in channels)
+    _check(e, ok, "model.unet.block_out_channels", channels, "a non-empty list of integers >= 1")
+    if not ok:
+        return
+    for key, allowed in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
+        types = unet.get(key)
+        good = types is not None and not isinstance(types, str) and len(types) == len(channels) and all(t in allowed for t in types)
+        _check(e, good, f"model.unet.{key}", types, f"{len(channels)} entries (one per level) from {' | '.join(allowed)}")
+    groups = unet.get("norm_num_groups", 32)
+    _check(e, _is_int(groups) and groups >= 1 and all(c % groups == 0 for c in channels), "model.unet.norm_num_groups", groups, "an integer >= 1 that divides every block_out_channels entry")
+    _check(e, _is_int(unet.get("layers_per_block", 2)) and unet.get("layers_per_block", 2) >= 1, "model.unet.layers_per_block", unet.get("layers_per_block"), "an integer >= 1")
+    head = unet.get("attention_head_dim")
+    _check(e, head is None or (_is_int(head) and head >= 1), "model.unet.attention_head_dim", head, "null or an integer >= 1")
+    dropout = unet.get("dropout", 0.0)
+    _check(e, _is_number(dropout) and 0 <= dropout < 1, "model.unet.dropout", dropout, "a number in [0, 1)")
+    factor = 2 ** (len(channels) - 1)
+    if _is_int(image_size) and image_size % factor:
+        _check(e, False, "model.unet.block_out_channels", list(channels),
+               f"fewer levels: {len(channels)} levels downsample {factor}x, which does not divide image size {image_size}")
 
 
 def _check_partial(e: list[str], st: DictConfig, num_levels: int) -> None:

@@ -23,9 +23,16 @@ def test_overrides_from_a_string_or_a_list():
 
 
 def test_every_group_option_composes_and_validates():
-    for group in ("dataset", "model", "partition", "strategy", "experiment"):
+    # each model size with a dataset its levels fit (celeba's 5 levels need 64 px)
+    fits = {"tiny": "fashion_mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10", "celeba": "celeba"}
+    assert set(fits) == set(group_options("model"))
+    for group in ("dataset", "partition", "strategy", "experiment"):
         for option in group_options(group):
             validate_config(compose_config([f"{group}={option}"]))
+    for model, dataset in fits.items():
+        validate_config(compose_config([f"model={model}", f"dataset={dataset}"]))
+    with pytest.raises(ConfigError, match="does not divide image size 28"):
+        validate_config(compose_config(["model=celeba"]))
 
 
 def test_experiment_presets_set_paper_scale_models():
@@ -132,3 +139,84 @@ def test_fedddpm_settings_are_checked(overrides, key):
     with pytest.raises(ConfigError) as err:
         validate_config(compose_config(overrides))
     assert f"{key}=" in str(err.value) and "allowed" in str(err.value)
+
+
+# Every key of the default config with a bad value, and the key the error names.
+# Paths (dataset.root, eval.fid_cache, output_dir, run_dir, resume) and
+# superlink accept any string; a wrong one is caught where it is used (missing
+# data, checkpoint or connection: tests/test_strategies_sim.py, test_resume.py).
+EVERY_KEY = [
+    ("dataset.name=imagenet", "dataset.name"),
+    ("dataset.download=maybe", "dataset.download"),
+    ("dataset.image_size=0", "dataset.image_size"),
+    ("dataset.channels=0", "dataset.channels"),
+    ("model.unet.block_out_channels=[]", "model.unet.block_out_channels"),
+    ("model.unet.block_out_channels=[32,64,64]", "model.unet.down_block_types"),
+    ("model.unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]", "model.unet.down_block_types"),
+    ("model.unet.up_block_types=[UpBlock2D]", "model.unet.up_block_types"),
+    ("model.unet.layers_per_block=0", "model.unet.layers_per_block"),
+    ("model.unet.norm_num_groups=7", "model.unet.norm_num_groups"),
+    ("model.unet.attention_head_dim=0", "model.unet.attention_head_dim"),
+    ("model.unet.dropout=1.5", "model.unet.dropout"),
+    ("strategy.name=fedsgd", "strategy.name"),
+    ("partition.name=shards", "partition.name"),
+    ("num_rounds=-1", "num_rounds"),
+    ("num_clients=0", "num_clients"),
+    ("min_clients=5", "min_clients"),
+    ("local_steps=-3", "local_steps"),
+    ("local_epochs=0", "local_epochs"),
+    ("lr=0", "lr"),
+    ("weight_decay=-1", "weight_decay"),
+    ("batch_size=0", "batch_size"),
+    ("max_grad_norm=-1", "max_grad_norm"),
+    ("seed=-1", "seed"),
+    ("device=tpu", "device"),
+    ("round_timeout_s=0", "round_timeout_s"),
+    ("node_wait_timeout_s=0", "node_wait_timeout_s"),
+    ("client_eval_fraction=0", "client_eval_fraction"),
+    ("client_eval_max_examples=0", "client_eval_max_examples"),
+    ("scheduler.num_train_timesteps=1", "scheduler.num_train_timesteps"),
+    ("scheduler.beta_schedule=cosine", "scheduler.beta_schedule"),
+    ("scheduler.beta_start=0.5", "scheduler.beta_start"),
+    ("scheduler.beta_end=2", "scheduler.beta_start"),
+    ("eval.every=0", "eval.every"),
+    ("eval.grid_size=0", "eval.grid_size"),
+    ("eval.num_samples=1", "eval.num_samples"),
+    ("eval.ddim_steps=0", "eval.ddim_steps"),
+    ("eval.batch_size=0", "eval.batch_size"),
+    ("eval.fid_weights=/no/such/inception.pt", "eval.fid_weights"),
+    ("eval.seed=-2", "eval.seed"),
+    ("ema.enabled=sometimes", "ema.enabled"),
+    ("ema.decay=1.0", "ema.decay"),
+    ("checkpoint_every=-1", "checkpoint_every"),
+]
+
+
+@pytest.mark.parametrize(("override", "key"), EVERY_KEY, ids=[k for _, k in EVERY_KEY])
+def test_every_key_with_a_bad_value_is_named_before_training(override, key):
+    try:
+        cfg = compose_config([override])
+    except (ConfigCompositionException, MissingConfigException) as err:  # Hydra: unknown group option
+        assert key in str(err)
+        return
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert f"{key}=" in str(err.value) and "allowed" in str(err.value)
+
+
+def test_every_config_key_has_a_bad_value_case():
+    from omegaconf import OmegaConf
+
+    def keys(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                yield from keys(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    config = OmegaConf.to_container(compose_config(), resolve=False)
+    config.pop("hydra", None)
+    free = {"dataset.root", "eval.fid_cache", "output_dir", "run_dir", "resume", "superlink", "model.name",
+            "scheduler.beta_end"}  # beta_end: checked with beta_start
+    covered = {o.split("=")[0] for o, _ in EVERY_KEY} | free
+    assert set(keys(config)) <= covered, sorted(set(keys(config)) - covered)

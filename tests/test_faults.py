@@ -15,7 +15,7 @@ from diffusers import UNet2DModel
 
 from feddm.simulation import simulate
 from server_app.checkpoint import load_checkpoint
-from server_app.config import compose_config
+from server_app.config import ConfigError, compose_config
 from strategies import RoundFailedError
 from tests.conftest import MICRO_OVERRIDES
 from tests.faulty_client import app as faulty_app
@@ -81,3 +81,10 @@ def test_every_client_failing_stops_the_run_and_keeps_the_last_checkpoint(tmp_pa
     checkpoint, _ = load_checkpoint(run_dir)  # intact, and the last good round's
     assert checkpoint.round == 1
     assert not (run_dir / "model").exists()
+
+
+def test_more_clients_than_training_images_is_refused_before_training(tmp_path, data_root):
+    cfg = compose_config([*MICRO_OVERRIDES, "num_clients=60001"])
+    with pytest.raises(ConfigError, match="num_clients=60001 is not allowed: more partitions than the 60000"):
+        simulate(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
