@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client_app.partial import (
     assemble,
@@ -54,7 +57,14 @@ def _keeps_local_parts(config, names: list[str]) -> bool:
     return wants_partial(config) and len(shared_names(config, names)) < len(names)
 
 
-@app.train()
+def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``fixedclipping_mod`` when the strategy asks for client-side DP clipping."""
+    if KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's data."""
     config = msg.content["config"]

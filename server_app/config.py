@@ -125,6 +125,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check(e, ev.ddim_steps is None or (_is_int(ev.ddim_steps) and ev.ddim_steps >= 1), "eval.ddim_steps", ev.ddim_steps, "null (full DDPM) or an integer >= 1")
     _check(e, _is_int(ev.seed) and ev.seed >= 0, "eval.seed", ev.seed, "an integer >= 0")
     _check(e, isinstance(cfg.dataset.download, bool), "dataset.download", cfg.dataset.download, "true | false")
+    _check_privacy(e, cfg)
     _check_scheduler(e, cfg.scheduler)
     _check_unet(e, cfg.model.unet, cfg.dataset.image_size)
     if e:
@@ -135,6 +136,19 @@ def validate_config(cfg: DictConfig) -> None:
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "SkipDownBlock2D", "AttnSkipDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D")
+
+
+def _check_privacy(e: list[str], cfg: DictConfig) -> None:
+    """Central DP: its settings, and only with strategies whose replies are full weights."""
+    pv = cfg.privacy
+    modes = group_options("privacy")
+    _check(e, pv.name in modes, "privacy.name", pv.name, " | ".join(modes))
+    if pv.name in ("dp_server", "dp_client"):
+        _check(e, cfg.strategy.name in ("vanilla", "prox"), "privacy", pv.name,
+               f"with strategy vanilla | prox only (strategy={cfg.strategy.name} sends updates, int8 codes, "
+               "parts or local models that fixed clipping of full weights does not apply to)")
+        _check(e, _is_number(pv.clipping_norm) and pv.clipping_norm > 0, "privacy.clipping_norm", pv.clipping_norm, "a number > 0")
+        _check(e, _is_number(pv.noise_multiplier) and pv.noise_multiplier >= 0, "privacy.noise_multiplier", pv.noise_multiplier, "a number >= 0")
 
 
 def _check_scheduler(e: list[str], sc: DictConfig) -> None:

@@ -234,7 +234,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
     scheduler = build_scheduler(plain["scheduler"])
     strategy = build_strategy(
         cfg.strategy, num_clients=cfg.num_clients, min_clients=cfg.min_clients, seed=int(cfg.seed),
-        client_sampling=client_sampling(cfg),
+        client_sampling=client_sampling(cfg), privacy=cfg.privacy,
     )
     strategy.evaluate_every, strategy.last_round = int(cfg.eval.every), int(cfg.num_rounds)
     settings = client_config(cfg, unet, scheduler)

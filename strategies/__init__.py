@@ -8,6 +8,7 @@ from typing import Any
 from strategies.accounting import RoundAccounting, RoundFailedError
 from strategies.fedddpm import FedDDPM, FedDDPMPlus
 from strategies.partial import FedDMPartial
+from strategies.privacy import DP_STRATEGIES, CentralDP
 from strategies.prox import FedDMProx
 from strategies.quant import FedDMQuant
 from strategies.vanilla import FedDMVanilla
@@ -66,19 +67,26 @@ def build_strategy(
     min_clients: int | None = None,
     seed: int = 0,
     client_sampling: dict[str, Any] | None = None,
+    privacy: Mapping[str, Any] | None = None,
 ) -> RoundAccounting:
     """The strategy named by ``strategy['name']`` (``conf/strategy``), sampling all clients.
 
     Every connected client trains and evaluates each round; a round starts once
     ``min_clients`` (default ``num_clients``) nodes are connected, so it can go
     on after a node has failed. ``seed`` and ``client_sampling`` (what clients
-    that keep parts of the model generate for FID) go to the partial strategy.
+    that keep parts of the model generate for FID) go to the partial strategy;
+    ``privacy`` (``conf/privacy``) adds central DP to vanilla and prox.
     """
     num_clients = min_clients or num_clients
     name = strategy.get("name")
     if name not in STRATEGIES:
         raise ValueError(f"strategy={name!r} is unknown; choose one of {sorted(STRATEGIES)}")
-    return STRATEGIES[name](
+    dp = None
+    if privacy and privacy.get("name", "none") != "none":
+        if name not in DP_STRATEGIES:
+            raise ValueError(f"privacy={privacy['name']} works with strategy {' | '.join(DP_STRATEGIES)}, not {name!r}")
+        dp = CentralDP(str(privacy["name"]), float(privacy["clipping_norm"]), float(privacy["noise_multiplier"]), num_clients)
+    strategy = STRATEGIES[name](
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=num_clients,
@@ -87,6 +95,8 @@ def build_strategy(
         **strategy_options(strategy),
         **({"seed": seed, "client_sampling": client_sampling} if name == "partial" else {}),
     )
+    strategy.privacy = dp
+    return strategy
 
 
 __all__ = [

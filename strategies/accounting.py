@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from strategies.codec import PayloadError, payload_nbytes
+from strategies.privacy import KEY_CLIPPING_NORM, CentralDP
 
 NUM_EXAMPLES_KEY = "num-examples"
 
@@ -148,6 +149,8 @@ class RoundAccounting:
     # Clients evaluate on rounds divisible by `evaluate_every` and on `last_round`.
     evaluate_every: int = 1
     last_round: int = 0
+    # Central DP (clipping and noise), for strategies whose replies are full weights.
+    privacy: CentralDP | None = None
     _train_started: float = 0.0
 
     def is_evaluation_round(self, server_round: int) -> bool:
@@ -193,6 +196,8 @@ class RoundAccounting:
         server_round += self.round_offset
         self._train_started = time.monotonic()
         self._global_arrays = arrays
+        if self.privacy is not None and self.privacy.mode == "dp_client":
+            config[KEY_CLIPPING_NORM] = self.privacy.clipping_norm  # read by fixedclipping_mod
         payload = self.downlink_payload(arrays)
         messages = self.address(list(super().configure_train(server_round, payload, config, grid)), arrays)
         self._log_round(
@@ -255,7 +260,12 @@ class RoundAccounting:
         accepted = self.accepted_replies(server_round, replies)
         # Error replies go on to Flower, which logs them and leaves them out.
         errors = [m for m in replies if m.has_error()]
+        if self.privacy is not None:  # checked replies are clipped (server-side DP), then averaged
+            for message in accepted:
+                message.content["arrays"] = self.privacy.clip(message.content["arrays"], self._global_arrays)
         arrays, metrics = self.average(server_round, errors, accepted)
+        if arrays is not None and self.privacy is not None:
+            arrays = self.privacy.add_noise(arrays)
         if arrays is not None:
             arrays = self.apply_aggregate(arrays)
         if metrics is not None:

@@ -189,6 +189,7 @@ EVERY_KEY = [
     ("ema.enabled=sometimes", "ema.enabled"),
     ("ema.decay=1.0", "ema.decay"),
     ("checkpoint_every=-1", "checkpoint_every"),
+    ("privacy.name=secret", "privacy.name"),
 ]
 
 
@@ -220,3 +221,19 @@ def test_every_config_key_has_a_bad_value_case():
             "scheduler.beta_end"}  # beta_end: checked with beta_start
     covered = {o.split("=")[0] for o, _ in EVERY_KEY} | free
     assert set(keys(config)) <= covered, sorted(set(keys(config)) - covered)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["privacy=dp_server", "privacy.clipping_norm=0"], "privacy.clipping_norm"),
+        (["privacy=dp_client", "privacy.noise_multiplier=-1"], "privacy.noise_multiplier"),
+        (["privacy=dp_server", "strategy=quant"], "privacy"),
+        (["privacy=dp_client", "strategy=partial"], "privacy"),
+        (["privacy=dp_server", "strategy=fedddpm"], "privacy"),
+    ],
+)
+def test_privacy_settings_and_combinations_are_checked(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_config(overrides))
+    assert f"{key}=" in str(err.value) and "allowed" in str(err.value)
