@@ -8,6 +8,7 @@ override machine-specific settings (``data-root``, ``device``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -172,6 +173,14 @@ def _batches(loader: DataLoader) -> Iterator[torch.Tensor]:
         yield from loader
 
 
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's global generator (dropout draws from it) inside the block, restoring it after."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def local_train(
     unet: UNet2DModel,
     scheduler: DDPMScheduler,
@@ -187,12 +196,6 @@ def local_train(
     Everything random (order, noise, timesteps, dropout) follows ``seed``.
     """
     device = next(unet.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)  # dropout draws from the global generator
-        return _train(unet, scheduler, dataset, indices, settings, seed, regularizer, device)
-
-
-def _train(unet, scheduler, dataset, indices, settings, seed, regularizer, device) -> tuple[float, int]:
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         Subset(dataset, indices.tolist()),
@@ -207,20 +210,21 @@ def _train(unet, scheduler, dataset, indices, settings, seed, regularizer, devic
     optimizer = make_optimizer(unet, lr=settings.lr, weight_decay=settings.weight_decay)
     losses = []
     batches = _batches(loader)
-    # A bar on terminals only (disable=None); in Ray workers and CI logs it stays quiet.
-    for _ in tqdm(range(steps), desc="local training", leave=False, disable=None, mininterval=2):
-        images = next(batches).to(device)
-        losses.append(
-            train_step(
-                unet,
-                scheduler,
-                optimizer,
-                images,
-                generator=generator,
-                max_grad_norm=settings.max_grad_norm,
-                regularizer=regularizer,
+    with seeded_global_rng(seed, device):
+        # A bar on terminals only (disable=None); in Ray workers and CI logs it stays quiet.
+        for _ in tqdm(range(steps), desc="local training", leave=False, disable=None, mininterval=2):
+            images = next(batches).to(device)
+            losses.append(
+                train_step(
+                    unet,
+                    scheduler,
+                    optimizer,
+                    images,
+                    generator=generator,
+                    max_grad_norm=settings.max_grad_norm,
+                    regularizer=regularizer,
+                )
             )
-        )
     return float(np.mean(losses)), steps
 
 
