@@ -73,6 +73,7 @@ def measure_partial(global_state: dict, local_state: dict) -> dict:
             )
             grid = _Nodes(PARTIAL_CLIENTS)
             strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), grid)  # first contact: whole model
+            strategy._initialized = set(grid.get_node_ids())  # as after a round in which every node trained
             messages = list(strategy.configure_train(2, ArrayRecord(global_state), ConfigRecord(), grid))
             config = dict(messages[0].content["config"])
             uplinks = [

@@ -57,10 +57,14 @@ def quantized_update(
         for name in received
     }
     error_feedback = bool(config["quant-error-feedback"])
+    kept: dict[str, np.ndarray] = {}
     if error_feedback and RESIDUAL_KEY in state:
-        residual = state[RESIDUAL_KEY]
-        if set(residual.keys()) == set(update):
-            update = {name: update[name] + residual[name].numpy() for name in update}
+        # Per name: an array not sent this round (partial exchange, USplit) keeps its residual.
+        kept = {name: array.numpy() for name, array in state[RESIDUAL_KEY].items()}
+        update = {
+            name: update[name] + kept[name] if name in kept and kept[name].shape == update[name].shape else update[name]
+            for name in update
+        }
     record, residual = encode_arrays(
         update,
         bits=int(config["quant-bits"]),
@@ -69,5 +73,6 @@ def quantized_update(
         rng=np.random.default_rng(seed),
     )
     if error_feedback:
-        state[RESIDUAL_KEY] = ArrayRecord({n: Array(r) for n, r in residual.items()})
+        kept.update(residual)
+        state[RESIDUAL_KEY] = ArrayRecord({n: Array(np.ascontiguousarray(r)) for n, r in kept.items()})
     return record

@@ -46,7 +46,8 @@ def auxiliary_images(
     """
     cache = Path(run_dir) / AUX_NAME
     wanted = {"aux_samples": strategy.aux_samples, "aux_allocation": strategy.aux_allocation,
-              "pretrain_steps": strategy.pretrain_steps}
+              "pretrain_steps": strategy.pretrain_steps, "aux_ddim_steps": ddim_steps, "seed": seed,
+              "unet": settings["unet"], "dataset": settings["dataset"], "partition": settings["partition"]}
     cached = _load(cache, wanted)
     if cached is not None:
         log(INFO, "FedDDPM: %d auxiliary images from %s", len(cached), cache)

@@ -28,6 +28,7 @@ class GlobalEvaluator:
 
     def __init__(self, cfg: DictConfig, run: RunFolder, device: torch.device) -> None:
         self.cfg = cfg.eval
+        self.num_clients = int(cfg.num_clients)
         self.run = run
         self.fid: FID | None = None
         if self.cfg.num_samples > 0:
@@ -86,8 +87,9 @@ class GlobalEvaluator:
         self.run.save_grid(torch.cat(rows), server_round, nrow=per_row)
         if self.fid is None:
             return {}
-        # As many real images as all clients' images: the pooled FID compares with a global model's.
-        self._reference(self.cfg.num_samples * len(samples))
+        # As many real images as all clients' images: the pooled FID compares with a global
+        # model's. Sized by the configured clients, so it stays the same if one fails to reply.
+        self._reference(self.cfg.num_samples * self.num_clients)
         scores, pooled = self.fid.score_groups(
             [torch.from_numpy(images[: self.cfg.num_samples]) for images in samples.values()]
         )

@@ -252,6 +252,9 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
         restore_rng_state(checkpoint.rng_state, torch_rng)
         done_rounds = checkpoint.round
         rows = run.truncate_metrics(done_rounds)
+        for row in rows:  # what adaptive strategies (FedDDPM+) saw before the interruption
+            if row["round"] > 0:
+                strategy.observe(row["round"], row)
         elapsed_before = rows[-1]["wall_time_s"] if rows else 0.0
         strategy.round_offset = done_rounds
         log(INFO, "FedDM resumes after round %d of %d", done_rounds, cfg.num_rounds)

@@ -85,7 +85,7 @@ def build_strategy(
     if privacy and privacy.get("name", "none") != "none":
         if name not in DP_STRATEGIES:
             raise ValueError(f"privacy={privacy['name']} works with strategy {' | '.join(DP_STRATEGIES)}, not {name!r}")
-        dp = CentralDP(str(privacy["name"]), float(privacy["clipping_norm"]), float(privacy["noise_multiplier"]), num_clients)
+        dp = CentralDP(str(privacy["name"]), float(privacy["clipping_norm"]), float(privacy["noise_multiplier"]))
     strategy = STRATEGIES[name](
         fraction_train=1.0,
         fraction_evaluate=1.0,

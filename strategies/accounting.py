@@ -221,6 +221,8 @@ class RoundAccounting:
             try:
                 metrics = check_metrics(message.content, "train_loss")
                 arrays = self.decode_train_reply(message)
+                if self.privacy is not None:
+                    self.privacy.check_clipped(arrays, self._global_arrays)
             except PayloadError as err:
                 rejected += 1
                 reasons.append(f"node {message.metadata.src_node_id}: {err}")
@@ -265,7 +267,7 @@ class RoundAccounting:
                 message.content["arrays"] = self.privacy.clip(message.content["arrays"], self._global_arrays)
         arrays, metrics = self.average(server_round, errors, accepted)
         if arrays is not None and self.privacy is not None:
-            arrays = self.privacy.add_noise(arrays)
+            arrays = self.privacy.add_noise(arrays, len(accepted))
         if arrays is not None:
             arrays = self.apply_aggregate(arrays)
         if metrics is not None:

@@ -148,6 +148,8 @@ def scale_lengths(
     lengths = {}
     for name in sorted(reference):
         shape = tuple(reference[name][0])
+        if 0 in shape:  # would make the packed layout ambiguous; no model has one
+            raise PayloadError(f"array {name!r} is empty {list(shape)}: empty arrays are not encoded")
         per_channel = granularity == "channel" and len(shape) >= 2
         lengths[name] = int(shape[0]) if per_channel else 1
     return lengths
@@ -246,8 +248,10 @@ def decode_arrays(
     for name, (shape, dtype) in reference.items():
         shape = tuple(int(d) for d in shape)
         values = _load_values(record, name, shape)
-        out = dequantize(QuantizedTensor(values=values, scale=scales[name]))
-        decoded[name] = out.astype(np.dtype(dtype), copy=False)
+        out = dequantize(QuantizedTensor(values=values, scale=scales[name])).astype(np.dtype(dtype), copy=False)
+        if not np.isfinite(out).all():  # finite codes and scales can still overflow
+            raise PayloadError(f"array {name!r} decodes to non-finite values")
+        decoded[name] = out
     return decoded
 
 

@@ -154,7 +154,13 @@ class FedDDPMPlus(FedDDPM):
         self.history: list[float] = []  # signal values since the last correction
 
     def observe(self, server_round: int, row: dict) -> None:
-        """Take the round's value of the progress signal (metrics.jsonl row)."""
+        """Take the round's value of the progress signal (metrics.jsonl row).
+
+        A row of a calibrated round starts a new window, so replaying a resumed
+        run's rows rebuilds the same history as the run had.
+        """
+        if row.get("calibrated"):
+            self.history = []
         value = row.get(self.signal)
         if value is not None and math.isfinite(value):
             self.history.append(float(value))

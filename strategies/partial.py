@@ -109,7 +109,7 @@ class FedDMPartial(RoundAccounting, FedAvg):
         self.shared_parts: list[str] = []
         self.shared_names: list[str] = []
         self.personalized = False
-        self._contacted: set[int] = set()
+        self._initialized: set[int] = set()  # nodes that keep local parts
         self.client_samples: dict[int, dict[int, np.ndarray]] = {}
 
     # -- what is shared ---------------------------------------------------------
@@ -150,16 +150,19 @@ class FedDMPartial(RoundAccounting, FedAvg):
         return ArrayRecord({name: arrays[name] for name in self.shared_names})
 
     def address(self, messages: list[Message], arrays: ArrayRecord) -> list[Message]:
-        """A node contacted for the first time gets the whole model (its local parts' start)."""
+        """A node that holds no local parts yet gets the whole model (its local parts' start).
+
+        A node holds them once it has answered a training message; a node whose
+        training failed (it may have lost its state) gets the whole model again.
+        """
         addressed = []
         for message in messages:
             node = message.metadata.dst_node_id
-            if node not in self._contacted:
+            if node not in self._initialized:
                 # Flower's messages share one RecordDict: give this one its own.
                 content = RecordDict(dict(message.content.items()))
                 content[self.arrayrecord_key] = arrays
                 message = Message(content=content, dst_node_id=node, message_type=message.metadata.message_type)
-                self._contacted.add(node)
             addressed.append(message)
         return addressed
 
@@ -184,6 +187,9 @@ class FedDMPartial(RoundAccounting, FedAvg):
         self, server_round: int, errors: list[Message], accepted: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Each part averaged over the replies that carry it, weighted by ``num-examples``."""
+        # A node that trained keeps its local parts; one that failed may not.
+        self._initialized |= {m.metadata.src_node_id for m in accepted}
+        self._initialized -= {m.metadata.src_node_id for m in errors}
         metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
         averaged: dict = {}
         for part in self.shared_parts:
@@ -224,14 +230,14 @@ class FedDMPartial(RoundAccounting, FedAvg):
         true_round = server_round + self.round_offset
         samples = {}
         for message in replies:
-            if message.has_error() or SAMPLES_KEY not in message.content.array_records:
+            if not self.client_sampling or message.has_error() or SAMPLES_KEY not in message.content.array_records:
                 continue
             try:
                 samples[_partition(message)] = self._checked_samples(message.content[SAMPLES_KEY])
             except PayloadError as err:
                 log(INFO, "Round %d: left out the samples of node %d: %s",
                     true_round, message.metadata.src_node_id, err)
-        if samples:
+        if samples and self.personalized:
             self.client_samples[true_round] = dict(sorted(samples.items()))
         return super().aggregate_evaluate(server_round, replies)
 

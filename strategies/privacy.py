@@ -6,11 +6,12 @@
   ``fixedclipping_mod`` (Flower's) clips its own update before sending it.
 
 Either way the server adds Gaussian noise of standard deviation
-``noise_multiplier · clipping_norm / num_clients`` to the mean
+``noise_multiplier · clipping_norm / k`` to the mean of the k updates it averages
 (``compute_stdv``, ``add_gaussian_noise_inplace``). This is what Flower's
 ``DifferentialPrivacy{Server,Client}SideFixedClipping`` wrappers do; it runs in
 the FedDM strategy's hooks so that every reply is still checked (and a
-malformed one left out) before it is clipped and averaged. The noise assumes
+malformed one left out) before it is clipped and averaged; client-side, an
+update over the clipping norm is left out. The noise assumes
 equal client weights, as Flower's does; FedDM weights by ``num-examples``, so
 with unequal partitions the noise is smaller than the nominal calibration (no
 privacy accountant is attached).
@@ -27,7 +28,10 @@ from flwr.supercore.differential_privacy import (
     add_gaussian_noise_inplace,
     compute_clip_model_update,
     compute_stdv,
+    get_norm,
 )
+
+from strategies.codec import PayloadError
 
 PRIVACY_MODES = ("none", "dp_server", "dp_client")
 # Strategies whose replies are full weights with the global model's names.
@@ -41,13 +45,25 @@ class CentralDP:
     mode: str
     clipping_norm: float
     noise_multiplier: float
-    num_clients: int
 
     def __post_init__(self) -> None:
         if self.mode not in ("dp_server", "dp_client"):
             raise ValueError(f"privacy={self.mode!r} is not dp_server or dp_client")
         if not self.clipping_norm > 0 or self.noise_multiplier < 0:
             raise ValueError("privacy needs clipping_norm > 0 and noise_multiplier >= 0")
+
+    def check_clipped(self, reply: ArrayRecord, global_arrays: ArrayRecord) -> None:
+        """Client-side mode: the update must already be within the clipping norm.
+
+        A client without Flower's clipping mod would otherwise slip an unclipped
+        update into the mean. Raises ``PayloadError``.
+        """
+        if self.mode != "dp_client":
+            return
+        update = [reply[n].numpy().astype(np.float64) - global_arrays[n].numpy() for n in global_arrays.keys()]
+        norm = get_norm(update)
+        if norm > self.clipping_norm * (1 + 1e-4):
+            raise PayloadError(f"update norm {norm:.4g} exceeds clipping_norm {self.clipping_norm:g}: not clipped")
 
     def clip(self, reply: ArrayRecord, global_arrays: ArrayRecord) -> ArrayRecord:
         """The reply with its update clipped to ``clipping_norm`` (server-side mode)."""
@@ -61,11 +77,11 @@ class CentralDP:
         compute_clip_model_update(values, reference, self.clipping_norm)
         return ArrayRecord({n: Array(np.asarray(v)) for n, v in zip(names, values)})
 
-    def add_noise(self, mean: ArrayRecord) -> ArrayRecord:
-        """The mean with Gaussian noise of std noise_multiplier · clipping_norm / num_clients."""
+    def add_noise(self, mean: ArrayRecord, num_averaged: int) -> ArrayRecord:
+        """The mean of ``num_averaged`` clipped updates with Gaussian noise of std z · C / num_averaged."""
         names = list(mean.keys())
         values = [mean[n].numpy().copy() for n in names]
-        add_gaussian_noise_inplace(values, compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_clients))
+        add_gaussian_noise_inplace(values, compute_stdv(self.noise_multiplier, self.clipping_norm, num_averaged))
         return ArrayRecord({n: Array(np.asarray(v)) for n, v in zip(names, values)})
 
 

@@ -498,3 +498,11 @@ def test_invalid_granularity_raises(granularity):
         quantize(np.ones((2, 2), dtype=np.float32), granularity=granularity)
     with pytest.raises(ValueError, match="granularity"):
         encode_arrays({"w": np.ones((2, 2))}, granularity=granularity)
+
+
+def test_decode_rejects_scales_that_overflow_to_infinity(payload):
+    record, ref = payload
+    scales = record[SCALES_KEY].numpy().copy()
+    scales[:16] = 3e38  # finite and positive, but 127 * 3e38 is inf in float32
+    with pytest.raises(PayloadError, match="'conv' decodes to non-finite"):
+        decode_arrays(_tamper(record, **{SCALES_KEY: scales}), ref)

@@ -105,3 +105,19 @@ def test_fedddpm_strategy_rejects_bad_settings():
         FedDDPMPlus(signal="accuracy")
     assert isinstance(build_strategy(FEDDDPM | {"name": "fedddpm_plus", "signal": "fid", "window": 2, "threshold": 0.0},
                                      num_clients=1), FedDDPMPlus)
+
+
+def test_fedddpm_plus_rebuilds_its_history_from_a_resumed_runs_rows():
+    live = FedDDPMPlus(signal="train_loss", window=1, threshold=0.5)
+    rows = []
+    for rnd, loss in enumerate([1.0, 0.9, 0.8, 0.3, 0.29], start=1):
+        row = {"round": rnd, "train_loss": loss}
+        if live.should_calibrate(rnd):
+            row["calibrated"] = 1
+        live.observe(rnd, row)
+        rows.append(row)
+    assert [r.get("calibrated", 0) for r in rows] == [0, 0, 1, 0, 0]
+    resumed = FedDDPMPlus(signal="train_loss", window=1, threshold=0.5)
+    for row in rows:
+        resumed.observe(row["round"], row)
+    assert resumed.history == live.history

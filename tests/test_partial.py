@@ -102,18 +102,26 @@ def test_usplit_sends_every_part_once_per_group(ways, clients):
 # -- strategy -----------------------------------------------------------------------
 
 def test_first_contact_gets_the_whole_model_then_only_shared_parts():
+    from flwr.app import Error
+    from flwr.app.message.message import make_message
+
     strategy = _strategy("udec")
     state = _state()
     full = ArrayRecord(state)
     messages = list(strategy.configure_train(1, full, ConfigRecord(), FakeGrid([1, 2])))
     assert all(set(m.content["arrays"].keys()) == set(state) for m in messages)
-    again = list(strategy.configure_train(2, full, ConfigRecord(), FakeGrid([1, 2, 3])))
     shared = names_in(expand(PRESETS["udec"], list(state)), list(state))
+    answer = ArrayRecord({n: state[n] for n in shared})
+    failed = _train_reply(answer, 2, 1)
+    failed = make_message(metadata=failed.metadata, error=Error(code=0, reason="out of memory"))
+    strategy.aggregate_train(1, [_train_reply(answer, 1, 0), failed])
+    again = list(strategy.configure_train(2, full, ConfigRecord(), FakeGrid([1, 2, 3])))
     by_node = {m.metadata.dst_node_id: set(m.content["arrays"].keys()) for m in again}
-    assert by_node[1] == by_node[2] == set(shared) and by_node[3] == set(state)
+    # node 1 trained and keeps local parts; node 2 failed (its state may be lost), node 3 is new
+    assert by_node[1] == set(shared) and by_node[2] == by_node[3] == set(state)
     assert json.loads(again[0].content["config"]["partial-shared"]) == ["up_blocks.0", "up_blocks.1", "head"]
     # bytes are counted from what each message really carries
-    assert strategy.round_log[2]["downlink_bytes"] == 2 * payload_nbytes(ArrayRecord({n: state[n] for n in shared})) + payload_nbytes(full)
+    assert strategy.round_log[2]["downlink_bytes"] == payload_nbytes(answer) + 2 * payload_nbytes(full)
     assert strategy.personalized
 
 
@@ -132,6 +140,7 @@ def test_bytes_sent_match_the_presets_parameter_fraction(preset, quantize):
     full_bytes = payload_nbytes(ArrayRecord(state))
     strategy = _strategy(preset, quantize=quantize)
     strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), FakeGrid([1, 2]))
+    strategy._initialized = {1, 2}  # both trained in round 1
     (message, _) = strategy.configure_train(2, ArrayRecord(state), ConfigRecord(), FakeGrid([1, 2]))
     fraction = parameter_fraction(strategy.shared_parts, sizes)
     assert payload_nbytes(message.content["arrays"]) == pytest.approx(fraction * full_bytes, rel=0.01)

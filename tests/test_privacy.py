@@ -48,12 +48,15 @@ def test_server_side_dp_clips_each_update_before_the_mean():
     assert _norm(mean) <= 1.0
 
 
-def test_noise_on_the_mean_has_the_calibrated_std():
+def test_noise_on_the_mean_has_the_calibrated_std_for_the_replies_averaged():
     strategy = _dp("dp_server", noise=2.0, clip=0.5, clients=4)
     big = {"a": np.zeros((300, 300)), "b": np.zeros(4)}
     strategy.configure_train(1, _record(big), ConfigRecord(), FakeGrid([1, 2, 3, 4]))
     arrays, _ = strategy.aggregate_train(1, [_reply(big, n) for n in (1, 2, 3, 4)])
     assert np.std(arrays["a"].numpy()) == pytest.approx(2.0 * 0.5 / 4, rel=0.02)
+    # one reply fewer: the mean is more sensitive to each, so more noise
+    arrays, _ = strategy.aggregate_train(1, [_reply(big, n) for n in (1, 2, 3)])
+    assert np.std(arrays["a"].numpy()) == pytest.approx(2.0 * 0.5 / 3, rel=0.02)
 
 
 def test_client_side_dp_sends_the_clipping_norm_and_prox_keeps_its_mu():
@@ -61,7 +64,11 @@ def test_client_side_dp_sends_the_clipping_norm_and_prox_keeps_its_mu():
     (message, _) = strategy.configure_train(1, _record(GLOBAL), ConfigRecord(), FakeGrid([1, 2]))
     config = message.content["config"]
     assert config[KEY_CLIPPING_NORM] == 0.3 and config["proximal-mu"] == 0.1
-    strategy.aggregate_train(1, [_reply({"a": np.ones((2, 3)), "b": np.ones(4)}, 1)])  # not clipped again
+    clipped = {"a": np.full((2, 3), 0.1), "b": np.zeros(4)}  # norm 0.245
+    unclipped = {"a": np.ones((2, 3)), "b": np.ones(4)}  # a client without the clipping mod
+    arrays, _ = strategy.aggregate_train(1, [_reply(clipped, 1), _reply(unclipped, 2)])
+    assert strategy.round_log[1]["num_rejected"] == 1
+    np.testing.assert_allclose(arrays["a"].numpy(), 0.1, rtol=1e-6)
 
 
 def test_malformed_replies_are_left_out_before_clipping():

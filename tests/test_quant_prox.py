@@ -185,3 +185,17 @@ def test_quant_strategy_rejects_bad_settings():
         FedDMQuant(bits=9)
     with pytest.raises(ValueError, match="granularity"):
         FedDMQuant(granularity="row")
+
+
+def test_error_feedback_keeps_the_residual_of_arrays_not_sent_this_round():
+    global_state = _micro_state(0).state_dict()
+    local = {k: v + 0.013 * torch.randn_like(v) for k, v in global_state.items()}
+    config = QUANT_CONFIG | {"quant-error-feedback": True}
+    names = list(global_state)
+    first, second = names[: len(names) // 2], names[len(names) // 2 :]
+    state = RecordDict()
+    quantized_update({n: local[n] for n in first}, {n: global_state[n] for n in first}, config, state, seed=0)
+    kept = {n: state[RESIDUAL_KEY][n].numpy().copy() for n in first}
+    quantized_update({n: local[n] for n in second}, {n: global_state[n] for n in second}, config, state, seed=1)
+    assert set(state[RESIDUAL_KEY].keys()) == set(names)  # both halves' residuals are kept
+    assert all(np.array_equal(state[RESIDUAL_KEY][n].numpy(), kept[n]) for n in first)
