@@ -68,7 +68,8 @@ def plain_loop(overrides: list[str]) -> None:
     from omegaconf import OmegaConf
 
     from client_app.task import build_model, local_train, read_settings
-    from models import build_scheduler, build_unet, load_image_dataset, resolve_device
+    from models import build_scheduler, build_unet, resolve_device
+    from models.data import dataset_from_config
     from server_app.config import compose_config, resolve_paths
     from server_app.federation import client_config
 
@@ -80,7 +81,7 @@ def plain_loop(overrides: list[str]) -> None:
     settings = read_settings(client_config(cfg, unet, build_scheduler(plain["scheduler"])))
     settings = settings.__class__(**{**settings.__dict__, "local_steps": total_steps})
     unet, scheduler = build_model(settings, resolve_device(cfg.device))
-    dataset = load_image_dataset(cfg.dataset.name, cfg.dataset.root, train=True)
+    dataset = dataset_from_config(cfg.dataset, train=True)
     indices = np.arange(len(dataset))
     setup_s = time.perf_counter() - started
     loop_started = time.perf_counter()

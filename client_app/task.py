@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from client_app.partition import partition_indices, split_train_holdout
+from models.data import dataset_from_config
 from models import (
     LabeledImages,
     denoising_loss,
-    load_image_dataset,
     make_optimizer,
     scheduler_from_config,
     train_step,
@@ -90,15 +90,8 @@ def round_seed(*parts: int) -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str, root: str, download: bool, image_size: int, label_attribute: str | None) -> LabeledImages:
-    return load_image_dataset(
-        name,
-        root,
-        train=True,
-        download=download,
-        image_size=image_size,
-        label_attribute=label_attribute,
-    )
+def _dataset(spec_json: str, root: str) -> LabeledImages:
+    return dataset_from_config(json.loads(spec_json), train=True, root=root)
 
 
 @functools.lru_cache(maxsize=16)
@@ -122,13 +115,7 @@ def client_data(
     """(dataset, train indices, held-out indices) of this node's partition."""
     spec = settings.dataset
     root = str(node_config.get("data-root", spec["root"]))
-    dataset_key = (
-        spec["name"],
-        root,
-        bool(spec.get("download", False)),
-        int(spec["image_size"]),
-        spec.get("label_attribute"),
-    )
+    dataset_key = (json.dumps(spec, sort_keys=True), root)
     train_idx, holdout_idx = _split(
         dataset_key,
         json.dumps(settings.partition, sort_keys=True),

@@ -13,7 +13,7 @@ from flwr.simulation import run_simulation
 from omegaconf import DictConfig
 
 from client_app.app import app as feddm_client_app
-from models import load_image_dataset
+from models.data import dataset_from_config
 from server_app.checkpoint import load_checkpoint
 from server_app.config import ConfigError, validate_config
 from server_app.federation import run_federation
@@ -27,10 +27,7 @@ def preflight(cfg: DictConfig) -> None:
     if cfg.resume:
         load_checkpoint(Path(cfg.resume).expanduser())
     if not cfg.dataset.download:
-        train = load_image_dataset(
-            cfg.dataset.name, cfg.dataset.root, train=True,
-            image_size=cfg.dataset.image_size, label_attribute=cfg.dataset.get("label_attribute"),
-        )
+        train = dataset_from_config(cfg.dataset, train=True)
         if cfg.num_clients > len(train):
             raise ConfigError(
                 f"num_clients={cfg.num_clients} is not allowed: more partitions than the "

@@ -6,7 +6,9 @@ process that loads them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +22,9 @@ _TORCHVISION = {
     "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py"),
     "celeba": (torchvision.datasets.CelebA, "celeba"),
 }
-SUPPORTED_DATASETS = tuple(_TORCHVISION)
+# Local image folders: ROOT/train/<label>/*.png|jpg and ROOT/test/<label>/*.png|jpg.
+IMAGE_FOLDER = "image_folder"
+SUPPORTED_DATASETS = (*_TORCHVISION, IMAGE_FOLDER)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -61,13 +65,19 @@ def load_image_dataset(
     download: bool = False,
     image_size: int | None = None,
     label_attribute: str | None = None,
+    channels: int = 3,
 ) -> LabeledImages:
     """Load a torchvision dataset (train or test split) as :class:`LabeledImages`.
 
     Fashion-MNIST and CIFAR-10 are held in memory as uint8 tensors; CelebA is read
     lazily, center-cropped to 140 px and resized to ``image_size``, and labelled by
-    the binary attribute ``label_attribute``.
+    the binary attribute ``label_attribute``. ``image_folder`` reads
+    ``root/train`` or ``root/test`` with one subfolder per label (torchvision's
+    ``ImageFolder``), lazily, center-cropped to a square and resized to
+    ``image_size``, as RGB (or grayscale with ``channels=1``).
     """
+    if name == IMAGE_FOLDER:
+        return _load_image_folder(Path(root).expanduser().resolve(), train, image_size, channels)
     if name not in _TORCHVISION:
         raise ValueError(
             f"dataset.name={name!r} is not supported; choose one of {SUPPORTED_DATASETS}"
@@ -123,3 +133,48 @@ def _load_celeba(
         )
     labels = source.attr[:, names.index(label_attribute)].numpy()
     return LabeledImages(source, labels)
+
+
+def dataset_from_config(spec: Mapping[str, Any], *, train: bool, root: str | Path | None = None,
+                        download: bool | None = None) -> LabeledImages:
+    """:func:`load_image_dataset` with the keys of a ``dataset`` config group (``conf/dataset``)."""
+    return load_image_dataset(
+        spec["name"],
+        spec["root"] if root is None else root,
+        train=train,
+        download=bool(spec.get("download", False)) if download is None else download,
+        image_size=spec.get("image_size"),
+        label_attribute=spec.get("label_attribute"),
+        channels=int(spec.get("channels", 3)),
+    )
+
+
+class _SquareResize:
+    """Center-crop to the shorter side, then resize: any image becomes size x size."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        side = min(image.shape[-2:])
+        return v2.functional.resize(v2.functional.center_crop(image, [side, side]), [self.size, self.size], antialias=True)
+
+
+def _load_image_folder(root: Path, train: bool, image_size: int | None, channels: int) -> LabeledImages:
+    split = root / ("train" if train else "test")
+    if image_size is None:
+        raise ValueError("image_folder needs dataset.image_size")
+    if not split.is_dir():
+        raise DatasetNotFoundError(
+            f"image_folder: {split} does not exist. Lay the images out as {root}/train/<label>/*.png "
+            f"and {root}/test/<label>/*.png (one subfolder per label; a single subfolder is fine), "
+            "or set dataset.root=PATH to such a folder."
+        )
+    mode = torchvision.io.ImageReadMode.GRAY if channels == 1 else torchvision.io.ImageReadMode.RGB
+    source = torchvision.datasets.ImageFolder(
+        str(split),
+        loader=lambda path: torchvision.io.decode_image(path, mode=mode),
+        transform=_SquareResize(image_size),
+        allow_empty=False,
+    )
+    return LabeledImages(source, np.asarray(source.targets))

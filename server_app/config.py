@@ -85,6 +85,9 @@ def validate_config(cfg: DictConfig) -> None:
         _check(e, cfg.dataset.channels == native[1], "dataset.channels", cfg.dataset.channels, f"{native[1]} for {cfg.dataset.name}")
     for key in ("image_size", "channels"):
         _check(e, _is_int(cfg.dataset[key]) and cfg.dataset[key] >= 1, f"dataset.{key}", cfg.dataset[key], "an integer >= 1")
+    if cfg.dataset.name == "image_folder":
+        _check(e, cfg.dataset.channels in (1, 3), "dataset.channels", cfg.dataset.channels, "1 or 3 for image_folder")
+        _check(e, not cfg.dataset.download, "dataset.download", cfg.dataset.download, "false for image_folder (nothing to download)")
 
     part = cfg.partition
     schemes = group_options("partition")

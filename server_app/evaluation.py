@@ -10,7 +10,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 from flwr.supercore import log
 from omegaconf import DictConfig
 
-from models import load_image_dataset, sample_images
+from models import sample_images
+from models.data import dataset_from_config
 from models.fid import FID
 from server_app.run_folder import RunFolder
 
@@ -38,14 +39,7 @@ class GlobalEvaluator:
                 device=device,
                 batch_size=self.cfg.batch_size,
             )
-            self.test_set = load_image_dataset(
-                cfg.dataset.name,
-                cfg.dataset.root,
-                train=False,
-                download=bool(cfg.dataset.download),
-                image_size=cfg.dataset.image_size,
-                label_attribute=cfg.dataset.get("label_attribute"),
-            )
+            self.test_set = dataset_from_config(cfg.dataset, train=False)
             self.real_name = f"{cfg.dataset.name}-{cfg.dataset.image_size}px-test"
             self._reference_count = 0
             self._reference(self.cfg.num_samples)

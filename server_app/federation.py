@@ -17,7 +17,8 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 from omegaconf import DictConfig, OmegaConf
 
-from models import build_scheduler, build_unet, load_image_dataset, resolve_device
+from models import build_scheduler, build_unet, resolve_device
+from models.data import dataset_from_config
 from server_app.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -219,10 +220,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
     if cfg.dataset.download:
         # Download once here, so simulated clients do not race on the same folder.
         for train in (True, False):
-            load_image_dataset(
-                cfg.dataset.name, cfg.dataset.root, train=train, download=True,
-                image_size=cfg.dataset.image_size, label_attribute=cfg.dataset.get("label_attribute"),
-            )
+            dataset_from_config(cfg.dataset, train=train)
         cfg.dataset.download = False
 
     _seed_everything(cfg.seed)

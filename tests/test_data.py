@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from client_app.partition import partition_indices, split_train_holdout
 from models import DatasetNotFoundError, load_image_dataset
@@ -91,3 +92,35 @@ def test_missing_dataset_names_the_path_and_the_download_option(tmp_path):
         load_image_dataset("fashion_mnist", tmp_path / "nowhere", train=True)
     assert str(tmp_path / "nowhere") in str(err.value)
     assert "dataset.download=true" in str(err.value)
+
+
+def _image_folder(root, sizes):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, labels in (("train", ("church", "tower")), ("test", ("church",))):
+        for label in labels:
+            (root / split / label).mkdir(parents=True)
+            for i, (w, h) in enumerate(sizes):
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / split / label / f"{i}.png")
+
+
+def test_image_folder_loads_square_images_with_folder_labels(tmp_path):
+    from models.data import dataset_from_config
+
+    _image_folder(tmp_path, [(80, 60), (50, 70), (64, 64)])
+    spec = {"name": "image_folder", "root": str(tmp_path), "image_size": 32, "channels": 3}
+    train = dataset_from_config(spec, train=True)
+    assert len(train) == 6 and sorted(set(train.labels.tolist())) == [0, 1]
+    image = train[4]
+    assert image.shape == (3, 32, 32) and -1.0 <= image.min() and image.max() <= 1.0
+    assert train.uint8([0, 1]).dtype == torch.uint8
+    gray = dataset_from_config(spec | {"channels": 1}, train=False)
+    assert len(gray) == 3 and gray[0].shape == (1, 32, 32)
+
+
+def test_image_folder_without_its_split_names_the_layout(tmp_path):
+    from models.data import DatasetNotFoundError, dataset_from_config
+
+    with pytest.raises(DatasetNotFoundError, match=r"train/<label>/\*.png"):
+        dataset_from_config({"name": "image_folder", "root": str(tmp_path), "image_size": 32}, train=True)
