@@ -28,6 +28,7 @@ from client_app.partial import (
 from client_app.task import (
     ClientSettings,
     build_model,
+    client_autoencoder,
     client_data,
     local_evaluate,
     local_train,
@@ -36,7 +37,8 @@ from client_app.task import (
     round_seed,
 )
 from client_app.updates import quantized_update, received_weights, wants_quantized_update
-from models import resolve_device, sample_images
+from models import resolve_device
+from models.latent import generate_images
 
 app = ClientApp()
 
@@ -124,9 +126,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     if "sample-count" in config:
         if settings.ema_enabled:
             personal_ema(unet, context.state, settings.ema_decay, persist=False).copy_to(unet.parameters())
-        images = sample_images(
+        images = generate_images(
             unet, scheduler, int(config["sample-count"]), seed=int(config["sample-seed"]),
             ddim_steps=int(config["sample-ddim-steps"]) or None, batch_size=int(config["sample-batch-size"]),
+            autoencoder=client_autoencoder(settings, context.node_config),
         )
         content["samples"] = samples_record(images)
     return Message(content=content, reply_to=msg)

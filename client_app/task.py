@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from client_app.partition import partition_indices, split_train_holdout
 from models.data import dataset_from_config
+from models.latent import CachedLatents, autoencoder_from_settings
 from models import (
     LabeledImages,
     denoising_loss,
@@ -40,6 +41,7 @@ class ClientSettings:
     """Settings a client reads from the server's ConfigRecord."""
 
     unet: dict[str, Any]
+    autoencoder: dict[str, Any] | None  # latent diffusion: the frozen autoencoder's settings
     scheduler: dict[str, Any]
     dataset: dict[str, Any]
     partition: dict[str, Any]
@@ -57,7 +59,7 @@ class ClientSettings:
     ema_decay: float
 
 
-_JSON_KEYS = ("unet", "scheduler", "dataset", "partition")
+_JSON_KEYS = ("unet", "autoencoder", "scheduler", "dataset", "partition")
 _TYPED_KEYS = {
     "lr": float,
     "weight-decay": float,
@@ -129,7 +131,25 @@ def client_data(
             f"partition {node_config['partition-id']} has no training images; "
             "use fewer clients or a less skewed partition"
         )
+    if settings.autoencoder:  # latent diffusion: this client's images, encoded once
+        path = str(node_config.get("autoencoder-path", settings.autoencoder["path"]))
+        latents = _latents(dataset_key, json.dumps(settings.autoencoder, sort_keys=True), path,
+                           tuple(np.concatenate([train_idx, holdout_idx]).tolist()))
+        return latents, train_idx, holdout_idx
     return _dataset(*dataset_key), train_idx, holdout_idx
+
+
+@functools.lru_cache(maxsize=2)
+def _latents(dataset_key: tuple, autoencoder_json: str, path: str, indices: tuple[int, ...]) -> CachedLatents:
+    autoencoder = autoencoder_from_settings(json.loads(autoencoder_json), path)
+    return CachedLatents(_dataset(*dataset_key), autoencoder, np.asarray(indices))
+
+
+def client_autoencoder(settings: ClientSettings, node_config: Mapping[str, Any]):
+    """The frozen autoencoder (latent diffusion), or None; a SuperNode may give its own path."""
+    if not settings.autoencoder:
+        return None
+    return autoencoder_from_settings(settings.autoencoder, node_config.get("autoencoder-path"))
 
 
 def build_model(settings: ClientSettings, device: torch.device) -> tuple[UNet2DModel, DDPMScheduler]:

@@ -7,12 +7,14 @@ Draws images from a saved model folder (a diffusers ``DDPMPipeline``, e.g.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid, save_image
 
-from models import load_pipeline, resolve_device, sample_images
+from models import load_pipeline, resolve_device
+from models.latent import generate_images, load_autoencoder
 
 
 def sample_grid(
@@ -23,8 +25,13 @@ def sample_grid(
         raise FileNotFoundError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
     pipeline = load_pipeline(model_dir)
     unet = pipeline.unet.to(resolve_device(device))
-    images = sample_images(
-        unet, pipeline.scheduler, num, seed=seed, ddim_steps=ddim_steps, show_progress=True
+    autoencoder = None
+    saved = Path(model_dir) / "autoencoder" / "config.json"
+    if saved.is_file():  # latent diffusion: decode the sampled latents with the saved autoencoder
+        kind = "vq" if json.loads(saved.read_text()).get("_class_name") == "VQModel" else "kl"
+        autoencoder = load_autoencoder(str(saved.parent), kind)
+    images = generate_images(
+        unet, pipeline.scheduler, num, seed=seed, ddim_steps=ddim_steps, autoencoder=autoencoder, show_progress=True
     )
     grid = make_grid(images.float() / 255.0, nrow=max(1, int(num**0.5)), padding=2, pad_value=1.0)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -130,7 +130,12 @@ def validate_config(cfg: DictConfig) -> None:
     _check(e, isinstance(cfg.dataset.download, bool), "dataset.download", cfg.dataset.download, "true | false")
     _check_privacy(e, cfg)
     _check_scheduler(e, cfg.scheduler)
-    _check_unet(e, cfg.model.unet, cfg.dataset.image_size)
+    autoencoder = cfg.model.get("autoencoder")
+    if autoencoder is not None:  # latent diffusion: the UNet's size comes from the autoencoder
+        _check(e, autoencoder.get("path") not in (None, ""), "model.autoencoder.path", autoencoder.get("path"),
+               "the diffusers folder (or, online, hub id) of the frozen autoencoder")
+        _check(e, autoencoder.get("kind") in ("kl", "vq"), "model.autoencoder.kind", autoencoder.get("kind"), "kl | vq")
+    _check_unet(e, cfg.model.unet, None if autoencoder is not None else cfg.dataset.image_size)
     if e:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))
 
@@ -240,6 +245,9 @@ def resolve_paths(cfg: DictConfig) -> DictConfig:
     cfg = cfg.copy()
     cfg.dataset.root = str(Path(cfg.dataset.root).expanduser().resolve())
     cfg.eval.fid_cache = str(Path(cfg.eval.fid_cache).expanduser().resolve())
+    autoencoder = cfg.model.get("autoencoder")
+    if autoencoder is not None and autoencoder.get("path") and Path(str(autoencoder.path)).expanduser().exists():
+        autoencoder.path = str(Path(str(autoencoder.path)).expanduser().resolve())  # a local folder, not a hub id
     if cfg.eval.fid_weights:
         cfg.eval.fid_weights = str(Path(cfg.eval.fid_weights).expanduser().resolve())
     return cfg

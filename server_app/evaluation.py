@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from flwr.supercore import log
 from omegaconf import DictConfig
 
-from models import sample_images
+from models.latent import generate_images
 from models.data import dataset_from_config
 from models.fid import FID
 from server_app.run_folder import RunFolder
@@ -27,8 +27,9 @@ class GlobalEvaluator:
     clients' images: as many as all clients' images together).
     """
 
-    def __init__(self, cfg: DictConfig, run: RunFolder, device: torch.device) -> None:
+    def __init__(self, cfg: DictConfig, run: RunFolder, device: torch.device, autoencoder=None) -> None:
         self.cfg = cfg.eval
+        self.autoencoder = autoencoder  # latent diffusion: samples are decoded to pixels
         self.num_clients = int(cfg.num_clients)
         self.run = run
         self.fid: FID | None = None
@@ -55,9 +56,9 @@ class GlobalEvaluator:
     def __call__(self, unet: UNet2DModel, scheduler: DDPMScheduler, server_round: int) -> dict[str, float]:
         """Save ``samples/round_NNNN.png``; return ``{"fid": ...}`` when FID is on."""
         def draw(count: int, show_progress: bool = False) -> torch.Tensor:
-            return sample_images(
+            return generate_images(
                 unet, scheduler, count, seed=self.cfg.seed, ddim_steps=self.cfg.ddim_steps,
-                batch_size=self.cfg.batch_size, show_progress=show_progress,
+                batch_size=self.cfg.batch_size, autoencoder=self.autoencoder, show_progress=show_progress,
             )
 
         self.run.save_grid(draw(self.cfg.grid_size), server_round)

@@ -18,6 +18,7 @@ from flwr.supercore import log
 from omegaconf import DictConfig, OmegaConf
 
 from models import build_scheduler, build_unet, resolve_device
+from models.latent import autoencoder_from_settings, latent_geometry
 from models.data import dataset_from_config
 from server_app.checkpoint import (
     Checkpoint,
@@ -54,6 +55,8 @@ def client_config(cfg: DictConfig, unet: UNet2DModel, scheduler: DDPMScheduler) 
     return ConfigRecord(
         {
             "unet": json.dumps(dict(unet.config)),
+            # Latent diffusion: the frozen autoencoder clients encode their images with.
+            "autoencoder": json.dumps(container["model"].get("autoencoder")),
             "scheduler": json.dumps(dict(scheduler.config)),
             "dataset": json.dumps(container["dataset"]),
             "partition": json.dumps(container["partition"]),
@@ -226,10 +229,14 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
     _seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    unet = build_unet(
-        plain["model"]["unet"], image_size=cfg.dataset.image_size, channels=cfg.dataset.channels
-    )
-    scheduler = build_scheduler(plain["scheduler"])
+    autoencoder = autoencoder_from_settings(plain["model"].get("autoencoder"))
+    size, channels = cfg.dataset.image_size, cfg.dataset.channels
+    if autoencoder is not None:  # latent diffusion: the UNet works on the autoencoder's latents
+        size, channels = latent_geometry(autoencoder, int(size))
+        autoencoder.to(device)
+    unet = build_unet(plain["model"]["unet"], image_size=size, channels=channels)
+    # Latents are not images: no clipping of the predicted sample to [-1, 1].
+    scheduler = build_scheduler({**plain["scheduler"], **({"clip_sample": False} if autoencoder else {})})
     strategy = build_strategy(
         cfg.strategy, num_clients=cfg.num_clients, min_clients=cfg.min_clients, seed=int(cfg.seed),
         client_sampling=client_sampling(cfg), privacy=cfg.privacy,
@@ -257,7 +264,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
         strategy.round_offset = done_rounds
         log(INFO, "FedDM resumes after round %d of %d", done_rounds, cfg.num_rounds)
 
-    evaluator = GlobalEvaluator(cfg, run, device)
+    evaluator = GlobalEvaluator(cfg, run, device, autoencoder)
     wait_for_nodes(grid, cfg.num_clients, float(cfg.node_wait_timeout_s))
     if isinstance(strategy, FedDDPM):
         strategy.calibrate = _calibration(grid, strategy, cfg, run, model.unet, scheduler, settings, device)
@@ -300,6 +307,6 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
         log(INFO, "Each client keeps its own model (shared and local parts); the run folder has no model/")
     else:
         with model.evaluation_weights() as weights:
-            run.save_model(weights.cpu(), scheduler)
+            run.save_model(weights.cpu(), scheduler, autoencoder.cpu() if autoencoder else None)
     log(INFO, "FedDM run finished; results in %s", run.path)
     return run.path

@@ -24,6 +24,8 @@ from torchvision.utils import make_grid, save_image
 
 from models import save_pipeline
 
+AUTOENCODER_DIR = "autoencoder"
+
 
 def new_run_dir(output_dir: str | Path, strategy: str) -> Path:
     """``output_dir/<date>_<time>_<strategy>``, made unique if it exists already."""
@@ -80,9 +82,16 @@ class RunFolder:
         tmp.replace(path)
         return path
 
-    def save_model(self, unet: UNet2DModel, scheduler: DDPMScheduler) -> Path:
-        """Save the final model as a diffusers DDPMPipeline under ``model/``."""
-        return save_pipeline(unet, scheduler, self.model_dir)
+    def save_model(self, unet: UNet2DModel, scheduler: DDPMScheduler, autoencoder=None) -> Path:
+        """Save the final model as a diffusers DDPMPipeline under ``model/``.
+
+        Latent diffusion: the pipeline's UNet works on latents, and the frozen
+        autoencoder that decodes them is saved beside it in ``model/autoencoder/``.
+        """
+        save_pipeline(unet, scheduler, self.model_dir)
+        if autoencoder is not None:
+            autoencoder.save_pretrained(str(self.model_dir / AUTOENCODER_DIR), safe_serialization=True)
+        return self.model_dir
 
     @staticmethod
     def _write_atomic(path: Path, text: str) -> None:

@@ -24,13 +24,15 @@ def test_overrides_from_a_string_or_a_list():
 
 def test_every_group_option_composes_and_validates():
     # each model size with a dataset its levels fit (celeba's 5 levels need 64 px)
-    fits = {"tiny": "fashion_mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10", "celeba": "celeba"}
+    fits = {"tiny": "fashion_mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10", "celeba": "celeba",
+            "ldm": "image_folder"}
     assert set(fits) == set(group_options("model"))
     for group in ("dataset", "partition", "strategy", "experiment"):
         for option in group_options(group):
             validate_config(compose_config([f"{group}={option}"]))
     for model, dataset in fits.items():
-        validate_config(compose_config([f"model={model}", f"dataset={dataset}"]))
+        extra = ["model.autoencoder.path=some/vae"] if model == "ldm" else []
+        validate_config(compose_config([f"model={model}", f"dataset={dataset}", *extra]))
     with pytest.raises(ConfigError, match="does not divide image size 28"):
         validate_config(compose_config(["model=celeba"]))
 
@@ -234,6 +236,21 @@ def test_every_config_key_has_a_bad_value_case():
     ],
 )
 def test_privacy_settings_and_combinations_are_checked(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_config(overrides))
+    assert f"{key}=" in str(err.value) and "allowed" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model=ldm"], "model.autoencoder.path"),
+        (["model=ldm", "model.autoencoder.path=vae", "model.autoencoder.kind=gan"], "model.autoencoder.kind"),
+        (["dataset=image_folder", "dataset.channels=2"], "dataset.channels"),
+        (["dataset=image_folder", "dataset.download=true"], "dataset.download"),
+    ],
+)
+def test_latent_and_image_folder_settings_are_checked(overrides, key):
     with pytest.raises(ConfigError) as err:
         validate_config(compose_config(overrides))
     assert f"{key}=" in str(err.value) and "allowed" in str(err.value)

@@ -1,0 +1,51 @@
+"""model=ldm in a real 2-client simulation: a small random autoencoder, generated images, int8 updates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from feddm.simulation import simulate
+from server_app.config import compose_config
+from tests.conftest import REPO_ROOT
+from tests.test_data import _image_folder
+from tests.test_latent import save_tiny_autoencoder
+
+pytestmark = pytest.mark.slow
+
+FID_WEIGHTS = REPO_ROOT.parent / "shared" / "weights" / "pt_inception-2015-12-05.torchscript.pt"
+
+
+def test_latent_diffusion_trains_on_encoded_images_and_decodes_samples(tmp_path):
+    _image_folder(tmp_path / "images", [(20, 20)] * 12)
+    autoencoder = save_tiny_autoencoder(tmp_path / "autoencoder")
+    cfg = compose_config([
+        "model=ldm", f"model.autoencoder.path={autoencoder}",
+        "model.unet.block_out_channels=[8,16]", "model.unet.down_block_types=[DownBlock2D,AttnDownBlock2D]",
+        "model.unet.up_block_types=[AttnUpBlock2D,UpBlock2D]", "model.unet.norm_num_groups=4",
+        "model.unet.attention_head_dim=4", "model.unet.layers_per_block=1",
+        "dataset=image_folder", f"dataset.root={tmp_path / 'images'}", "dataset.image_size=16",
+        "strategy=quant", "num_rounds=2", "local_steps=2", "batch_size=4", "eval.grid_size=4",
+        "eval.ddim_steps=2", "eval.num_samples=4", f"eval.fid_weights={FID_WEIGHTS}",
+        f"eval.fid_cache={tmp_path / 'fid'}",
+    ])
+    run_dir = simulate(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["num_aggregated"] for r in rows] == [2, 2]
+    assert all(r["fid"] > 0 and r["uplink_bytes"] < r["downlink_bytes"] for r in rows)  # int8 updates
+    # the UNet works on 8x8x4 latents of the 16x16 RGB images
+    unet_config = json.loads((run_dir / "model" / "unet" / "config.json").read_text())
+    assert unet_config["sample_size"] == 8 and unet_config["in_channels"] == 4
+    assert (run_dir / "model" / "autoencoder" / "config.json").is_file()
+    weights = load_file(str(run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert weights["conv_in.weight"].shape[1] == 4
+
+    from PIL import Image
+
+    from feddm.sample import main as sample_main
+
+    out = tmp_path / "grid.png"
+    sample_main([str(run_dir / "model"), "--num", "4", "--out", str(out), "--ddim-steps", "2"])
+    assert Image.open(out).mode == "RGB" and Image.open(out).size[0] > 2 * 16
