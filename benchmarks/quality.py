@@ -196,6 +196,7 @@ def plot(results: dict, out: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     partitions = list(PARTITIONS)
+    plt.rcParams["axes.prop_cycle"] = plt.cycler(color=plt.get_cmap("tab20").colors)  # 12+ methods
     fig, axes = plt.subplots(len(partitions), 2, figsize=(11, 4 * len(partitions)), squeeze=False)
     central = results.get("centralized")
     for row, partition in enumerate(partitions):
