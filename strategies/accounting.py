@@ -88,14 +88,19 @@ def check_metrics(content: Any, loss_key: str) -> MetricRecord:
     return metrics
 
 
+def partition_of(message: Message) -> int:
+    """The client's partition id (sent in its ``info`` record), else its node id."""
+    info = message.content.config_records.get("info", {})
+    return int(info.get("partition-id", message.metadata.src_node_id))
+
+
 def reply_order(message: Message) -> tuple[int, int]:
-    """Sort key of replies: the client's partition id (sent in its ``info`` record).
+    """Sort key of replies: the client's partition id, then its node id.
 
     Flower hands replies over in arrival order; summing them in a fixed order
     makes the average, and so the run, reproducible.
     """
-    info = message.content.config_records.get("info", {})
-    return int(info.get("partition-id", -1)), int(message.metadata.src_node_id)
+    return partition_of(message), int(message.metadata.src_node_id)
 
 
 def single_array_record(message: Message) -> ArrayRecord:
@@ -151,6 +156,7 @@ class RoundAccounting:
     last_round: int = 0
     # Central DP (clipping and noise), for strategies whose replies are full weights.
     privacy: CentralDP | None = None
+    _round: int = 0
     _train_started: float = 0.0
 
     def is_evaluation_round(self, server_round: int) -> bool:
@@ -194,6 +200,7 @@ class RoundAccounting:
     ) -> Iterable[Message]:
         """Remember the global model, then count what Flower's strategy sends."""
         server_round += self.round_offset
+        self._round = server_round  # the true round, for hooks that run later in it
         self._train_started = time.monotonic()
         self._global_arrays = arrays
         if self.privacy is not None and self.privacy.mode == "dp_client":

@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from models import make_optimizer, train_step, unet_from_config
-from strategies.accounting import RoundAccounting, message_nbytes, reply_order
+from strategies.accounting import RoundAccounting, message_nbytes, partition_of
 
 SIGNALS = ("eval_loss", "train_loss", "fid")
 AUX_ALLOCATIONS = ("balanced", "weighted")
@@ -66,7 +66,6 @@ class FedDDPM(RoundAccounting, FedAvg):
         self.aux_samples = aux_samples
         self.aux_allocation = aux_allocation
         self.calibrate: Calibrate | None = None
-        self._round = 0
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -96,7 +95,7 @@ class FedDDPM(RoundAccounting, FedAvg):
         self._global_arrays = reference
         accepted = self.accepted_replies(0, replies)
         return {
-            reply_order(m)[0]: (m.content["arrays"], int(m.content["metrics"]["num-examples"])) for m in accepted
+            partition_of(m): (m.content["arrays"], int(m.content["metrics"]["num-examples"])) for m in accepted
         }
 
     def allocation(self, examples: dict[int, int]) -> dict[int, int]:
@@ -114,11 +113,6 @@ class FedDDPM(RoundAccounting, FedAvg):
         return {i: int(c) for i, c in zip(ids, counts)}
 
     # -- federated training ---------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        """Remember the round (for the calibration's seed and log), then as FedAvg."""
-        self._round = server_round + self.round_offset
-        return super().configure_train(server_round, arrays, config, grid)
-
     def should_calibrate(self, server_round: int) -> bool:
         """FedDDPM: after every aggregation."""
         return True

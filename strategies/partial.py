@@ -35,7 +35,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
 
 from models.parts import PRESETS, expand, names_in, parts_of
-from strategies.accounting import RoundAccounting, check_full_weights, single_array_record
+from strategies.accounting import RoundAccounting, check_full_weights, partition_of, single_array_record
 from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS, SCALES_KEY, PayloadError, decode_arrays
 from strategies.quant import reference_of, to_numpy, to_record
 
@@ -233,7 +233,7 @@ class FedDMPartial(RoundAccounting, FedAvg):
             if not self.client_sampling or message.has_error() or SAMPLES_KEY not in message.content.array_records:
                 continue
             try:
-                samples[_partition(message)] = self._checked_samples(message.content[SAMPLES_KEY])
+                samples[partition_of(message)] = self._checked_samples(message.content[SAMPLES_KEY])
             except PayloadError as err:
                 log(INFO, "Round %d: left out the samples of node %d: %s",
                     true_round, message.metadata.src_node_id, err)
@@ -250,10 +250,6 @@ class FedDMPartial(RoundAccounting, FedAvg):
         if images.dtype != np.uint8 or images.shape != expected:
             raise PayloadError(f"images are {images.dtype}{list(images.shape)}, expected uint8{list(expected)}")
         return images
-
-
-def _partition(message: Message) -> int:
-    return int(message.content.config_records.get("info", {}).get("partition-id", message.metadata.src_node_id))
 
 
 __all__ = ["FedDMPartial", "PARTIAL_PRESETS", "SAMPLES_KEY"]
