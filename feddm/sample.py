@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.num < 1 or (args.ddim_steps is not None and args.ddim_steps < 1):
         parser.error("--num and --ddim-steps must be >= 1")
-    torch.set_grad_enabled(False)
-    print(sample_grid(args.model_dir, args.num, args.out, ddim_steps=args.ddim_steps, seed=args.seed, device=args.device))
+    with torch.no_grad():  # not a global switch: main() is also called in-process (tests)
+        print(sample_grid(args.model_dir, args.num, args.out, ddim_steps=args.ddim_steps, seed=args.seed, device=args.device))
 
 
 if __name__ == "__main__":

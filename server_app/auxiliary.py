@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from models import sample_images, unet_from_config
+from models.latent import sample_latents
 from strategies.fedddpm import FedDDPM
 
 AUX_NAME = "auxiliary.safetensors"
@@ -37,12 +38,15 @@ def auxiliary_images(
     seed: int,
     timeout: float,
     device: torch.device,
+    latent: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """The auxiliary images (uint8 N x C x H x W) and a summary row for ``metrics.jsonl``.
 
     Each client trains its own model from ``initial`` for the strategy's
     ``pretrain_steps`` and uploads it; every valid local model contributes the
     strategy's ``allocation`` of images (DDIM with ``ddim_steps``, seeded per client).
+    With ``latent`` (latent diffusion) they are float latents, which is what the
+    UNet is trained on.
     """
     cache = Path(run_dir) / AUX_NAME
     wanted = {"aux_samples": strategy.aux_samples, "aux_allocation": strategy.aux_allocation,
@@ -65,7 +69,8 @@ def auxiliary_images(
         unet.load_state_dict(arrays.to_torch_state_dict())
         log(INFO, "FedDDPM: %d auxiliary images from the model of client %d", counts[pid], pid)
         if counts[pid]:
-            images.append(sample_images(unet, scheduler, counts[pid], seed=seed + 1000 + pid, ddim_steps=ddim_steps))
+            sample = sample_latents if latent else sample_images
+            images.append(sample(unet, scheduler, counts[pid], seed=seed + 1000 + pid, ddim_steps=ddim_steps))
     aux = torch.cat(images)
     tmp = cache.with_name(cache.name + ".tmp")
     save_file({"images": aux}, str(tmp), metadata={**{k: str(v) for k, v in wanted.items()},

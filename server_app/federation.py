@@ -181,12 +181,13 @@ class _EMAWeights:
             self.model.ema.restore(self.model.unet.parameters())
 
 
-def _calibration(grid, strategy, cfg, run, unet, scheduler, settings, device):
+def _calibration(grid, strategy, cfg, run, unet, scheduler, settings, device, latent):
     """FedDDPM: the clients' own models, the auxiliary images, and the server's calibration step."""
     st = cfg.strategy
     images, row = auxiliary_images(
         grid, strategy, ArrayRecord(unet.state_dict()), settings, scheduler, run_dir=run.path,
         ddim_steps=st.aux_ddim_steps, seed=int(cfg.seed), timeout=float(cfg.round_timeout_s), device=device,
+        latent=latent,
     )
     if row:
         run.append_metrics(row)
@@ -267,7 +268,9 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
     evaluator = GlobalEvaluator(cfg, run, device, autoencoder)
     wait_for_nodes(grid, cfg.num_clients, float(cfg.node_wait_timeout_s))
     if isinstance(strategy, FedDDPM):
-        strategy.calibrate = _calibration(grid, strategy, cfg, run, model.unet, scheduler, settings, device)
+        strategy.calibrate = _calibration(
+            grid, strategy, cfg, run, model.unet, scheduler, settings, device, latent=autoencoder is not None
+        )
     started = time.monotonic()
 
     def after_round(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:

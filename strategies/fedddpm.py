@@ -187,10 +187,12 @@ def server_calibration(
 ) -> Calibrate:
     """``calibrate(arrays, round)``: ``steps`` DDPM training steps on the auxiliary ``images``.
 
-    ``images`` are uint8 N x C x H x W; batches are drawn with a generator seeded by
-    (``seed``, round), so a run is reproducible. A fresh AdamW optimizer each time.
+    ``images`` are uint8 N x C x H x W, or (latent diffusion) float latents that
+    are already what the UNet is trained on; batches are drawn with a generator
+    seeded by (``seed``, round), so a run is reproducible. A fresh AdamW
+    optimizer each time.
     """
-    data = images.float() / 127.5 - 1.0
+    data = images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()
 
     def calibrate(arrays: ArrayRecord, server_round: int) -> ArrayRecord:
         unet = unet_from_config(unet_config).to(device)

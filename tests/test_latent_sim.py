@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from feddm.simulation import simulate
@@ -18,23 +19,34 @@ pytestmark = pytest.mark.slow
 FID_WEIGHTS = REPO_ROOT.parent / "shared" / "weights" / "pt_inception-2015-12-05.torchscript.pt"
 
 
-def test_latent_diffusion_trains_on_encoded_images_and_decodes_samples(tmp_path):
+@pytest.mark.parametrize("strategy", ["quant", "fedddpm"])
+def test_latent_diffusion_trains_on_encoded_images_and_decodes_samples(strategy, tmp_path):
     _image_folder(tmp_path / "images", [(20, 20)] * 12)
     autoencoder = save_tiny_autoencoder(tmp_path / "autoencoder")
+    fedddpm = ["strategy.pretrain_steps=2", "strategy.aux_samples=4", "strategy.aux_ddim_steps=2",
+               "strategy.calibration_steps=2", "strategy.calibration_batch_size=2"] if strategy == "fedddpm" else []
     cfg = compose_config([
+        *fedddpm,
         "model=ldm", f"model.autoencoder.path={autoencoder}",
         "model.unet.block_out_channels=[8,16]", "model.unet.down_block_types=[DownBlock2D,AttnDownBlock2D]",
         "model.unet.up_block_types=[AttnUpBlock2D,UpBlock2D]", "model.unet.norm_num_groups=4",
         "model.unet.attention_head_dim=4", "model.unet.layers_per_block=1",
         "dataset=image_folder", f"dataset.root={tmp_path / 'images'}", "dataset.image_size=16",
-        "strategy=quant", "num_rounds=2", "local_steps=2", "batch_size=4", "eval.grid_size=4",
+        f"strategy={strategy}", "num_rounds=2", "local_steps=2", "batch_size=4", "eval.grid_size=4",
         "eval.ddim_steps=2", "eval.num_samples=4", f"eval.fid_weights={FID_WEIGHTS}",
         f"eval.fid_cache={tmp_path / 'fid'}",
     ])
     run_dir = simulate(cfg, tmp_path / "run")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if strategy == "fedddpm":  # the auxiliary data are latents of the clients' own latent models
+        assert rows.pop(0)["phase"] == "pretrain"
+        aux = load_file(str(run_dir / "auxiliary.safetensors"))["images"]
+        assert tuple(aux.shape) == (4, 4, 8, 8) and aux.dtype == torch.float32
+        assert all(r["calibrated"] == 1 for r in rows)
+    else:  # int8 updates
+        assert all(r["uplink_bytes"] < r["downlink_bytes"] for r in rows)
     assert [r["num_aggregated"] for r in rows] == [2, 2]
-    assert all(r["fid"] > 0 and r["uplink_bytes"] < r["downlink_bytes"] for r in rows)  # int8 updates
+    assert all(r["fid"] > 0 for r in rows)
     # the UNet works on 8x8x4 latents of the 16x16 RGB images
     unet_config = json.loads((run_dir / "model" / "unet" / "config.json").read_text())
     assert unet_config["sample_size"] == 8 and unet_config["in_channels"] == 4
