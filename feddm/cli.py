@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import conf
 from feddm.simulation import simulate
-from server_app.config import resumed_config, validate_config
+from server_app.config import local_path_or_id, resumed_config, validate_config
 
 
 def _app_dir() -> Path:
@@ -47,9 +47,8 @@ def submit(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     app_overrides.append(f"eval.fid_cache={Path(cfg.eval.fid_cache).expanduser().resolve()}")
     if cfg.eval.fid_weights:
         app_overrides.append(f"eval.fid_weights={Path(cfg.eval.fid_weights).expanduser().resolve()}")
-    autoencoder = cfg.model.get("autoencoder")
-    if autoencoder is not None and autoencoder.get("path") and Path(str(autoencoder.path)).expanduser().exists():
-        app_overrides.append(f"model.autoencoder.path={Path(str(autoencoder.path)).expanduser().resolve()}")
+    if cfg.model.get("autoencoder") is not None and cfg.model.autoencoder.get("path"):
+        app_overrides.append(f"model.autoencoder.path={local_path_or_id(cfg.model.autoencoder.path)}")
     # flwr's --run-config takes TOML literal strings: no single quotes inside.
     if any("'" in o for o in app_overrides):
         raise ValueError(f"overrides sent to a SuperLink may not contain single quotes: {app_overrides}")

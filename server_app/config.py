@@ -234,10 +234,17 @@ def resumed_config(run_dir: str | Path) -> DictConfig:
     return cfg
 
 
+def local_path_or_id(value: str) -> str:
+    """``value`` as an absolute path if it names a local file or folder, else unchanged (a hub id)."""
+    path = Path(str(value)).expanduser()
+    return str(path.resolve()) if path.exists() else str(value)
+
+
 def resolve_paths(cfg: DictConfig) -> DictConfig:
     """Make ``dataset.root`` absolute against the current directory.
 
-    Also ``eval.fid_cache`` and ``eval.fid_weights``. The ServerApp may run in
+    Also ``eval.fid_cache``, ``eval.fid_weights`` and a local
+    ``model.autoencoder.path``. The ServerApp may run in
     another directory than the one the user typed the command in (a background
     SuperLink keeps its own), and clients in simulation share the server's view,
     so they get absolute paths.
@@ -245,9 +252,8 @@ def resolve_paths(cfg: DictConfig) -> DictConfig:
     cfg = cfg.copy()
     cfg.dataset.root = str(Path(cfg.dataset.root).expanduser().resolve())
     cfg.eval.fid_cache = str(Path(cfg.eval.fid_cache).expanduser().resolve())
-    autoencoder = cfg.model.get("autoencoder")
-    if autoencoder is not None and autoencoder.get("path") and Path(str(autoencoder.path)).expanduser().exists():
-        autoencoder.path = str(Path(str(autoencoder.path)).expanduser().resolve())  # a local folder, not a hub id
+    if cfg.model.get("autoencoder") is not None and cfg.model.autoencoder.get("path"):
+        cfg.model.autoencoder.path = local_path_or_id(cfg.model.autoencoder.path)
     if cfg.eval.fid_weights:
         cfg.eval.fid_weights = str(Path(cfg.eval.fid_weights).expanduser().resolve())
     return cfg

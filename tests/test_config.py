@@ -254,3 +254,14 @@ def test_latent_and_image_folder_settings_are_checked(overrides, key):
     with pytest.raises(ConfigError) as err:
         validate_config(compose_config(overrides))
     assert f"{key}=" in str(err.value) and "allowed" in str(err.value)
+
+
+def test_autoencoder_path_is_made_absolute_when_local_and_kept_as_a_hub_id(tmp_path, monkeypatch):
+    from server_app.config import resolve_paths
+
+    (tmp_path / "vae").mkdir()
+    monkeypatch.chdir(tmp_path)
+    local = resolve_paths(compose_config(["model=ldm", "model.autoencoder.path=vae"]))
+    assert local.model.autoencoder.path == str(tmp_path / "vae")
+    hub = resolve_paths(compose_config(["model=ldm", "model.autoencoder.path=stabilityai/sd-vae-ft-mse"]))
+    assert hub.model.autoencoder.path == "stabilityai/sd-vae-ft-mse"
