@@ -132,8 +132,8 @@ def client_data(
             "use fewer clients or a less skewed partition"
         )
     if settings.autoencoder:  # latent diffusion: this client's images, encoded once
-        path = str(node_config.get("autoencoder-path", settings.autoencoder["path"]))
-        latents = _latents(dataset_key, json.dumps(settings.autoencoder, sort_keys=True), path,
+        latents = _latents(dataset_key, json.dumps(settings.autoencoder, sort_keys=True),
+                           _autoencoder_path(settings, node_config),
                            tuple(np.concatenate([train_idx, holdout_idx]).tolist()))
         return latents, train_idx, holdout_idx
     return _dataset(*dataset_key), train_idx, holdout_idx
@@ -145,11 +145,16 @@ def _latents(dataset_key: tuple, autoencoder_json: str, path: str, indices: tupl
     return CachedLatents(_dataset(*dataset_key), autoencoder, np.asarray(indices))
 
 
+def _autoencoder_path(settings: ClientSettings, node_config: Mapping[str, Any]) -> str:
+    # A SuperNode's own node config wins: the autoencoder is a file on its machine.
+    return str(node_config.get("autoencoder-path", settings.autoencoder["path"]))
+
+
 def client_autoencoder(settings: ClientSettings, node_config: Mapping[str, Any]):
-    """The frozen autoencoder (latent diffusion), or None; a SuperNode may give its own path."""
+    """The frozen autoencoder (latent diffusion), or None."""
     if not settings.autoencoder:
         return None
-    return autoencoder_from_settings(settings.autoencoder, node_config.get("autoencoder-path"))
+    return autoencoder_from_settings(settings.autoencoder, _autoencoder_path(settings, node_config))
 
 
 def build_model(settings: ClientSettings, device: torch.device) -> tuple[UNet2DModel, DDPMScheduler]:
