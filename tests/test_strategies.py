@@ -187,3 +187,12 @@ def test_training_phase_time_is_logged_per_round():
     _configured(strategy)
     strategy.aggregate_train(1, [_train_reply(GLOBAL, 10, 1)])
     assert 0 <= strategy.round_log[1]["train_time_s"] < 60
+
+
+def test_a_reply_without_info_is_known_by_its_node_id():
+    from strategies.accounting import partition_of
+
+    with_info = _train_reply(GLOBAL, 10, node_id=7)
+    with_info.content["info"] = ConfigRecord({"partition-id": 2})
+    assert partition_of(with_info) == 2
+    assert partition_of(_train_reply(GLOBAL, 10, node_id=7)) == 7
