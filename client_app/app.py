@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -38,6 +39,7 @@ from client_app.task import (
 )
 from client_app.updates import quantized_update, received_weights, wants_quantized_update
 from models import resolve_device
+from strategies.secagg import to_fit_result, to_message_api, wants_secagg
 from models.latent import generate_images
 
 app = ClientApp()
@@ -66,7 +68,24 @@ def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable
     return call_next(msg, context)
 
 
-@app.train(mods=[dp_clipping_mod])
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``secaggplus_mod`` for the stages of a SecAgg+ round (``privacy=secagg``).
+
+    Flower's mod speaks the legacy ``fitins``/``fitres`` records; in the stage
+    that trains, the instruction is translated for ``train`` and the trained
+    weights become the update that the mod masks.
+    """
+    if not wants_secagg(msg):
+        return call_next(msg, context)
+
+    def train_as_fit(fit_msg: Message, ctx: Context) -> Message:
+        instruction = to_message_api(fit_msg)
+        return to_fit_result(call_next(instruction, ctx), instruction)
+
+    return secaggplus_mod(msg, context, train_as_fit)
+
+
+@app.train(mods=[secagg_mod, dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's data."""
     config = msg.content["config"]

@@ -147,7 +147,7 @@ UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "SkipUpBlock
 
 
 def _check_privacy(e: list[str], cfg: DictConfig) -> None:
-    """Central DP: its settings, and only with strategies whose replies are full weights."""
+    """Central DP or SecAgg+: their settings, and only with strategies whose replies are full weights."""
     pv = cfg.privacy
     modes = group_options("privacy")
     _check(e, pv.name in modes, "privacy.name", pv.name, " | ".join(modes))
@@ -157,6 +157,29 @@ def _check_privacy(e: list[str], cfg: DictConfig) -> None:
                "parts or local models that fixed clipping of full weights does not apply to)")
         _check(e, _is_number(pv.clipping_norm) and pv.clipping_norm > 0, "privacy.clipping_norm", pv.clipping_norm, "a number > 0")
         _check(e, _is_number(pv.noise_multiplier) and pv.noise_multiplier >= 0, "privacy.noise_multiplier", pv.noise_multiplier, "a number >= 0")
+    if pv.name == "secagg":
+        _check_secagg(e, cfg)
+
+
+def _check_secagg(e: list[str], cfg: DictConfig) -> None:
+    """SecAgg+: Flower's protocol settings, at least 2 clients, and strategies that send full-model updates."""
+    pv = cfg.privacy
+    _check(e, cfg.strategy.name in ("vanilla", "prox"), "privacy", pv.name,
+           f"with strategy vanilla | prox only (strategy={cfg.strategy.name} sends int8 codes with per-client "
+           "scales, parts that differ between clients, or local models that the masked sum cannot carry)")
+    _check(e, _is_int(cfg.num_clients) and cfg.num_clients >= 2, "num_clients", cfg.num_clients, "at least 2 with privacy=secagg")
+    if cfg.get("min_clients") is not None:
+        _check(e, _is_int(cfg.min_clients) and cfg.min_clients >= 2, "min_clients", cfg.min_clients, "at least 2 with privacy=secagg")
+    shares, threshold = pv.num_shares, pv.reconstruction_threshold
+    _check(e, (isinstance(shares, float) and 0 < shares <= 1) or (_is_int(shares) and shares >= 3),
+           "privacy.num_shares", shares, "a fraction in (0, 1] or an integer >= 3")
+    ok = (isinstance(threshold, float) and 0 < threshold <= 1) or (_is_int(threshold) and threshold >= 2)
+    if ok and _is_int(shares) and _is_int(threshold):
+        ok = threshold < shares
+    _check(e, ok, "privacy.reconstruction_threshold", threshold,
+           "a fraction in (0, 1] or an integer >= 2 (below privacy.num_shares when that is an integer)")
+    _check(e, _is_number(pv.clipping_range) and pv.clipping_range > 0, "privacy.clipping_range", pv.clipping_range, "a number > 0")
+    _check(e, _is_number(pv.max_weight) and pv.max_weight >= 1, "privacy.max_weight", pv.max_weight, "a number >= 1")
 
 
 def _check_scheduler(e: list[str], sc: DictConfig) -> None:

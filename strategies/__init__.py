@@ -11,6 +11,7 @@ from strategies.partial import FedDMPartial
 from strategies.privacy import DP_STRATEGIES, CentralDP
 from strategies.prox import FedDMProx
 from strategies.quant import FedDMQuant
+from strategies.secagg import SECAGG_STRATEGIES, SecAggPlus
 from strategies.vanilla import FedDMVanilla
 
 STRATEGIES = {
@@ -75,14 +76,20 @@ def build_strategy(
     ``min_clients`` (default ``num_clients``) nodes are connected, so it can go
     on after a node has failed. ``seed`` and ``client_sampling`` (what clients
     that keep parts of the model generate for FID) go to the partial strategy;
-    ``privacy`` (``conf/privacy``) adds central DP to vanilla and prox.
+    ``privacy`` (``conf/privacy``) adds central DP or secure aggregation
+    (SecAgg+) to vanilla and prox.
     """
     num_clients = min_clients or num_clients
     name = strategy.get("name")
     if name not in STRATEGIES:
         raise ValueError(f"strategy={name!r} is unknown; choose one of {sorted(STRATEGIES)}")
-    dp = None
-    if privacy and privacy.get("name", "none") != "none":
+    dp = secure = None
+    if privacy and privacy.get("name") == "secagg":
+        if name not in SECAGG_STRATEGIES:
+            raise ValueError(f"privacy=secagg works with strategy {' | '.join(SECAGG_STRATEGIES)}, not {name!r}")
+        secure = SecAggPlus(privacy["num_shares"], privacy["reconstruction_threshold"],
+                            float(privacy["clipping_range"]), float(privacy["max_weight"]))
+    elif privacy and privacy.get("name", "none") != "none":
         if name not in DP_STRATEGIES:
             raise ValueError(f"privacy={privacy['name']} works with strategy {' | '.join(DP_STRATEGIES)}, not {name!r}")
         dp = CentralDP(str(privacy["name"]), float(privacy["clipping_norm"]), float(privacy["noise_multiplier"]))
@@ -95,7 +102,7 @@ def build_strategy(
         **strategy_options(strategy),
         **({"seed": seed, "client_sampling": client_sampling} if name == "partial" else {}),
     )
-    strategy.privacy = dp
+    strategy.privacy, strategy.secure_aggregation = dp, secure
     return strategy
 
 

@@ -156,6 +156,9 @@ class RoundAccounting:
     last_round: int = 0
     # Central DP (clipping and noise), for strategies whose replies are full weights.
     privacy: CentralDP | None = None
+    # SecAgg+ (``strategies.secagg.SecAggPlus``): training rounds run Flower's protocol.
+    secure_aggregation: Any = None
+    _secure_grid: Any = None
     _round: int = 0
     _train_started: float = 0.0
 
@@ -193,6 +196,13 @@ class RoundAccounting:
 
     def observe(self, server_round: int, row: dict[str, Any]) -> None:
         """The round's finished metrics row (FID included); strategies that adapt use it."""
+
+    # -- the round loop ----------------------------------------------------------
+    def start(self, *, grid: Grid, timeout: float = 3600, **kwargs: Any) -> Any:
+        """Flower's round loop; with SecAgg+, over a grid that runs the protocol for training."""
+        if self.secure_aggregation is not None:
+            grid = self._secure_grid = self.secure_aggregation.wrap(grid)
+        return super().start(grid=grid, timeout=timeout, **kwargs)
 
     # -- training --------------------------------------------------------------
     def configure_train(
@@ -267,6 +277,8 @@ class RoundAccounting:
         server_round += self.round_offset
         replies = list(replies)
         accepted = self.accepted_replies(server_round, replies)
+        if self._secure_grid is not None:  # the replies hold the unmasked mean; count what SecAgg+ sent
+            self._log_round(server_round, **self._secure_grid.round_bytes)
         # Error replies go on to Flower, which logs them and leaves them out.
         errors = [m for m in replies if m.has_error()]
         if self.privacy is not None:  # checked replies are clipped (server-side DP), then averaged
