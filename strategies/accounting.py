@@ -111,7 +111,7 @@ def single_array_record(message: Message) -> ArrayRecord:
     return records[0]
 
 
-def _last_line(text: str, limit: int = 300) -> str:
+def last_line(text: str, limit: int = 300) -> str:
     """The last non-empty line of a (traceback) text, at most ``limit`` characters."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip().strip("'>")]
     return (lines[-1] if lines else str(text))[:limit]
@@ -233,7 +233,7 @@ class RoundAccounting:
         for message in replies:
             if message.has_error():
                 # Flower logs error replies itself, traceback included; keep the last line.
-                reasons.append(f"node {message.metadata.src_node_id}: {_last_line(message.error.reason)}")
+                reasons.append(f"node {message.metadata.src_node_id}: {last_line(message.error.reason)}")
                 continue
             try:
                 metrics = check_metrics(message.content, "train_loss")

@@ -63,7 +63,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPl
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from strategies.accounting import RoundFailedError
+from strategies.accounting import RoundFailedError, last_line
 from strategies.codec import payload_nbytes
 
 SECAGG_STRATEGIES = ("vanilla", "prox")
@@ -164,14 +164,13 @@ class _Instructions(LegacyStrategy):
         self.fitins = fitins
         self.proxies = {nid: GridClientProxy(nid, grid, grid.run.run_id) for nid in fitins}
         self.results: list[tuple[ClientProxy, FitRes]] | None = None
-        self.failures: list[BaseException] = []
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
         return [(self.proxies[nid], ins) for nid, ins in self.fitins.items()]
 
     def aggregate_fit(self, server_round: int, results, failures):
         # Every FitRes holds the unmasked weighted mean (the workflow copies it in).
-        self.results, self.failures = list(results), list(failures)
+        self.results = list(results)
         return None, {}
 
     def initialize_parameters(self, client_manager):
@@ -199,10 +198,11 @@ def recorddict_nbytes(content: RecordDict) -> int:
 
 
 class _CountingGrid:
-    """The grid the workflow talks through: counts bytes both ways."""
+    """The grid the workflow talks through: counts bytes both ways and keeps why nodes failed."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid, self.downlink, self.uplink = grid, 0, 0
+        self.errors: dict[int, str] = {}  # node id -> the last line of its error
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
@@ -212,6 +212,7 @@ class _CountingGrid:
         self.downlink += sum(recorddict_nbytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self.uplink += sum(recorddict_nbytes(m.content) for m in replies if not m.has_error())
+        self.errors |= {m.metadata.src_node_id: last_line(m.error.reason) for m in replies if m.has_error()}
         return replies
 
 
@@ -256,18 +257,19 @@ class SecAggPlusGrid:
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
         self.settings.workflow(timeout)(counting, context)
         self.round_bytes = {"uplink_bytes": counting.uplink, "downlink_bytes": counting.downlink}
-        reasons = "; ".join(sorted({str(f) for f in instructions.failures})[:4]) or "none reported"
         if instructions.results is None:
+            reasons = "; ".join(f"node {n}: {r}" for n, r in list(counting.errors.items())[:4])
             raise RoundFailedError(
                 f"round {server_round}: secure aggregation (SecAgg+) halted before the mean could be "
                 f"unmasked: too few of the {len(messages)} nodes took part in every stage (at least 2, and "
-                f"enough for privacy.reconstruction_threshold). Failures: {reasons}"
+                f"enough for privacy.reconstruction_threshold). Failures: "
+                f"{reasons or f'no error replies (a node silent for {timeout} s drops out)'}"
             )
-        return self._replies(instructions, by_node, global_arrays, reasons)
+        return self._replies(instructions, by_node, global_arrays, counting.errors)
 
     @staticmethod
     def _replies(instructions: _Instructions, by_node: dict[int, Message], global_arrays: ArrayRecord,
-                 reasons: str) -> list[Message]:
+                 errors: dict[int, str]) -> list[Message]:
         """Each participant's reply: its metrics and the new global weights (w + mean Δ)."""
         mean_update = parameters_to_ndarrays(instructions.results[0][1].parameters)
         names = list(global_arrays.keys())
@@ -279,18 +281,21 @@ class SecAggPlusGrid:
         })
         replies = []
         for proxy, fitres in instructions.results:
+            # The client's metrics came in the clear; one that is malformed is left out of the
+            # loss, but its update is already in the masked sum: SecAgg+ cannot take it out.
+            loss = fitres.metrics.get("train_loss")
+            loss = float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else float("nan")
             content = RecordDict({
                 "arrays": weights,
-                "metrics": MetricRecord({"train_loss": float(fitres.metrics["train_loss"]),
-                                         "num-examples": int(fitres.num_examples)}),
+                "metrics": MetricRecord({"train_loss": loss, "num-examples": int(fitres.num_examples)}),
             })
             if "partition-id" in fitres.metrics:
                 content["info"] = ConfigRecord({"partition-id": int(fitres.metrics["partition-id"])})
             replies.append(Message(content=content, reply_to=by_node.pop(proxy.node_id)))
         for nid, message in by_node.items():  # nodes that dropped out of the protocol
             log(WARNING, "SecAgg+: node %d dropped out of the round", nid)
-            replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=f"dropped out of SecAgg+; failures: {reasons}"),
-                                   reply_to=message))
+            reason = f"dropped out of the SecAgg+ round: {errors.get(nid, 'no reply in time')}"
+            replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=reason), reply_to=message))
         return replies
 
 

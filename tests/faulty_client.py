@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.app import evaluate as feddm_evaluate
+from client_app.app import secagg_mod
 from client_app.app import train as feddm_train
 from strategies.codec import SCALES_KEY
 
@@ -56,7 +57,7 @@ def _corrupt(arrays: dict[str, np.ndarray], fault: str) -> dict[str, np.ndarray]
     return arrays
 
 
-@app.train()
+@app.train(mods=[secagg_mod])  # privacy=secagg runs need Flower's protocol
 def train(msg: Message, context: Context) -> Message:
     """Train as FedDM does, then misbehave as asked."""
     fault = _faulty(msg, context)

@@ -233,6 +233,16 @@ def test_every_config_key_has_a_bad_value_case():
         (["privacy=dp_server", "strategy=quant"], "privacy"),
         (["privacy=dp_client", "strategy=partial"], "privacy"),
         (["privacy=dp_server", "strategy=fedddpm"], "privacy"),
+        (["privacy=secagg", "strategy=quant"], "privacy"),
+        (["privacy=secagg", "strategy=partial"], "privacy"),
+        (["privacy=secagg", "num_clients=1"], "num_clients"),
+        (["privacy=secagg", "min_clients=1"], "min_clients"),
+        (["privacy=secagg", "privacy.num_shares=2"], "privacy.num_shares"),
+        (["privacy=secagg", "privacy.num_shares=1.5"], "privacy.num_shares"),
+        (["privacy=secagg", "privacy.reconstruction_threshold=0.0"], "privacy.reconstruction_threshold"),
+        (["privacy=secagg", "privacy.num_shares=5", "privacy.reconstruction_threshold=5"], "privacy.reconstruction_threshold"),
+        (["privacy=secagg", "privacy.clipping_range=0"], "privacy.clipping_range"),
+        (["privacy=secagg", "privacy.max_weight=0"], "privacy.max_weight"),
     ],
 )
 def test_privacy_settings_and_combinations_are_checked(overrides, key):

@@ -1,0 +1,230 @@
+"""SecAgg+ (privacy=secagg): Flower's protocol run in-process between the FedDM strategy and clients.
+
+The grid below delivers each message to a client function wrapped in the
+ClientApp's ``secagg_mod``, with a Context per node, so the four SecAgg+ stages,
+the masking and the unmasking are Flower's real code; only the transport is
+replaced (the Ray simulations are in test_secagg_sim.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+
+from client_app.app import secagg_mod
+from strategies import RoundFailedError, build_strategy
+from strategies.secagg import (
+    KEY_CLIPPING_RANGE,
+    KEY_MAX_WEIGHT,
+    KEY_NAMES,
+    recorddict_nbytes,
+    to_fit_result,
+    to_message_api,
+)
+
+# Messages made outside a ServerApp need a run id.
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
+GLOBAL = {"conv.weight": np.full((2, 3), 0.5, dtype=np.float32), "conv.bias": np.zeros(2, dtype=np.float32)}
+SECAGG = {"name": "secagg", "num_shares": 1.0, "reconstruction_threshold": 0.67, "clipping_range": 1.0,
+          "max_weight": 100}
+
+
+def _record(arrays):
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def _update(node: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(node)
+    return {k: rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in GLOBAL.items()}
+
+
+class InProcessGrid:
+    """Delivers messages to ``train`` through ``secagg_mod``; records every message both ways."""
+
+    def __init__(self, nodes: dict[int, int], fail: set[int] = frozenset(), fail_stage: str = "train"):
+        self.nodes = nodes  # node id -> num-examples
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+                         for n in nodes}
+        self.fail, self.fail_stage = fail, fail_stage
+        self.run = SimpleNamespace(run_id=1)
+        self.sent, self.received, self.stages = [], [], []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def _train(self, msg: Message, context: Context) -> Message:
+        node = context.node_id
+        if msg.metadata.message_type == "evaluate":
+            metrics = MetricRecord({"eval_loss": 1.0, "num-examples": self.nodes[node]})
+            return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+        if node in self.fail and self.fail_stage == "train":
+            raise RuntimeError(f"node {node} crashed while training")
+        received = msg.content["arrays"]
+        trained = {k: received[k].numpy() + _update(node)[k] for k in received.keys()}
+        content = RecordDict({
+            "arrays": _record(trained),
+            "metrics": MetricRecord({"train_loss": float(node), "num-examples": self.nodes[node]}),
+            "info": ConfigRecord({"partition-id": node}),
+        })
+        return Message(content=content, reply_to=msg)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            if "secaggplus_configs" in msg.content.config_records:  # the client's mod pops the stage
+                self.stages.append(msg.content["secaggplus_configs"]["stage"])
+            node = msg.metadata.dst_node_id
+            # A copy, as over a network: the workflow sends one RecordDict to all nodes, and the mod edits it.
+            delivered = Message(content=copy.deepcopy(msg.content), metadata=copy.deepcopy(msg.metadata))
+            try:
+                out = secagg_mod(delivered, self.contexts[node], self._train)
+            except RuntimeError as err:  # Flower replies with the error
+                out = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"Traceback ...\n{err}"), reply_to=delivered)
+            replies.append(out)
+        self.received.extend(r for r in replies if r.metadata.message_type == "train")
+        return replies
+
+
+def _start(grid, privacy=SECAGG, strategy="vanilla"):
+    fed = build_strategy({"name": strategy, "mu": 0.01}, num_clients=len(grid.nodes), privacy=privacy)
+    result = fed.start(grid=grid, initial_arrays=_record(GLOBAL), num_rounds=1, timeout=10,
+                       train_config=ConfigRecord({"lr": 0.1}), evaluate_config=ConfigRecord({}))
+    return fed, result
+
+
+def _weighted_mean(nodes):
+    total = sum(nodes.values())
+    return {k: GLOBAL[k] + sum(n * _update(i)[k] for i, n in nodes.items()) / total for k in GLOBAL}
+
+
+def test_the_unmasked_mean_is_the_weighted_mean_of_the_updates():
+    nodes = {1: 40, 2: 60, 3: 100}
+    grid = InProcessGrid(nodes)
+    fed, result = _start(grid)
+    expected = _weighted_mean(nodes)
+    arrays = result.arrays
+    # SecAgg+ quantizes each weighted value to 2^22 levels over +-clipping_range.
+    step = 2 * SECAGG["clipping_range"] / 2**22
+    for k, v in expected.items():
+        np.testing.assert_allclose(arrays[k].numpy(), v, atol=4 * step * 100 / 40, rtol=0)
+    log = fed.round_log[1]
+    assert log["num_aggregated"] == 3 and log["num_sampled"] == 3
+    assert log["train_loss"] == pytest.approx((40 * 1 + 60 * 2 + 100 * 3) / 200)
+    # Four round trips; the masked vectors are int64, so the uplink is >= 2x the fp32 updates.
+    assert log["uplink_bytes"] >= 3 * 2 * 8 * 4
+    assert log["uplink_bytes"] == sum(recorddict_nbytes(m.content) for m in grid.received)
+
+
+def test_the_server_never_receives_a_clients_arrays():
+    grid = InProcessGrid({1: 10, 2: 10, 3: 10})
+    _start(grid)
+    assert grid.stages == ["setup"] * 3 + ["share_keys"] * 3 + ["collect_masked_vectors"] * 3 + ["unmask"] * 3
+    for message in grid.received:
+        assert all(len(record) == 0 for record in message.content.array_records.values())
+    masked = [m for m in grid.received if "masked_params" in m.content["secaggplus_configs"]]
+    assert len(masked) == 3
+
+
+def test_prox_runs_over_secagg_and_sends_its_mu():
+    grid = InProcessGrid({1: 10, 2: 30})
+    _, result = _start(grid, strategy="prox")
+    fit = [m for m in grid.sent if "fitins.config" in m.content.config_records]
+    assert fit and all(m.content["fitins.config"]["proximal-mu"] == 0.01 for m in fit)
+    np.testing.assert_allclose(result.arrays["conv.bias"].numpy(), _weighted_mean({1: 10, 2: 30})["conv.bias"],
+                               atol=1e-5)
+
+
+def test_a_node_that_drops_out_is_left_out_and_the_others_are_unmasked():
+    nodes = {1: 10, 2: 20, 3: 30}
+    grid = InProcessGrid(nodes, fail={2})
+    fed, result = _start(grid)
+    expected = _weighted_mean({1: 10, 3: 30})
+    for k, v in expected.items():
+        np.testing.assert_allclose(result.arrays[k].numpy(), v, atol=1e-5)
+    assert fed.round_log[1]["num_aggregated"] == 2 and fed.round_log[1]["num_sampled"] == 3
+
+
+def test_too_few_nodes_left_stops_the_round_with_a_clear_error():
+    grid = InProcessGrid({1: 10, 2: 20}, fail={2})
+    with pytest.raises(RoundFailedError, match="SecAgg\\+\\) halted") as failed:
+        _start(grid)
+    assert "node 2 crashed while training" in str(failed.value)
+
+
+def test_evaluation_messages_pass_straight_through():
+    grid = InProcessGrid({1: 10, 2: 20})
+    fed = build_strategy({"name": "vanilla"}, num_clients=2, privacy=SECAGG)
+    wrapped = fed.secure_aggregation.wrap(grid)
+    msg = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="evaluate")
+    calls = []
+    grid.send_and_receive = lambda messages, timeout=None: calls.append(messages) or []
+    wrapped.send_and_receive([msg])
+    assert calls == [[msg]]
+
+
+@pytest.mark.parametrize("strategy", ["quant", "partial", "fedddpm"])
+def test_secagg_is_refused_for_strategies_that_do_not_send_full_model_updates(strategy):
+    with pytest.raises(ValueError, match="privacy=secagg works with strategy vanilla | prox"):
+        build_strategy({"name": strategy}, num_clients=2, privacy=SECAGG)
+
+
+# -- the client-side conversion ------------------------------------------------------
+
+
+def _instruction(extra=None):
+    config = {"server-round": 1, KEY_NAMES: json.dumps(list(GLOBAL)), KEY_CLIPPING_RANGE: 0.1,
+              KEY_MAX_WEIGHT: 50.0, **(extra or {})}
+    fitins = FitIns(ndarrays_to_parameters(list(GLOBAL.values())), config)
+    return Message(compat.fitins_to_recorddict(fitins, keep_input=True), dst_node_id=1, message_type="train")
+
+
+def _trained(instruction, delta, num_examples=25):
+    trained = {k: instruction.content["arrays"][k].numpy() + delta for k in GLOBAL}
+    content = RecordDict({"arrays": _record(trained),
+                          "metrics": MetricRecord({"train_loss": 0.5, "num-examples": num_examples}),
+                          "info": ConfigRecord({"partition-id": 3})})
+    return Message(content=content, reply_to=instruction)
+
+
+def test_the_instruction_is_named_and_the_reply_is_the_update():
+    instruction = to_message_api(_instruction())
+    assert list(instruction.content["arrays"].keys()) == list(GLOBAL)
+    np.testing.assert_array_equal(instruction.content["arrays"]["conv.weight"].numpy(), GLOBAL["conv.weight"])
+    fitres = compat.recorddict_to_fitres(to_fit_result(_trained(instruction, 0.01), instruction).content, True)
+    update = parameters_to_ndarrays(fitres.parameters)
+    np.testing.assert_allclose(update[0], np.full((2, 3), 0.01), rtol=1e-5)
+    assert fitres.num_examples == 25 and fitres.metrics == {"train_loss": 0.5, "partition-id": 3}
+
+
+@pytest.mark.parametrize(
+    ("delta", "num_examples", "error"),
+    [
+        (np.nan, 25, "NaN or inf"),
+        (0.5, 25, "privacy.clipping_range=0.1"),  # 0.5 * 25/50 > 0.1
+        (0.01, 51, "privacy.max_weight=50"),
+    ],
+)
+def test_an_update_secagg_would_clip_or_garble_is_not_sent(delta, num_examples, error):
+    instruction = to_message_api(_instruction())
+    with pytest.raises(ValueError, match=error):
+        to_fit_result(_trained(instruction, delta, num_examples), instruction)
+
+
+def test_an_instruction_whose_arrays_do_not_match_its_names_is_refused():
+    with pytest.raises(ValueError, match="holds 2 arrays for 1 names"):
+        to_message_api(_instruction({KEY_NAMES: json.dumps(["conv.weight"])}))
+
+
+def test_bytes_in_config_records_are_counted():
+    content = RecordDict({"c": ConfigRecord({"masked": [b"1234", b"56"], "stage": "masking", "n": 3})})
+    assert recorddict_nbytes(content) == 6 + 7
