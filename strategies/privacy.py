@@ -33,7 +33,6 @@ from flwr.supercore.differential_privacy import (
 
 from strategies.codec import PayloadError
 
-PRIVACY_MODES = ("none", "dp_server", "dp_client")
 # Strategies whose replies are full weights with the global model's names.
 DP_STRATEGIES = ("vanilla", "prox")
 
@@ -85,4 +84,4 @@ class CentralDP:
         return ArrayRecord({n: Array(np.asarray(v)) for n, v in zip(names, values)})
 
 
-__all__ = ["CentralDP", "DP_STRATEGIES", "KEY_CLIPPING_NORM", "PRIVACY_MODES"]
+__all__ = ["CentralDP", "DP_STRATEGIES", "KEY_CLIPPING_NORM"]
