@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -134,15 +137,37 @@ def client_data(
     if settings.autoencoder:  # latent diffusion: this client's images, encoded once
         latents = _latents(dataset_key, json.dumps(settings.autoencoder, sort_keys=True),
                            _autoencoder_path(settings, node_config),
-                           tuple(np.concatenate([train_idx, holdout_idx]).tolist()))
+                           tuple(np.concatenate([train_idx, holdout_idx]).tolist()),
+                           str(node_config.get("latent-cache-dir", default_latent_cache_dir())))
         return latents, train_idx, holdout_idx
     return _dataset(*dataset_key), train_idx, holdout_idx
 
 
+def default_latent_cache_dir() -> Path:
+    """Where a node keeps its encoded latents unless its node config says ``latent-cache-dir``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "feddm" / "latents"
+
+
 @functools.lru_cache(maxsize=2)
-def _latents(dataset_key: tuple, autoencoder_json: str, path: str, indices: tuple[int, ...]) -> CachedLatents:
+def _latents(dataset_key: tuple, autoencoder_json: str, path: str, indices: tuple[int, ...],
+             cache_dir: str) -> CachedLatents:
     autoencoder = autoencoder_from_settings(json.loads(autoencoder_json), path)
-    return CachedLatents(_dataset(*dataset_key), autoencoder, np.asarray(indices))
+    cache_file = None
+    if cache_dir:  # "" turns the disk cache off
+        # Another dataset, autoencoder (or new weights at its path) or partition: another file.
+        source = hashlib.sha256(json.dumps([dataset_key, autoencoder_json, path, _stamp(path)]).encode())
+        images = hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes())
+        cache_file = Path(cache_dir) / f"{source.hexdigest()[:20]}-{images.hexdigest()[:20]}.safetensors"
+    return CachedLatents(_dataset(*dataset_key), autoencoder, np.asarray(indices), cache_file=cache_file)
+
+
+def _stamp(path: str) -> list:
+    """Names, sizes and times of a local autoencoder's files (a hub id: nothing)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return []
+    return sorted([str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns]
+                  for f in folder.rglob("*") if f.is_file())
 
 
 def _autoencoder_path(settings: ClientSettings, node_config: Mapping[str, Any]) -> str:

@@ -10,12 +10,17 @@ sampled on latents, and samples are decoded back to pixels.
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DModel, VQModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 AUTOENCODERS = {"kl": AutoencoderKL, "vq": VQModel}
@@ -111,20 +116,55 @@ class CachedLatents(Dataset):
 
     ``indices`` are the images a client uses (its partition); asking for
     another index raises ``KeyError``. ``labels`` are the dataset's.
+
+    With ``cache_file`` the latents are also kept on disk (safetensors, with
+    the indices they belong to), so a node that starts a new process for each
+    message (a SuperNode) encodes its images once, not every round. A cache
+    file that cannot be read or holds other indices is encoded anew.
     """
 
-    def __init__(self, dataset: Dataset, autoencoder: Autoencoder, indices: np.ndarray, batch_size: int = 64) -> None:
+    def __init__(self, dataset: Dataset, autoencoder: Autoencoder, indices: np.ndarray, batch_size: int = 64,
+                 cache_file: Path | None = None) -> None:
         self.labels = dataset.labels
         self._length = len(dataset)
         self._row = {int(i): row for row, i in enumerate(indices)}
+        cached = _read_latents(cache_file, indices) if cache_file else None
+        if cached is not None:
+            self.latents = cached
+            return
         images = torch.stack([dataset[int(i)] for i in indices]) if len(indices) else torch.zeros(0)
         self.latents = encode(autoencoder, images, batch_size) if len(indices) else images
+        if cache_file and len(indices):
+            _write_latents(cache_file, indices, self.latents)
 
     def __len__(self) -> int:
         return self._length
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.latents[self._row[int(index)]]
+
+
+def _read_latents(path: Path, indices: np.ndarray) -> torch.Tensor | None:
+    """The cached latents of ``indices``, or None (no file, unreadable, or other images)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = load_file(path)
+    except (OSError, SafetensorError, ValueError) as err:
+        warnings.warn(f"latent cache {path} is unreadable ({err}); encoding the images again", stacklevel=3)
+        return None
+    if "indices" not in stored or "latents" not in stored or not np.array_equal(stored["indices"].numpy(), indices):
+        warnings.warn(f"latent cache {path} holds other images; encoding the images again", stacklevel=3)
+        return None
+    return stored["latents"]
+
+
+def _write_latents(path: Path, indices: np.ndarray, latents: torch.Tensor) -> None:
+    """Write atomically, so a node stopped mid-write leaves no half file to read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file({"indices": torch.as_tensor(np.asarray(indices, dtype=np.int64)), "latents": latents.contiguous()}, partial)
+    os.replace(partial, path)
 
 
 def autoencoder_from_settings(settings: Mapping[str, Any] | None, path: str | None = None) -> Autoencoder | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderKL, UNet2DModel, VQModel
 
 from models import build_scheduler, build_unet
 from models.latent import (
@@ -76,3 +76,72 @@ def test_latent_sampling_is_deterministic_and_unclamped(tmp_path):
     assert a.abs().max() > 1  # latents are not clamped to [-1, 1]
     images = generate_images(unet, scheduler, 3, seed=1, ddim_steps=4, autoencoder=autoencoder)
     assert images.shape == (3, 3, 16, 16) and images.dtype == torch.uint8
+
+
+def test_latents_cached_on_disk_are_read_back_instead_of_encoded(tmp_path, monkeypatch):
+    import models.latent
+    from models import LabeledImages
+
+    autoencoder = load_autoencoder(str(save_tiny_autoencoder(tmp_path / "ae")), "kl")
+    dataset = LabeledImages(torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8), np.arange(10) % 2)
+    cache = tmp_path / "cache" / "client.safetensors"
+    first = CachedLatents(dataset, autoencoder, np.array([7, 2, 5]), cache_file=cache)
+    assert cache.is_file() and not list(cache.parent.glob("*.tmp"))
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded again")
+
+    with monkeypatch.context() as m:  # a new process of the same node: read, not encoded
+        m.setattr(models.latent, "encode", no_encoding)
+        again = CachedLatents(dataset, autoencoder, np.array([7, 2, 5]), cache_file=cache)
+    torch.testing.assert_close(again[2], first[2])
+
+    with pytest.warns(UserWarning, match="holds other images"):  # another partition: encoded anew
+        other = CachedLatents(dataset, autoencoder, np.array([1, 2]), cache_file=cache)
+    torch.testing.assert_close(other[2], first[2])
+    cache.write_bytes(cache.read_bytes()[:50])  # a damaged file: encoded anew and rewritten
+    with pytest.warns(UserWarning, match="unreadable"):
+        CachedLatents(dataset, autoencoder, np.array([7, 2, 5]), cache_file=cache)
+    with monkeypatch.context() as m:
+        m.setattr(models.latent, "encode", no_encoding)
+        torch.testing.assert_close(CachedLatents(dataset, autoencoder, np.array([7, 2, 5]), cache_file=cache)[5], first[5])
+
+
+def test_each_node_caches_its_partitions_latents_under_its_cache_dir(tmp_path, monkeypatch):
+    import os
+
+    import models.latent
+    from client_app.task import _latents, client_data, read_settings
+    from server_app.config import compose_config
+    from server_app.federation import client_config
+    from tests.test_data import _image_folder
+
+    _image_folder(tmp_path / "images", [(20, 20)] * 6)
+    ae = save_tiny_autoencoder(tmp_path / "ae")
+    cfg = compose_config(["model=ldm", f"model.autoencoder.path={ae}", "dataset=image_folder",
+                          f"dataset.root={tmp_path / 'images'}", "dataset.image_size=16"])
+    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    settings = read_settings(client_config(cfg, unet, build_scheduler({})))
+    cache = tmp_path / "cache"
+
+    def node(partition, cache_dir=str(cache)):
+        return {"partition-id": partition, "num-partitions": 2, "latent-cache-dir": cache_dir}
+
+    _latents.cache_clear()
+    client_data(settings, node(0))
+    client_data(settings, node(1))
+    files = sorted(cache.glob("*.safetensors"))
+    assert len(files) == 2  # one per partition
+    _latents.cache_clear()  # a new process of node 0: read from disk
+    with monkeypatch.context() as m:
+        m.setattr(models.latent, "encode", lambda *a, **k: pytest.fail("encoded again"))
+        client_data(settings, node(0))
+    os.utime(ae / "diffusion_pytorch_model.safetensors", ns=(1, 1))  # new weights at the same path
+    _latents.cache_clear()
+    client_data(settings, node(0))
+    assert len(list(cache.glob("*.safetensors"))) == 3
+    _latents.cache_clear()
+    client_data(settings, node(0, cache_dir=""))  # "" turns the disk cache off
+    assert len(list(cache.glob("*.safetensors"))) == 3
+    _latents.cache_clear()

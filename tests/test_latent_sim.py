@@ -20,7 +20,8 @@ FID_WEIGHTS = REPO_ROOT.parent / "shared" / "weights" / "pt_inception-2015-12-05
 
 
 @pytest.mark.parametrize("strategy", ["quant", "fedddpm"])
-def test_latent_diffusion_trains_on_encoded_images_and_decodes_samples(strategy, tmp_path):
+def test_latent_diffusion_trains_on_encoded_images_and_decodes_samples(strategy, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where nodes keep their latents
     _image_folder(tmp_path / "images", [(20, 20)] * 12)
     autoencoder = save_tiny_autoencoder(tmp_path / "autoencoder")
     fedddpm = ["strategy.pretrain_steps=2", "strategy.aux_samples=4", "strategy.aux_ddim_steps=2",
@@ -46,6 +47,7 @@ def test_latent_diffusion_trains_on_encoded_images_and_decodes_samples(strategy,
     else:  # int8 updates
         assert all(r["uplink_bytes"] < r["downlink_bytes"] for r in rows)
     assert [r["num_aggregated"] for r in rows] == [2, 2]
+    assert len(list((tmp_path / "cache" / "feddm" / "latents").glob("*.safetensors"))) == 2  # one per client
     assert all(r["fid"] > 0 for r in rows)
     # the UNet works on 8x8x4 latents of the 16x16 RGB images
     unet_config = json.loads((run_dir / "model" / "unet" / "config.json").read_text())
