@@ -16,7 +16,7 @@ from client_app.app import app as feddm_client_app
 from models.data import dataset_from_config
 from server_app.checkpoint import load_checkpoint
 from server_app.config import ConfigError, validate_config
-from server_app.federation import run_federation
+from server_app.federation import run_federation, trained_nothing
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -24,7 +24,7 @@ def preflight(cfg: DictConfig) -> None:
 
     In simulation the clients read the same data root as this process.
     """
-    if cfg.resume:
+    if cfg.resume and not trained_nothing(Path(cfg.resume).expanduser()):
         load_checkpoint(Path(cfg.resume).expanduser())
     if not cfg.dataset.download:
         train = dataset_from_config(cfg.dataset, train=True)

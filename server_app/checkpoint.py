@@ -80,6 +80,11 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     return path
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether the run folder holds a checkpoint (damaged or not)."""
+    return (Path(run_dir) / CHECKPOINT_NAME).is_file()
+
+
 def load_checkpoint(run_dir: Path) -> tuple[Checkpoint, torch.Tensor]:
     """Read a checkpoint (and the torch RNG state); a damaged file raises ``CheckpointError``."""
     path = Path(run_dir) / CHECKPOINT_NAME

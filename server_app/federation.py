@@ -23,6 +23,7 @@ from models.data import dataset_from_config
 from server_app.checkpoint import (
     Checkpoint,
     CheckpointError,
+    has_checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -189,8 +190,9 @@ def _calibration(grid, strategy, cfg, run, unet, scheduler, settings, device, la
         ddim_steps=st.aux_ddim_steps, seed=int(cfg.seed), timeout=float(cfg.round_timeout_s), device=device,
         latent=latent,
     )
-    if row:
+    if row and not any(r["round"] == 0 for r in run.read_metrics()):  # one pretraining row per run
         run.append_metrics(row)
+    if row:
         log(INFO, "FedDM %s", _format_round(row))
     return server_calibration(
         dict(unet.config), scheduler, images, steps=int(st.calibration_steps), lr=float(st.calibration_lr),
@@ -199,13 +201,27 @@ def _calibration(grid, strategy, cfg, run, unet, scheduler, settings, device, la
     )
 
 
+def trained_nothing(run_dir: str | Path) -> bool:
+    """Whether a run folder stopped before any round was trained: no checkpoint, no row after round 0.
+
+    Resuming such a run (e.g. one that failed after FedDDPM's pretraining) starts
+    its training over in the folder, keeping what round 0 left: its row and the
+    auxiliary images.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or has_checkpoint(run_dir):
+        return False
+    return all(r["round"] == 0 for r in RunFolder(run_dir).read_metrics())
+
+
 def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     """Train until round ``cfg.num_rounds`` and return the run folder.
 
     The config is checked before anything is trained. The run folder gets the
     resolved config, ``metrics.jsonl`` (a row per round), a sample grid per
     evaluation round, checkpoints, and the final model as a diffusers pipeline.
-    With ``cfg.resume=RUN_DIR`` the run continues from that folder's checkpoint.
+    With ``cfg.resume=RUN_DIR`` the run continues from that folder's checkpoint
+    (or, if it stopped before a round was trained, starts its training anew there).
     """
     if cfg.resume:
         cfg = resumed_config(cfg.resume)  # the run's own settings, not today's defaults
@@ -247,7 +263,9 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
     model = GlobalModel(unet.to(device), cfg.ema)
 
     done_rounds, elapsed_before = 0, 0.0
-    if cfg.resume:
+    if cfg.resume and trained_nothing(run.path):
+        log(INFO, "FedDM: %s has no checkpoint and no trained round; training starts at round 1", run.path)
+    elif cfg.resume:
         checkpoint, torch_rng = load_checkpoint(run.path)
         if checkpoint.strategy_state.get("name") != cfg.strategy.name:
             raise CheckpointError(

@@ -58,3 +58,20 @@ def test_fedddpm_calibrates_every_round_and_reuses_its_auxiliary_data(tmp_path, 
     (again / AUX_NAME).write_bytes((first / AUX_NAME).read_bytes())
     rows = _rows(simulate(cfg, again))
     assert rows[0]["round"] == 1  # no pretraining round
+
+
+def test_a_run_stopped_after_pretraining_resumes_in_its_folder(tmp_path, data_root, monkeypatch):
+    from strategies import RoundFailedError
+    from tests.faulty_client import app as faulty_app
+
+    run = tmp_path / "run"
+    cfg = compose_config([*MICRO_OVERRIDES, "strategy=fedddpm", *FAST_FEDDDPM])
+    monkeypatch.setenv("FEDDM_FAULT", "raise-all")  # every client fails in round 1, after pretraining
+    monkeypatch.setenv("FEDDM_FAULT_ROUND", "1")
+    with pytest.raises(RoundFailedError):
+        simulate(cfg, run, client_app=faulty_app)
+    assert [r["round"] for r in _rows(run)] == [0] and not (run / "checkpoint.safetensors").exists()
+    # no checkpoint yet: resuming trains from round 1, reusing the pretraining and its row
+    rows = _rows(simulate(compose_config([*MICRO_OVERRIDES, f"resume={run}"]), run))
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[0]["phase"] == "pretrain"
