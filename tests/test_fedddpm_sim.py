@@ -43,24 +43,8 @@ def test_fedddpm_plus_uploads_local_models_once_and_calibrates_when_progress_sta
     assert (run_dir / "model" / "model_index.json").is_file()
 
 
-def test_fedddpm_calibrates_every_round_and_reuses_its_auxiliary_data(tmp_path, data_root):
-    from server_app.auxiliary import AUX_NAME
-
-    run = tmp_path / "run"
-    run.mkdir()
-    cfg = compose_config([*MICRO_OVERRIDES, "strategy=fedddpm", *FAST_FEDDDPM])
-    first = simulate(cfg, run)
-    rows = _rows(first)
-    assert [r.get("calibrated", 0) for r in rows if r["round"] > 0] == [1, 1]
-    # a second run in a folder that holds the auxiliary images (e.g. a resumed run) uses them
-    again = tmp_path / "again"
-    again.mkdir()
-    (again / AUX_NAME).write_bytes((first / AUX_NAME).read_bytes())
-    rows = _rows(simulate(cfg, again))
-    assert rows[0]["round"] == 1  # no pretraining round
-
-
-def test_a_run_stopped_after_pretraining_resumes_in_its_folder(tmp_path, data_root, monkeypatch):
+def test_fedddpm_resumes_after_pretraining_reuses_its_auxiliary_data_and_calibrates_every_round(
+        tmp_path, data_root, monkeypatch, caplog):
     from strategies import RoundFailedError
     from tests.faulty_client import app as faulty_app
 
@@ -71,7 +55,13 @@ def test_a_run_stopped_after_pretraining_resumes_in_its_folder(tmp_path, data_ro
     with pytest.raises(RoundFailedError):
         simulate(cfg, run, client_app=faulty_app)
     assert [r["round"] for r in _rows(run)] == [0] and not (run / "checkpoint.safetensors").exists()
-    # no checkpoint yet: resuming trains from round 1, reusing the pretraining and its row
-    rows = _rows(simulate(compose_config([*MICRO_OVERRIDES, f"resume={run}"]), run))
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    assert rows[0]["phase"] == "pretrain"
+    aux = (run / "auxiliary.safetensors").read_bytes()
+    # No checkpoint yet: resuming trains from round 1, with the auxiliary images of the
+    # first attempt (no second pretraining, one pretraining row).
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        rows = _rows(simulate(compose_config([*MICRO_OVERRIDES, f"resume={run}"]), run))
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[0]["phase"] == "pretrain"
+    assert "trains its own model" not in caplog.text and "6 auxiliary images from" in caplog.text
+    assert (run / "auxiliary.safetensors").read_bytes() == aux
+    assert [r["calibrated"] for r in rows[1:]] == [1, 1]

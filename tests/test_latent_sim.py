@@ -1,4 +1,4 @@
-"""model=ldm in a real 2-client simulation: a small random autoencoder, generated images, int8 updates."""
+"""model=ldm in real 2-client simulations: a small random autoencoder, generated images, FedDDPM and partial int8 exchange."""
 
 from __future__ import annotations
 
@@ -19,15 +19,12 @@ pytestmark = pytest.mark.slow
 FID_WEIGHTS = REPO_ROOT.parent / "shared" / "weights" / "pt_inception-2015-12-05.torchscript.pt"
 
 
-@pytest.mark.parametrize("strategy", ["quant", "fedddpm"])
-def test_latent_diffusion_trains_on_encoded_images_and_decodes_samples(strategy, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where nodes keep their latents
+def _ldm_config(tmp_path, strategy, extra=()):
+    """A tiny latent-diffusion run on generated 16x16 RGB images (8x8x4 latents)."""
     _image_folder(tmp_path / "images", [(20, 20)] * 12)
     autoencoder = save_tiny_autoencoder(tmp_path / "autoencoder")
-    fedddpm = ["strategy.pretrain_steps=2", "strategy.aux_samples=4", "strategy.aux_ddim_steps=2",
-               "strategy.calibration_steps=2", "strategy.calibration_batch_size=2"] if strategy == "fedddpm" else []
-    cfg = compose_config([
-        *fedddpm,
+    return compose_config([
+        *extra,
         "model=ldm", f"model.autoencoder.path={autoencoder}",
         "model.unet.block_out_channels=[8,16]", "model.unet.down_block_types=[DownBlock2D,AttnDownBlock2D]",
         "model.unet.up_block_types=[AttnUpBlock2D,UpBlock2D]", "model.unet.norm_num_groups=4",
@@ -37,15 +34,19 @@ def test_latent_diffusion_trains_on_encoded_images_and_decodes_samples(strategy,
         "eval.ddim_steps=2", "eval.num_samples=4", f"eval.fid_weights={FID_WEIGHTS}",
         f"eval.fid_cache={tmp_path / 'fid'}",
     ])
-    run_dir = simulate(cfg, tmp_path / "run")
+
+
+def test_latent_diffusion_trains_on_encoded_images_and_decodes_samples(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where nodes keep their latents
+    fedddpm = ["strategy.pretrain_steps=2", "strategy.aux_samples=4", "strategy.aux_ddim_steps=2",
+               "strategy.calibration_steps=2", "strategy.calibration_batch_size=2"]
+    run_dir = simulate(_ldm_config(tmp_path, "fedddpm", fedddpm), tmp_path / "run")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    if strategy == "fedddpm":  # the auxiliary data are latents of the clients' own latent models
-        assert rows.pop(0)["phase"] == "pretrain"
-        aux = load_file(str(run_dir / "auxiliary.safetensors"))["images"]
-        assert tuple(aux.shape) == (4, 4, 8, 8) and aux.dtype == torch.float32
-        assert all(r["calibrated"] == 1 for r in rows)
-    else:  # int8 updates
-        assert all(r["uplink_bytes"] < r["downlink_bytes"] for r in rows)
+    # FedDDPM: the auxiliary data are latents sampled from the clients' own latent models
+    assert rows.pop(0)["phase"] == "pretrain"
+    aux = load_file(str(run_dir / "auxiliary.safetensors"))["images"]
+    assert tuple(aux.shape) == (4, 4, 8, 8) and aux.dtype == torch.float32
+    assert all(r["calibrated"] == 1 for r in rows)
     assert [r["num_aggregated"] for r in rows] == [2, 2]
     assert len(list((tmp_path / "cache" / "feddm" / "latents").glob("*.safetensors"))) == 2  # one per client
     assert all(r["fid"] > 0 for r in rows)
@@ -63,3 +64,15 @@ def test_latent_diffusion_trains_on_encoded_images_and_decodes_samples(strategy,
     out = tmp_path / "grid.png"
     sample_main([str(run_dir / "model"), "--num", "4", "--out", str(out), "--ddim-steps", "2"])
     assert Image.open(out).mode == "RGB" and Image.open(out).size[0] > 2 * 16
+
+
+def test_partial_exchange_on_latents_scores_each_clients_decoded_samples(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run_dir = simulate(_ldm_config(tmp_path, "partial", ["strategy.quantize=true"]), tmp_path / "run")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["num_aggregated"] for r in rows] == [2, 2]
+    assert all(r["uplink_bytes"] < r["downlink_bytes"] for r in rows)  # int8 codes of the shared parts
+    # each client samples latents with its own model and decodes them with the shared autoencoder
+    for row in rows:
+        assert row["fid"] > 0 and len(row["fid_clients"]) == 2 and row["fid_mixture"] > 0
+    assert not (run_dir / "model").exists()  # each client keeps its own model
