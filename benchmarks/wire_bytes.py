@@ -1,4 +1,4 @@
-"""Bytes on the wire per client per round: FedDM-vanilla (fp32) vs FedDM-quant (int8).
+"""Bytes on the wire per client per round: FedDM-vanilla (fp32) vs FedDM-quant (int8), partial exchange and SecAgg+.
 
     python benchmarks/wire_bytes.py [--quick]
 
@@ -19,17 +19,21 @@ import sys
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import markdown_table, write_results  # noqa: E402
+from client_app.app import secagg_mod  # noqa: E402
 from client_app.partial import reply_arrays  # noqa: E402
 from client_app.updates import quantized_update  # noqa: E402
+from feddm.local_grid import LocalGrid  # noqa: E402
 from models import build_unet  # noqa: E402
 from server_app.config import compose_config  # noqa: E402
 from strategies import build_strategy  # noqa: E402
 from strategies.codec import payload_nbytes  # noqa: E402
+from strategies.secagg import recorddict_nbytes  # noqa: E402
 
 GEOMETRY = {"fashion_mnist": (28, 1), "cifar10": (32, 3), "celeba": (64, 3)}
 VARIANTS = {
@@ -92,6 +96,43 @@ def measure_partial(global_state: dict, local_state: dict) -> dict:
     return rows
 
 
+SECAGG_CLIENTS = 2
+
+
+def measure_secagg(global_state: dict, local_state: dict) -> dict:
+    """Bytes per client of one SecAgg+ round (all four stages), run in-process with Flower's protocol.
+
+    Two clients send the same plausible update through the ClientApp's
+    ``secagg_mod``; the server side is ``privacy=secagg`` as configured in
+    ``conf/privacy/secagg.yaml``.
+    """
+    privacy = OmegaConf.to_container(compose_config(["privacy=secagg"]).privacy)
+    strategy = build_strategy({"name": "vanilla"}, num_clients=SECAGG_CLIENTS, privacy=privacy)
+
+    def train(msg: Message, context: Context) -> Message:
+        content = RecordDict({"arrays": ArrayRecord(local_state),
+                              "metrics": MetricRecord({"train_loss": 1.0, "num-examples": 1000})})
+        return Message(content=content, reply_to=msg)
+
+    def client(msg: Message, context: Context) -> Message:
+        if msg.metadata.message_type == "evaluate":
+            return Message(RecordDict({"metrics": MetricRecord({"eval_loss": 1.0, "num-examples": 1})}), reply_to=msg)
+        return secagg_mod(msg, context, train)
+
+    grid = LocalGrid(range(1, SECAGG_CLIENTS + 1), client)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(global_state), num_rounds=1, timeout=3600,
+                   train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
+    sent = [m for m in grid.sent if m.metadata.message_type == "train"]
+    received = [m for m in grid.received if m.metadata.message_type == "train" and not m.has_error()]
+    assert len(received) == 4 * SECAGG_CLIENTS, "a SecAgg+ stage failed"
+    return {
+        "uplink_payload_bytes": sum(recorddict_nbytes(m.content) for m in received) / SECAGG_CLIENTS,
+        "uplink_serialized_bytes": sum(serialized_nbytes(m.content) for m in received) / SECAGG_CLIENTS,
+        "downlink_payload_bytes": sum(recorddict_nbytes(m.content) for m in sent) / SECAGG_CLIENTS,
+        "downlink_serialized_bytes": sum(serialized_nbytes(m.content) for m in sent) / SECAGG_CLIENTS,
+    }
+
+
 class _Nodes:
     def __init__(self, count: int) -> None:
         self.count = count
@@ -102,8 +143,6 @@ class _Nodes:
 
 def measure(model: str) -> dict:
     """Uplink/downlink bytes per client for each variant on one model."""
-    from omegaconf import OmegaConf
-
     size, channels = GEOMETRY[model]
     unet_kwargs = OmegaConf.to_container(compose_config([f"model={model}"]).model.unet)
     torch.manual_seed(0)
@@ -138,6 +177,7 @@ def measure(model: str) -> dict:
             "downlink_serialized_bytes": serialized_nbytes(downlink),
         }
     rows.update(measure_partial(global_state, local_state))
+    rows["SecAgg+ (4 stages, int64 masked)"] = measure_secagg(global_state, local_state)
     quant_down = build_strategy(
         {"name": "quant", "bits": 8, "granularity": "channel", "stochastic_rounding": False,
          "error_feedback": False, "quantize_downlink": True},
@@ -187,6 +227,10 @@ def main() -> None:
         + "\nPartial exchange (strategy=partial): uplink and round-2 downlink per client, averaged over 4 clients"
         " (a node's first contact receives the whole model once). The largest uplink saving: "
         + ", ".join(f"{m} {name} {ratio:.1f}x" for m, (name, ratio) in best.items()) + "."
+        + "\nSecAgg+ (privacy=secagg, 2 clients): all four stages of a round per client. The masked update is"
+        " int64 (Flower quantizes each weighted value into a 2^32 field), so the uplink is about 2x fp32: "
+        + ", ".join(f"{m} {r['variants']['SecAgg+ (4 stages, int64 masked)']['uplink_serialized_bytes'] / r['variants']['fp32 (vanilla)']['uplink_serialized_bytes']:.2f}x" for m, r in results.items())
+        + " of fp32's uplink; the downlink is the fp32 model plus the key exchange."
         + "\nFedDDPM and FedDDPM+ send what FedDM-vanilla sends every round, plus one upload of each client's"
         " local model (one fp32 model per client) before training."
         + "\nSizes are Flower's serialized objects (npy buffers, record and chunk framing). The int8 record"

@@ -1,6 +1,6 @@
 """SecAgg+ (privacy=secagg): Flower's protocol run in-process between the FedDM strategy and clients.
 
-The grid below delivers each message to a client function wrapped in the
+A ``LocalGrid`` delivers each message to a client function wrapped in the
 ClientApp's ``secagg_mod``, with a Context per node, so the four SecAgg+ stages,
 the masking and the unmasking are Flower's real code; only the transport is
 replaced (the Ray simulations are in test_secagg_sim.py).
@@ -8,18 +8,16 @@ replaced (the Ray simulations are in test_secagg_sim.py).
 
 from __future__ import annotations
 
-import copy
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
 from client_app.app import secagg_mod
+from feddm.local_grid import LocalGrid
 from strategies import RoundFailedError, build_strategy
 from strategies.secagg import (
     KEY_CLIPPING_RANGE,
@@ -47,26 +45,22 @@ def _update(node: int) -> dict[str, np.ndarray]:
     return {k: rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in GLOBAL.items()}
 
 
-class InProcessGrid:
-    """Delivers messages to ``train`` through ``secagg_mod``; records every message both ways."""
+class Clients:
+    """Client nodes for a ``LocalGrid``: the ClientApp's ``secagg_mod`` around a train function
+    whose update is known (``_update``); nodes in ``fail`` raise while training."""
 
-    def __init__(self, nodes: dict[int, int], fail: set[int] = frozenset(), fail_stage: str = "train"):
-        self.nodes = nodes  # node id -> num-examples
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
-                         for n in nodes}
-        self.fail, self.fail_stage = fail, fail_stage
-        self.run = SimpleNamespace(run_id=1)
-        self.sent, self.received, self.stages = [], [], []
+    def __init__(self, nodes: dict[int, int], fail: frozenset[int] = frozenset()) -> None:
+        self.nodes, self.fail = nodes, fail  # node id -> num-examples
 
-    def get_node_ids(self):
-        return list(self.nodes)
+    def __call__(self, msg: Message, context: Context) -> Message:
+        if msg.metadata.message_type == "evaluate":
+            metrics = MetricRecord({"eval_loss": 1.0, "num-examples": self.nodes[context.node_id]})
+            return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+        return secagg_mod(msg, context, self._train)
 
     def _train(self, msg: Message, context: Context) -> Message:
         node = context.node_id
-        if msg.metadata.message_type == "evaluate":
-            metrics = MetricRecord({"eval_loss": 1.0, "num-examples": self.nodes[node]})
-            return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
-        if node in self.fail and self.fail_stage == "train":
+        if node in self.fail:
             raise RuntimeError(f"node {node} crashed while training")
         received = msg.content["arrays"]
         trained = {k: received[k].numpy() + _update(node)[k] for k in received.keys()}
@@ -77,26 +71,21 @@ class InProcessGrid:
         })
         return Message(content=content, reply_to=msg)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            self.sent.append(msg)
-            if "secaggplus_configs" in msg.content.config_records:  # the client's mod pops the stage
-                self.stages.append(msg.content["secaggplus_configs"]["stage"])
-            node = msg.metadata.dst_node_id
-            # A copy, as over a network: the workflow sends one RecordDict to all nodes, and the mod edits it.
-            delivered = Message(content=copy.deepcopy(msg.content), metadata=copy.deepcopy(msg.metadata))
-            try:
-                out = secagg_mod(delivered, self.contexts[node], self._train)
-            except RuntimeError as err:  # Flower replies with the error
-                out = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"Traceback ...\n{err}"), reply_to=delivered)
-            replies.append(out)
-        self.received.extend(r for r in replies if r.metadata.message_type == "train")
-        return replies
+
+def _grid(nodes: dict[int, int], fail=frozenset()) -> LocalGrid:
+    return LocalGrid(nodes, Clients(nodes, frozenset(fail)))
+
+
+def _stages(grid: LocalGrid) -> list[str]:
+    return [m.content["secaggplus_configs"]["stage"] for m in grid.sent if "secaggplus_configs" in m.content.config_records]
+
+
+def _train_replies(grid: LocalGrid) -> list[Message]:
+    return [m for m in grid.received if not m.has_error() and m.metadata.message_type == "train"]
 
 
 def _start(grid, privacy=SECAGG, strategy="vanilla"):
-    fed = build_strategy({"name": strategy, "mu": 0.01}, num_clients=len(grid.nodes), privacy=privacy)
+    fed = build_strategy({"name": strategy, "mu": 0.01}, num_clients=len(grid.get_node_ids()), privacy=privacy)
     result = fed.start(grid=grid, initial_arrays=_record(GLOBAL), num_rounds=1, timeout=10,
                        train_config=ConfigRecord({"lr": 0.1}), evaluate_config=ConfigRecord({}))
     return fed, result
@@ -109,7 +98,7 @@ def _weighted_mean(nodes):
 
 def test_the_unmasked_mean_is_the_weighted_mean_of_the_updates():
     nodes = {1: 40, 2: 60, 3: 100}
-    grid = InProcessGrid(nodes)
+    grid = _grid(nodes)
     fed, result = _start(grid)
     expected = _weighted_mean(nodes)
     arrays = result.arrays
@@ -122,21 +111,21 @@ def test_the_unmasked_mean_is_the_weighted_mean_of_the_updates():
     assert log["train_loss"] == pytest.approx((40 * 1 + 60 * 2 + 100 * 3) / 200)
     # Four round trips; the masked vectors are int64, so the uplink is >= 2x the fp32 updates.
     assert log["uplink_bytes"] >= 3 * 2 * 8 * 4
-    assert log["uplink_bytes"] == sum(recorddict_nbytes(m.content) for m in grid.received)
+    assert log["uplink_bytes"] == sum(recorddict_nbytes(m.content) for m in _train_replies(grid))
 
 
 def test_the_server_never_receives_a_clients_arrays():
-    grid = InProcessGrid({1: 10, 2: 10, 3: 10})
+    grid = _grid({1: 10, 2: 10, 3: 10})
     _start(grid)
-    assert grid.stages == ["setup"] * 3 + ["share_keys"] * 3 + ["collect_masked_vectors"] * 3 + ["unmask"] * 3
-    for message in grid.received:
+    assert _stages(grid) == ["setup"] * 3 + ["share_keys"] * 3 + ["collect_masked_vectors"] * 3 + ["unmask"] * 3
+    for message in _train_replies(grid):
         assert all(len(record) == 0 for record in message.content.array_records.values())
-    masked = [m for m in grid.received if "masked_params" in m.content["secaggplus_configs"]]
+    masked = [m for m in _train_replies(grid) if "masked_params" in m.content["secaggplus_configs"]]
     assert len(masked) == 3
 
 
 def test_prox_runs_over_secagg_and_sends_its_mu():
-    grid = InProcessGrid({1: 10, 2: 30})
+    grid = _grid({1: 10, 2: 30})
     _, result = _start(grid, strategy="prox")
     fit = [m for m in grid.sent if "fitins.config" in m.content.config_records]
     assert fit and all(m.content["fitins.config"]["proximal-mu"] == 0.01 for m in fit)
@@ -146,7 +135,7 @@ def test_prox_runs_over_secagg_and_sends_its_mu():
 
 def test_a_node_that_drops_out_is_left_out_and_the_others_are_unmasked():
     nodes = {1: 10, 2: 20, 3: 30}
-    grid = InProcessGrid(nodes, fail={2})
+    grid = _grid(nodes, fail={2})
     fed, result = _start(grid)
     expected = _weighted_mean({1: 10, 3: 30})
     for k, v in expected.items():
@@ -155,14 +144,14 @@ def test_a_node_that_drops_out_is_left_out_and_the_others_are_unmasked():
 
 
 def test_too_few_nodes_left_stops_the_round_with_a_clear_error():
-    grid = InProcessGrid({1: 10, 2: 20}, fail={2})
+    grid = _grid({1: 10, 2: 20}, fail={2})
     with pytest.raises(RoundFailedError, match="SecAgg\\+\\) halted") as failed:
         _start(grid)
     assert "node 2 crashed while training" in str(failed.value)
 
 
 def test_evaluation_messages_pass_straight_through():
-    grid = InProcessGrid({1: 10, 2: 20})
+    grid = _grid({1: 10, 2: 20})
     fed = build_strategy({"name": "vanilla"}, num_clients=2, privacy=SECAGG)
     wrapped = fed.secure_aggregation.wrap(grid)
     msg = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="evaluate")

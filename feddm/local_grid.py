@@ -1,0 +1,56 @@
+"""A Grid that delivers messages to client functions in this process (tests and benchmarks).
+
+Flower's simulation runs clients in Ray workers; to follow a protocol message by
+message (SecAgg+'s four stages, byte counts) it is simpler to call the
+ClientApp's functions directly. Each node keeps its own ``Context``, as a
+SuperNode does, and every message is delivered as a copy, as over a network
+(the SecAgg+ workflow sends one RecordDict to all nodes, and Flower's client
+mod edits what it receives).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from types import SimpleNamespace
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+
+ClientFunction = Callable[[Message, Context], Message]
+
+
+class LocalGrid:
+    """The part of Flower's ``Grid`` that strategies and workflows use, served in-process.
+
+    ``client(msg, context)`` answers every message (train and evaluate); an
+    exception becomes an error reply, as Flower's ClientApp runtime makes one.
+    ``sent`` and ``received`` keep every message both ways.
+    """
+
+    def __init__(self, node_ids: Iterable[int], client: ClientFunction, run_id: int = 1) -> None:
+        self.contexts = {
+            int(n): Context(run_id=run_id, node_id=int(n), node_config={}, state=RecordDict(), run_config={})
+            for n in node_ids
+        }
+        self.client = client
+        self.run = SimpleNamespace(run_id=run_id)
+        self.sent: list[Message] = []
+        self.received: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            delivered = Message(content=copy.deepcopy(msg.content), metadata=copy.deepcopy(msg.metadata))
+            try:
+                reply = self.client(delivered, self.contexts[msg.metadata.dst_node_id])
+            except Exception as err:  # noqa: BLE001 -- any client failure is an error reply
+                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"),
+                                reply_to=delivered)
+            replies.append(reply)
+        self.received.extend(replies)
+        return replies
