@@ -143,9 +143,12 @@ def client_data(
     return _dataset(*dataset_key), train_idx, holdout_idx
 
 
-def default_latent_cache_dir() -> Path:
-    """Where a node keeps its encoded latents unless its node config says ``latent-cache-dir``."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "feddm" / "latents"
+def default_latent_cache_dir() -> str:
+    """Where a node keeps its encoded latents unless its node config says ``latent-cache-dir`` ("" if none)."""
+    try:
+        return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "feddm" / "latents")
+    except RuntimeError:  # no home directory (some containers): memory only
+        return ""
 
 
 @functools.lru_cache(maxsize=2)

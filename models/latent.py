@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -160,11 +161,20 @@ def _read_latents(path: Path, indices: np.ndarray) -> torch.Tensor | None:
 
 
 def _write_latents(path: Path, indices: np.ndarray, latents: torch.Tensor) -> None:
-    """Write atomically, so a node stopped mid-write leaves no half file to read."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file({"indices": torch.as_tensor(np.asarray(indices, dtype=np.int64)), "latents": latents.contiguous()}, partial)
-    os.replace(partial, path)
+    """Write atomically (a node stopped mid-write leaves no half file); a cache that cannot be written only warns."""
+    partial = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(handle)
+        tensors = {"indices": torch.as_tensor(np.asarray(indices, dtype=np.int64)), "latents": latents.contiguous()}
+        save_file(tensors, partial)
+        os.replace(partial, path)
+    except (OSError, SafetensorError) as err:
+        warnings.warn(f"latent cache {path} could not be written ({err}); the latents stay in memory only",
+                      stacklevel=3)
+        if partial is not None and os.path.exists(partial):
+            os.remove(partial)
 
 
 def autoencoder_from_settings(settings: Mapping[str, Any] | None, path: str | None = None) -> Autoencoder | None:

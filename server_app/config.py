@@ -171,13 +171,18 @@ def _check_secagg(e: list[str], cfg: DictConfig) -> None:
     if cfg.get("min_clients") is not None:
         _check(e, _is_int(cfg.min_clients) and cfg.min_clients >= 2, "min_clients", cfg.min_clients, "at least 2 with privacy=secagg")
     shares, threshold = pv.num_shares, pv.reconstruction_threshold
-    _check(e, (isinstance(shares, float) and 0 < shares <= 1) or (_is_int(shares) and shares >= 3),
-           "privacy.num_shares", shares, "a fraction in (0, 1] or an integer >= 3")
-    ok = (isinstance(threshold, float) and 0 < threshold <= 1) or (_is_int(threshold) and threshold >= 2)
+    # Counts must fit the nodes of a round (at least min_clients); Flower's clients split a
+    # secret into exactly num_shares parts, one per neighbour, so an even count breaks it.
+    nodes = cfg.get("min_clients") or cfg.num_clients
+    nodes = nodes if _is_int(nodes) else 0
+    _check(e, (isinstance(shares, float) and 0 < shares <= 1) or (_is_int(shares) and shares >= 3 and shares % 2 == 1
+           and shares <= nodes), "privacy.num_shares", shares,
+           f"a fraction in (0, 1] or an odd integer in 3..{nodes} (the nodes of a round)")
+    ok = (isinstance(threshold, float) and 0 < threshold <= 1) or (_is_int(threshold) and 2 <= threshold < nodes)
     if ok and _is_int(shares) and _is_int(threshold):
         ok = threshold < shares
     _check(e, ok, "privacy.reconstruction_threshold", threshold,
-           "a fraction in (0, 1] or an integer >= 2 (below privacy.num_shares when that is an integer)")
+           f"a fraction in (0, 1] or an integer in 2..{nodes - 1} (below privacy.num_shares when that is an integer)")
     _check(e, _is_number(pv.clipping_range) and pv.clipping_range > 0, "privacy.clipping_range", pv.clipping_range, "a number > 0")
     _check(e, _is_number(pv.max_weight) and pv.max_weight >= 1, "privacy.max_weight", pv.max_weight, "a number >= 1")
 

@@ -209,8 +209,8 @@ def trained_nothing(run_dir: str | Path) -> bool:
     auxiliary images.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or has_checkpoint(run_dir):
-        return False
+    if not (run_dir / "config.yaml").is_file() or has_checkpoint(run_dir) or (run_dir / "model").exists():
+        return False  # (a finished run without checkpoints has model/)
     return all(r["round"] == 0 for r in RunFolder(run_dir).read_metrics())
 
 

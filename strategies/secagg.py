@@ -63,8 +63,8 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPl
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from strategies.accounting import RoundFailedError, last_line
-from strategies.codec import payload_nbytes
+from strategies.accounting import RoundFailedError, check_metrics, last_line
+from strategies.codec import PayloadError, payload_nbytes
 
 SECAGG_STRATEGIES = ("vanilla", "prox")
 # Settings the clients need to turn their trained weights into a SecAgg+ input.
@@ -88,7 +88,7 @@ class SecAggPlus:
 
     def workflow(self, timeout: float | None) -> SecAggPlusWorkflow:
         """Flower's server side of the protocol, with these settings."""
-        return SecAggPlusWorkflow(
+        return _EarlyDropOutWorkflow(
             num_shares=self.num_shares,
             reconstruction_threshold=self.reconstruction_threshold,
             clipping_range=self.clipping_range,
@@ -126,14 +126,21 @@ def to_message_api(msg: Message) -> Message:
 def to_fit_result(reply: Message, instruction: Message) -> Message:
     """The trained weights in ``reply`` as the update Δ that ``secaggplus_mod`` masks.
 
-    Raises ``ValueError`` (the node leaves this round) when Δ is not finite, the
-    client's weight exceeds ``max_weight``, or a weighted value would be clipped.
+    Raises ``ValueError`` (the node leaves this round, before anything is masked)
+    when the metrics are not what the server accepts, Δ is not finite, the
+    client's weight exceeds ``max_weight``, or a weighted value would be clipped:
+    once masked, an update can no longer be left out of the mean.
     """
     if reply.has_error():
         return reply
     config, received = instruction.content["config"], instruction.content["arrays"]
-    trained, metrics = reply.content["arrays"], reply.content["metrics"]
-    num_examples = int(metrics["num-examples"])
+    try:
+        metrics = check_metrics(reply.content, "train_loss")
+    except PayloadError as err:
+        raise ValueError(f"the reply's metrics would be refused ({err}); the update is not sent") from err
+    if not float(metrics["num-examples"]).is_integer():
+        raise ValueError(f"num-examples must be a whole number, got {metrics['num-examples']}")
+    trained, num_examples = reply.content["arrays"], int(metrics["num-examples"])
     max_weight, clipping_range = float(config[KEY_MAX_WEIGHT]), float(config[KEY_CLIPPING_RANGE])
     if num_examples > max_weight:
         raise ValueError(f"num-examples {num_examples} exceeds privacy.max_weight={max_weight:g}; raise it")
@@ -155,6 +162,26 @@ def to_fit_result(reply: Message, instruction: Message) -> Message:
 
 
 # -- server side ------------------------------------------------------------------
+
+
+class _EarlyDropOutWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, where a node lost before the masking stage just leaves the round.
+
+    Flower counts such a node as dead in the unmask stage and asks the others
+    for shares of its key, which it never sent them, so one node that fails at
+    setup or key sharing would halt the round. Nothing of it is in any masked
+    vector, so it is dropped from the sampled nodes and from every neighbourhood.
+    """
+
+    def share_keys_stage(self, grid, context, state) -> bool:
+        if not super().share_keys_stage(grid, context, state):
+            return False
+        keep = set(state.active_node_ids)
+        if keep != state.sampled_node_ids:
+            log(WARNING, "SecAgg+: nodes %s left before the masking stage", sorted(state.sampled_node_ids - keep))
+        state.sampled_node_ids = keep
+        state.nid_to_neighbours = {n: ns & keep for n, ns in state.nid_to_neighbours.items() if n in keep}
+        return self._check_threshold(state)
 
 
 class _Instructions(LegacyStrategy):
@@ -255,7 +282,10 @@ class SecAggPlusGrid:
         context = _legacy_context(instructions, counting.run.run_id)
         context.state.array_records[MAIN_PARAMS_RECORD] = global_arrays
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
-        self.settings.workflow(timeout)(counting, context)
+        try:
+            self.settings.workflow(timeout)(counting, context)
+        except (KeyError, ValueError, IndexError, TypeError) as err:  # a malformed protocol reply
+            raise RoundFailedError(f"round {server_round}: SecAgg+ failed on a malformed reply: {err!r}") from err
         self.round_bytes = {"uplink_bytes": counting.uplink, "downlink_bytes": counting.downlink}
         if instructions.results is None:
             reasons = "; ".join(f"node {n}: {r}" for n, r in list(counting.errors.items())[:4])
@@ -265,11 +295,11 @@ class SecAggPlusGrid:
                 f"enough for privacy.reconstruction_threshold). Failures: "
                 f"{reasons or f'no error replies (a node silent for {timeout} s drops out)'}"
             )
-        return self._replies(instructions, by_node, global_arrays, counting.errors)
+        return self._replies(server_round, instructions, by_node, global_arrays, counting.errors)
 
     @staticmethod
-    def _replies(instructions: _Instructions, by_node: dict[int, Message], global_arrays: ArrayRecord,
-                 errors: dict[int, str]) -> list[Message]:
+    def _replies(server_round: int, instructions: _Instructions, by_node: dict[int, Message],
+                 global_arrays: ArrayRecord, errors: dict[int, str]) -> list[Message]:
         """Each participant's reply: its metrics and the new global weights (w + mean Δ)."""
         mean_update = parameters_to_ndarrays(instructions.results[0][1].parameters)
         names = list(global_arrays.keys())
@@ -281,14 +311,18 @@ class SecAggPlusGrid:
         })
         replies = []
         for proxy, fitres in instructions.results:
-            # The client's metrics came in the clear; one that is malformed is left out of the
-            # loss, but its update is already in the masked sum: SecAgg+ cannot take it out.
-            loss = fitres.metrics.get("train_loss")
-            loss = float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else float("nan")
-            content = RecordDict({
-                "arrays": weights,
-                "metrics": MetricRecord({"train_loss": loss, "num-examples": int(fitres.num_examples)}),
-            })
+            # The metrics came in the clear, but the update is already in the masked sum:
+            # a reply the strategy would leave out fails the whole round instead.
+            try:
+                metrics = MetricRecord({"train_loss": fitres.metrics.get("train_loss"),
+                                        "num-examples": fitres.num_examples})
+                check_metrics(RecordDict({"metrics": metrics}), "train_loss")
+            except (PayloadError, TypeError) as err:
+                raise RoundFailedError(
+                    f"round {server_round}: node {proxy.node_id} sent malformed metrics ({err}) with an update "
+                    "that is already in the SecAgg+ sum and cannot be left out"
+                ) from err
+            content = RecordDict({"arrays": weights, "metrics": metrics})
             if "partition-id" in fitres.metrics:
                 content["info"] = ConfigRecord({"partition-id": int(fitres.metrics["partition-id"])})
             replies.append(Message(content=content, reply_to=by_node.pop(proxy.node_id)))

@@ -238,6 +238,9 @@ def test_every_config_key_has_a_bad_value_case():
         (["privacy=secagg", "num_clients=1"], "num_clients"),
         (["privacy=secagg", "min_clients=1"], "min_clients"),
         (["privacy=secagg", "privacy.num_shares=2"], "privacy.num_shares"),
+        (["privacy=secagg", "num_clients=8", "privacy.num_shares=4"], "privacy.num_shares"),  # even
+        (["privacy=secagg", "num_clients=4", "privacy.num_shares=5"], "privacy.num_shares"),  # > nodes
+        (["privacy=secagg", "num_clients=3", "privacy.reconstruction_threshold=3"], "privacy.reconstruction_threshold"),
         (["privacy=secagg", "privacy.num_shares=1.5"], "privacy.num_shares"),
         (["privacy=secagg", "privacy.reconstruction_threshold=0.0"], "privacy.reconstruction_threshold"),
         (["privacy=secagg", "privacy.num_shares=5", "privacy.reconstruction_threshold=5"], "privacy.reconstruction_threshold"),

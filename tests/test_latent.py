@@ -145,3 +145,14 @@ def test_each_node_caches_its_partitions_latents_under_its_cache_dir(tmp_path, m
     client_data(settings, node(0, cache_dir=""))  # "" turns the disk cache off
     assert len(list(cache.glob("*.safetensors"))) == 3
     _latents.cache_clear()
+
+
+def test_a_cache_that_cannot_be_written_only_warns(tmp_path):
+    from models import LabeledImages
+
+    autoencoder = load_autoencoder(str(save_tiny_autoencoder(tmp_path / "ae")), "kl")
+    dataset = LabeledImages(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), np.arange(4) % 2)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.warns(UserWarning, match="could not be written"):
+        latents = CachedLatents(dataset, autoencoder, np.array([1, 3]), cache_file=tmp_path / "file" / "c.safetensors")
+    assert latents.latents.shape == (2, 4, 8, 8)

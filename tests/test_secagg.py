@@ -13,7 +13,8 @@ import json
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
 from client_app.app import secagg_mod
@@ -47,20 +48,32 @@ def _update(node: int) -> dict[str, np.ndarray]:
 
 class Clients:
     """Client nodes for a ``LocalGrid``: the ClientApp's ``secagg_mod`` around a train function
-    whose update is known (``_update``); nodes in ``fail`` raise while training."""
+    whose update is known (``_update``). Nodes in ``fail`` raise in SecAgg+ stage ``stage``
+    ("train": while training, in the masking stage); nodes in ``nan_loss`` skip FedDM's
+    client-side checks and mask their update with a NaN loss, as a tampered client could."""
 
-    def __init__(self, nodes: dict[int, int], fail: frozenset[int] = frozenset()) -> None:
-        self.nodes, self.fail = nodes, fail  # node id -> num-examples
+    def __init__(self, nodes: dict[int, int], fail=frozenset(), stage: str = "train", nan_loss=frozenset()) -> None:
+        self.nodes, self.fail, self.stage, self.nan_loss = nodes, fail, stage, nan_loss  # nodes: id -> num-examples
 
     def __call__(self, msg: Message, context: Context) -> Message:
         if msg.metadata.message_type == "evaluate":
             metrics = MetricRecord({"eval_loss": 1.0, "num-examples": self.nodes[context.node_id]})
             return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+        if context.node_id in self.fail and msg.content["secaggplus_configs"]["stage"] == self.stage:
+            raise RuntimeError(f"node {context.node_id} crashed in stage {self.stage}")
+        if context.node_id in self.nan_loss:
+            return secaggplus_mod(msg, context, self._tampered)
         return secagg_mod(msg, context, self._train)
+
+    def _tampered(self, msg: Message, context: Context) -> Message:
+        update = list(_update(context.node_id).values())
+        fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), self.nodes[context.node_id],
+                        {"train_loss": float("nan")})
+        return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
     def _train(self, msg: Message, context: Context) -> Message:
         node = context.node_id
-        if node in self.fail:
+        if node in self.fail and self.stage == "train":
             raise RuntimeError(f"node {node} crashed while training")
         received = msg.content["arrays"]
         trained = {k: received[k].numpy() + _update(node)[k] for k in received.keys()}
@@ -72,8 +85,8 @@ class Clients:
         return Message(content=content, reply_to=msg)
 
 
-def _grid(nodes: dict[int, int], fail=frozenset()) -> LocalGrid:
-    return LocalGrid(nodes, Clients(nodes, frozenset(fail)))
+def _grid(nodes: dict[int, int], **faults) -> LocalGrid:
+    return LocalGrid(nodes, Clients(nodes, **faults))
 
 
 def _stages(grid: LocalGrid) -> list[str]:
@@ -133,14 +146,25 @@ def test_prox_runs_over_secagg_and_sends_its_mu():
                                atol=1e-5)
 
 
-def test_a_node_that_drops_out_is_left_out_and_the_others_are_unmasked():
-    nodes = {1: 10, 2: 20, 3: 30}
-    grid = _grid(nodes, fail={2})
+@pytest.mark.parametrize("stage", ["setup", "share_keys", "train", "collect_masked_vectors", "unmask"])
+def test_a_node_that_drops_out_at_any_stage_leaves_the_others_to_be_unmasked(stage):
+    nodes = {1: 10, 2: 20, 3: 30, 4: 40}
+    grid = _grid(nodes, fail={2}, stage=stage)
     fed, result = _start(grid)
-    expected = _weighted_mean({1: 10, 3: 30})
+    # Until its masked update is in, a node that fails is left out; in the unmask stage
+    # its update is already in the sum, and the others' shares remove its masks.
+    expected = _weighted_mean(nodes if stage == "unmask" else {1: 10, 3: 30, 4: 40})
     for k, v in expected.items():
         np.testing.assert_allclose(result.arrays[k].numpy(), v, atol=1e-5)
-    assert fed.round_log[1]["num_aggregated"] == 2 and fed.round_log[1]["num_sampled"] == 3
+    assert fed.round_log[1]["num_aggregated"] == (4 if stage == "unmask" else 3)
+    assert fed.round_log[1]["num_sampled"] == 4
+
+
+def test_malformed_metrics_with_a_masked_update_fail_the_round():
+    # the update is in the sum and cannot be taken out, so nothing of the round is applied
+    grid = _grid({1: 10, 2: 20, 3: 30}, nan_loss={3})
+    with pytest.raises(RoundFailedError, match="node 3 sent malformed metrics .*cannot be left out"):
+        _start(grid)
 
 
 def test_too_few_nodes_left_stops_the_round_with_a_clear_error():
@@ -201,6 +225,9 @@ def test_the_instruction_is_named_and_the_reply_is_the_update():
         (np.nan, 25, "NaN or inf"),
         (0.5, 25, "privacy.clipping_range=0.1"),  # 0.5 * 25/50 > 0.1
         (0.01, 51, "privacy.max_weight=50"),
+        (0.01, 0, "num-examples' must be > 0"),
+        (0.01, -20, "num-examples' must be > 0"),
+        (0.01, 2.5, "whole number"),
     ],
 )
 def test_an_update_secagg_would_clip_or_garble_is_not_sent(delta, num_examples, error):
