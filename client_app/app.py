@@ -39,8 +39,8 @@ from client_app.task import (
 )
 from client_app.updates import quantized_update, received_weights, wants_quantized_update
 from models import resolve_device
-from strategies.secagg import to_fit_result, to_message_api, wants_secagg
 from models.latent import generate_images
+from strategies.secagg import to_fit_result, to_message_api, wants_secagg
 
 app = ClientApp()
 

@@ -169,8 +169,8 @@ def _stamp(path: str) -> list:
     folder = Path(path)
     if not folder.is_dir():
         return []
-    return sorted([str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns]
-                  for f in folder.rglob("*") if f.is_file())
+    stats = {str(f.relative_to(folder)): f.stat() for f in folder.rglob("*") if f.is_file()}
+    return sorted([name, stat.st_size, stat.st_mtime_ns] for name, stat in stats.items())
 
 
 def _autoencoder_path(settings: ClientSettings, node_config: Mapping[str, Any]) -> str:

@@ -13,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 import conf
 from models.data import SUPPORTED_DATASETS
 from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS
+from strategies.privacy import DP_STRATEGIES
+from strategies.secagg import SECAGG_STRATEGIES
 
 
 def group_options(group: str) -> tuple[str, ...]:
@@ -152,8 +154,8 @@ def _check_privacy(e: list[str], cfg: DictConfig) -> None:
     modes = group_options("privacy")
     _check(e, pv.name in modes, "privacy.name", pv.name, " | ".join(modes))
     if pv.name in ("dp_server", "dp_client"):
-        _check(e, cfg.strategy.name in ("vanilla", "prox"), "privacy", pv.name,
-               f"with strategy vanilla | prox only (strategy={cfg.strategy.name} sends updates, int8 codes, "
+        _check(e, cfg.strategy.name in DP_STRATEGIES, "privacy", pv.name,
+               f"with strategy {' | '.join(DP_STRATEGIES)} only (strategy={cfg.strategy.name} sends updates, int8 codes, "
                "parts or local models that fixed clipping of full weights does not apply to)")
         _check(e, _is_number(pv.clipping_norm) and pv.clipping_norm > 0, "privacy.clipping_norm", pv.clipping_norm, "a number > 0")
         _check(e, _is_number(pv.noise_multiplier) and pv.noise_multiplier >= 0, "privacy.noise_multiplier", pv.noise_multiplier, "a number >= 0")
@@ -164,8 +166,8 @@ def _check_privacy(e: list[str], cfg: DictConfig) -> None:
 def _check_secagg(e: list[str], cfg: DictConfig) -> None:
     """SecAgg+: Flower's protocol settings, at least 2 clients, and strategies that send full-model updates."""
     pv = cfg.privacy
-    _check(e, cfg.strategy.name in ("vanilla", "prox"), "privacy", pv.name,
-           f"with strategy vanilla | prox only (strategy={cfg.strategy.name} sends int8 codes with per-client "
+    _check(e, cfg.strategy.name in SECAGG_STRATEGIES, "privacy", pv.name,
+           f"with strategy {' | '.join(SECAGG_STRATEGIES)} only (strategy={cfg.strategy.name} sends int8 codes with per-client "
            "scales, parts that differ between clients, or local models that the masked sum cannot carry)")
     _check(e, _is_int(cfg.num_clients) and cfg.num_clients >= 2, "num_clients", cfg.num_clients, "at least 2 with privacy=secagg")
     if cfg.get("min_clients") is not None:

@@ -270,12 +270,10 @@ class SecAggPlusGrid:
             KEY_CLIPPING_RANGE: float(self.settings.clipping_range),
             KEY_MAX_WEIGHT: float(self.settings.max_weight),
         }
+        # Vanilla and prox send every node the same global model: convert it once.
+        parameters = compat.arrayrecord_to_parameters(global_arrays, keep_input=True)
         instructions = _Instructions(
-            {
-                nid: FitIns(compat.arrayrecord_to_parameters(m.content["arrays"], keep_input=True),
-                            {**dict(m.content["config"]), **extra})
-                for nid, m in by_node.items()
-            },
+            {nid: FitIns(parameters, {**dict(m.content["config"]), **extra}) for nid, m in by_node.items()},
             self.grid,
         )
         counting = _CountingGrid(self.grid)
@@ -305,10 +303,11 @@ class SecAggPlusGrid:
         names = list(global_arrays.keys())
         if len(mean_update) != len(names):
             raise RoundFailedError(f"SecAgg+ returned {len(mean_update)} arrays for a model of {len(names)}")
-        weights = ArrayRecord({
-            n: Array((global_arrays[n].numpy() + u).astype(global_arrays[n].numpy().dtype))
-            for n, u in zip(names, mean_update)
-        })
+        weights = {}
+        for name, update in zip(names, mean_update):
+            current = global_arrays[name].numpy()
+            weights[name] = Array((current + update).astype(current.dtype))
+        weights = ArrayRecord(weights)
         replies = []
         for proxy, fitres in instructions.results:
             # The metrics came in the clear, but the update is already in the masked sum:

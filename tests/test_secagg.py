@@ -75,8 +75,8 @@ class Clients:
         node = context.node_id
         if node in self.fail and self.stage == "train":
             raise RuntimeError(f"node {node} crashed while training")
-        received = msg.content["arrays"]
-        trained = {k: received[k].numpy() + _update(node)[k] for k in received.keys()}
+        received, update = msg.content["arrays"], _update(node)
+        trained = {k: received[k].numpy() + update[k] for k in received.keys()}
         content = RecordDict({
             "arrays": _record(trained),
             "metrics": MetricRecord({"train_loss": float(node), "num-examples": self.nodes[node]}),
