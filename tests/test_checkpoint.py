@@ -73,3 +73,26 @@ def test_a_new_checkpoint_replaces_the_old_one(tmp_path):
     save_checkpoint(tmp_path, later)
     assert load_checkpoint(tmp_path)[0].round == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]
+
+
+def test_only_a_run_folder_without_trained_rounds_restarts_on_resume(tmp_path):
+    import json
+
+    from server_app.federation import trained_nothing
+
+    run = tmp_path / "run"
+    assert not trained_nothing(run)  # no run folder at all
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
+    assert trained_nothing(run)  # stopped before any metrics
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 0, "phase": "pretrain"}) + "\n")
+    assert trained_nothing(run)  # only FedDDPM's pretraining
+    (run / "model").mkdir()
+    assert not trained_nothing(run)  # a finished run (checkpoint_every=0)
+    (run / "model").rmdir()
+    with (run / "metrics.jsonl").open("a") as rows:
+        rows.write(json.dumps({"round": 1}) + "\n")
+    assert not trained_nothing(run)  # a trained round: resume needs its checkpoint
+    (run / "metrics.jsonl").write_text("")
+    save_checkpoint(run, _checkpoint())
+    assert not trained_nothing(run)
