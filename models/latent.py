@@ -30,25 +30,53 @@ Autoencoder = AutoencoderKL | VQModel
 
 
 @functools.lru_cache(maxsize=2)
-def load_autoencoder(path: str, kind: str, subfolder: str | None = None) -> Autoencoder:
-    """The frozen autoencoder at ``path`` (a diffusers folder or hub id), in eval mode on the CPU."""
+def load_autoencoder(
+    path: str, kind: str, subfolder: str | None = None, scaling_factor: float | None = None
+) -> Autoencoder:
+    """The frozen autoencoder at ``path`` (a diffusers folder or hub id), in eval mode on the CPU.
+
+    ``scaling_factor`` replaces the one in its config (what latents are multiplied
+    by; diffusion expects latents of about unit variance), and is saved with it.
+    """
     if kind not in AUTOENCODERS:
         raise ValueError(f"model.autoencoder.kind={kind!r} is not one of {tuple(AUTOENCODERS)}")
     try:
         model = AUTOENCODERS[kind].from_pretrained(path, subfolder=subfolder, use_safetensors=True)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise FileNotFoundError(
             f"model.autoencoder.path={path!r}: no {AUTOENCODERS[kind].__name__} could be loaded there "
-            f"(a diffusers folder with config.json and diffusion_pytorch_model.safetensors, or a hub id when online): {err}"
+            "(a diffusers folder with config.json and diffusion_pytorch_model.safetensors, "
+            f"or a hub id when online): {err}"
         ) from err
+    if scaling_factor is not None:
+        model.register_to_config(scaling_factor=float(scaling_factor))
     return model.eval().requires_grad_(False)
+
+
+# Scaled latents whose standard deviation lies outside this range get a warning.
+LATENT_STD_RANGE = (0.5, 2.0)
+
+
+def latent_scale_warning(latents: torch.Tensor, scaling_factor: float) -> str | None:
+    """A warning if scaled ``latents`` are far from unit variance, naming the factor that would fix it."""
+    std = float(latents.float().std()) if latents.numel() > 1 else 1.0
+    low, high = LATENT_STD_RANGE
+    if low <= std <= high or std == 0:
+        return None
+    return (
+        f"the encoded latents have a standard deviation of {std:.3g} (scaling_factor {scaling_factor:g}); "
+        f"diffusion assumes about 1, so the noise drowns the data (or the reverse). Set "
+        f"model.autoencoder.scaling_factor={scaling_factor / std:.4g} (as latent diffusion does for a new autoencoder)"
+    )
 
 
 def latent_geometry(autoencoder: Autoencoder, image_size: int) -> tuple[int, int]:
     """(latent size, latent channels) of ``image_size`` pixel images."""
     factor = 2 ** (len(autoencoder.config.block_out_channels) - 1)
     if image_size % factor:
-        raise ValueError(f"dataset.image_size={image_size} is not divisible by the autoencoder's downsampling {factor}")
+        raise ValueError(
+            f"dataset.image_size={image_size} is not divisible by the autoencoder's downsampling {factor}"
+        )
     return image_size // factor, int(autoencoder.config.latent_channels)
 
 
@@ -93,7 +121,9 @@ def sample_latents(
 
     Unlike the pixel pipelines, nothing is clamped to [-1, 1]: latents are not images.
     """
-    sampler = (DDIMScheduler if ddim_steps else DDPMScheduler).from_config(scheduler.config, clip_sample=False)
+    sampler = (DDIMScheduler if ddim_steps else DDPMScheduler).from_config(
+        scheduler.config, clip_sample=False
+    )
     sampler.set_timesteps(ddim_steps or scheduler.config.num_train_timesteps)
     generator = torch.Generator().manual_seed(seed)
     device = next(unet.parameters()).device
@@ -105,7 +135,11 @@ def sample_latents(
         x = torch.randn((min(batch_size, num - start), *shape), generator=generator).to(device)
         for t in sampler.timesteps:
             eps = unet(x, t).sample
-            step = sampler.step(eps, t, x, generator=generator) if not ddim_steps else sampler.step(eps, t, x, eta=0.0)
+            step = (
+                sampler.step(eps, t, x, generator=generator)
+                if not ddim_steps
+                else sampler.step(eps, t, x, eta=0.0)
+            )
             x = step.prev_sample
         out.append(x.cpu())
     unet.train(was_training)
@@ -124,8 +158,14 @@ class CachedLatents(Dataset):
     file that cannot be read or holds other indices is encoded anew.
     """
 
-    def __init__(self, dataset: Dataset, autoencoder: Autoencoder, indices: np.ndarray, batch_size: int = 64,
-                 cache_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        autoencoder: Autoencoder,
+        indices: np.ndarray,
+        batch_size: int = 64,
+        cache_file: Path | None = None,
+    ) -> None:
         self.labels = dataset.labels
         self._length = len(dataset)
         self._row = {int(i): row for row, i in enumerate(indices)}
@@ -135,6 +175,8 @@ class CachedLatents(Dataset):
             return
         images = torch.stack([dataset[int(i)] for i in indices]) if len(indices) else torch.zeros(0)
         self.latents = encode(autoencoder, images, batch_size) if len(indices) else images
+        if (warning := latent_scale_warning(self.latents, autoencoder.config.scaling_factor)) is not None:
+            warnings.warn(warning, stacklevel=2)
         if cache_file and len(indices):
             _write_latents(cache_file, indices, self.latents)
 
@@ -154,7 +196,11 @@ def _read_latents(path: Path, indices: np.ndarray) -> torch.Tensor | None:
     except (OSError, SafetensorError, ValueError) as err:
         warnings.warn(f"latent cache {path} is unreadable ({err}); encoding the images again", stacklevel=3)
         return None
-    if "indices" not in stored or "latents" not in stored or not np.array_equal(stored["indices"].numpy(), indices):
+    if (
+        "indices" not in stored
+        or "latents" not in stored
+        or not np.array_equal(stored["indices"].numpy(), indices)
+    ):
         warnings.warn(f"latent cache {path} holds other images; encoding the images again", stacklevel=3)
         return None
     return stored["latents"]
@@ -167,21 +213,33 @@ def _write_latents(path: Path, indices: np.ndarray, latents: torch.Tensor) -> No
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         os.close(handle)
-        tensors = {"indices": torch.as_tensor(np.asarray(indices, dtype=np.int64)), "latents": latents.contiguous()}
+        tensors = {
+            "indices": torch.as_tensor(np.asarray(indices, dtype=np.int64)),
+            "latents": latents.contiguous(),
+        }
         save_file(tensors, partial)
         os.replace(partial, path)
     except (OSError, SafetensorError) as err:
-        warnings.warn(f"latent cache {path} could not be written ({err}); the latents stay in memory only",
-                      stacklevel=3)
+        warnings.warn(
+            f"latent cache {path} could not be written ({err}); the latents stay in memory only", stacklevel=3
+        )
         if partial is not None and os.path.exists(partial):
             os.remove(partial)
 
 
-def autoencoder_from_settings(settings: Mapping[str, Any] | None, path: str | None = None) -> Autoencoder | None:
+def autoencoder_from_settings(
+    settings: Mapping[str, Any] | None, path: str | None = None
+) -> Autoencoder | None:
     """The autoencoder of ``model.autoencoder`` settings (``path`` overrides theirs), or None (pixel space)."""
     if not settings:
         return None
-    return load_autoencoder(str(path or settings["path"]), str(settings.get("kind", "kl")), settings.get("subfolder"))
+    scaling_factor = settings.get("scaling_factor")
+    return load_autoencoder(
+        str(path or settings["path"]),
+        str(settings.get("kind", "kl")),
+        settings.get("subfolder"),
+        None if scaling_factor is None else float(scaling_factor),
+    )
 
 
 def generate_images(
@@ -199,7 +257,14 @@ def generate_images(
     from models.diffusion import sample_images
 
     if autoencoder is None:
-        return sample_images(unet, scheduler, num, seed=seed, ddim_steps=ddim_steps,
-                             batch_size=batch_size, show_progress=show_progress)
+        return sample_images(
+            unet,
+            scheduler,
+            num,
+            seed=seed,
+            ddim_steps=ddim_steps,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
     latents = sample_latents(unet, scheduler, num, seed=seed, ddim_steps=ddim_steps, batch_size=batch_size)
     return decode_to_uint8(autoencoder.to(next(unet.parameters()).device), latents, batch_size)
