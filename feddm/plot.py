@@ -8,16 +8,17 @@ Three panels: FID vs round, losses vs round, and FID vs cumulative uplink bytes
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+
+from server_app.run_folder import read_metrics  # noqa: E402
 
 
 def run_label(run_dir: Path) -> str:
@@ -39,7 +40,7 @@ def read_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl; is it a FedDM run folder?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(path)
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> Path:
@@ -55,7 +56,13 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
             ax_fid.plot([f[0] for f in fid], [f[2] for f in fid], marker="o", label=label)
             ax_bytes.plot([f[1] for f in fid], [f[2] for f in fid], marker="o", label=label)
         (line,) = ax_loss.plot(rounds, [r.get("train_loss", np.nan) for r in rows], label=f"{label} train")
-        ax_loss.plot(rounds, [r.get("eval_loss", np.nan) for r in rows], linestyle="--", color=line.get_color(), label=f"{label} eval")
+        ax_loss.plot(
+            rounds,
+            [r.get("eval_loss", np.nan) for r in rows],
+            linestyle="--",
+            color=line.get_color(),
+            label=f"{label} eval",
+        )
     ax_fid.set(title="FID vs round", xlabel="round", ylabel="FID")
     ax_loss.set(title="Diffusion loss vs round", xlabel="round", ylabel="MSE (noise)")
     ax_bytes.set(title="FID vs cumulative uplink", xlabel="uplink MB (all clients)", ylabel="FID")

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid, save_image
 
 from models import load_pipeline, resolve_device
+from models.grid import save_grid
 from models.latent import generate_images, load_autoencoder
 
 
@@ -31,12 +31,15 @@ def sample_grid(
         kind = "vq" if json.loads(saved.read_text()).get("_class_name") == "VQModel" else "kl"
         autoencoder = load_autoencoder(str(saved.parent), kind)
     images = generate_images(
-        unet, pipeline.scheduler, num, seed=seed, ddim_steps=ddim_steps, autoencoder=autoencoder, show_progress=True
+        unet,
+        pipeline.scheduler,
+        num,
+        seed=seed,
+        ddim_steps=ddim_steps,
+        autoencoder=autoencoder,
+        show_progress=True,
     )
-    grid = make_grid(images.float() / 255.0, nrow=max(1, int(num**0.5)), padding=2, pad_value=1.0)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, out)
-    return out
+    return save_grid(images, out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +55,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.num < 1 or (args.ddim_steps is not None and args.ddim_steps < 1):
         parser.error("--num and --ddim-steps must be >= 1")
     with torch.no_grad():  # not a global switch: main() is also called in-process (tests)
-        print(sample_grid(args.model_dir, args.num, args.out, ddim_steps=args.ddim_steps, seed=args.seed, device=args.device))
+        print(
+            sample_grid(
+                args.model_dir,
+                args.num,
+                args.out,
+                ddim_steps=args.ddim_steps,
+                seed=args.seed,
+                device=args.device,
+            )
+        )
 
 
 if __name__ == "__main__":

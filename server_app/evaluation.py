@@ -10,10 +10,10 @@ from diffusers import DDPMScheduler, UNet2DModel
 from flwr.supercore import log
 from omegaconf import DictConfig
 
-from models.latent import generate_images
 from models.data import dataset_from_config
 from models.fid import FID
-from server_app.run_folder import RunFolder
+from models.latent import generate_images
+from server_app.tracking import Tracker
 
 
 class GlobalEvaluator:
@@ -27,11 +27,11 @@ class GlobalEvaluator:
     clients' images: as many as all clients' images together).
     """
 
-    def __init__(self, cfg: DictConfig, run: RunFolder, device: torch.device, autoencoder=None) -> None:
+    def __init__(self, cfg: DictConfig, tracker: Tracker, device: torch.device, autoencoder=None) -> None:
         self.cfg = cfg.eval
         self.autoencoder = autoencoder  # latent diffusion: samples are decoded to pixels
         self.num_clients = int(cfg.num_clients)
-        self.run = run
+        self.tracker = tracker  # the run folder's grids, and the tracking sinks'
         self.fid: FID | None = None
         if self.cfg.num_samples > 0:
             self.fid = FID(
@@ -55,13 +55,20 @@ class GlobalEvaluator:
 
     def __call__(self, unet: UNet2DModel, scheduler: DDPMScheduler, server_round: int) -> dict[str, float]:
         """Save ``samples/round_NNNN.png``; return ``{"fid": ...}`` when FID is on."""
+
         def draw(count: int, show_progress: bool = False) -> torch.Tensor:
             return generate_images(
-                unet, scheduler, count, seed=self.cfg.seed, ddim_steps=self.cfg.ddim_steps,
-                batch_size=self.cfg.batch_size, autoencoder=self.autoencoder, show_progress=show_progress,
+                unet,
+                scheduler,
+                count,
+                seed=self.cfg.seed,
+                ddim_steps=self.cfg.ddim_steps,
+                batch_size=self.cfg.batch_size,
+                autoencoder=self.autoencoder,
+                show_progress=show_progress,
             )
 
-        self.run.save_grid(draw(self.cfg.grid_size), server_round)
+        self.tracker.log_grid(draw(self.cfg.grid_size), server_round)
         if self.fid is None:
             return {}
         self._reference(self.cfg.num_samples)
@@ -79,7 +86,7 @@ class GlobalEvaluator:
             return {}
         per_row = max(1, self.cfg.grid_size // len(samples))
         rows = [torch.from_numpy(images[:per_row]) for images in samples.values()]
-        self.run.save_grid(torch.cat(rows), server_round, nrow=per_row)
+        self.tracker.log_grid(torch.cat(rows), server_round, nrow=per_row)
         if self.fid is None:
             return {}
         # As many real images as all clients' images: the pooled FID compares with a global

@@ -20,18 +20,24 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from torchvision.utils import make_grid, save_image
 
 from models import save_pipeline
+from models.grid import save_grid
 
 AUTOENCODER_DIR = "autoencoder"
 
 
+def read_metrics(metrics_file: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` file (none if it does not exist)."""
+    if not metrics_file.exists():
+        return []
+    lines = metrics_file.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def new_run_dir(output_dir: str | Path, strategy: str) -> Path:
     """``output_dir/<date>_<time>_<strategy>``, made unique if it exists already."""
-    stem = Path(output_dir).expanduser().resolve() / (
-        time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{strategy}"
-    )
+    stem = Path(output_dir).expanduser().resolve() / (time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{strategy}")
     path, n = stem, 1
     while path.exists():
         path, n = stem.with_name(f"{stem.name}_{n}"), n + 1
@@ -61,10 +67,7 @@ class RunFolder:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All rows of ``metrics.jsonl``."""
-        if not self.metrics_file.exists():
-            return []
-        lines = self.metrics_file.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        return read_metrics(self.metrics_file)
 
     def truncate_metrics(self, last_round: int) -> list[dict[str, Any]]:
         """Keep the rows up to ``last_round`` (a resumed run redoes the later ones)."""
@@ -74,13 +77,7 @@ class RunFolder:
 
     def save_grid(self, images: torch.Tensor, server_round: int, nrow: int | None = None) -> Path:
         """Save uint8 N x C x H x W images as ``samples/round_NNNN.png`` (``nrow`` per row; default square)."""
-        path = self.samples / f"round_{server_round:04d}.png"
-        nrow = nrow or max(1, int(len(images) ** 0.5))
-        grid = make_grid(images.float() / 255.0, nrow=nrow, padding=2, pad_value=1.0)
-        tmp = path.with_suffix(".tmp.png")
-        save_image(grid, tmp)
-        tmp.replace(path)
-        return path
+        return save_grid(images, self.samples / f"round_{server_round:04d}.png", nrow)
 
     def save_model(self, unet: UNet2DModel, scheduler: DDPMScheduler, autoencoder=None) -> Path:
         """Save the final model as a diffusers DDPMPipeline under ``model/``.

@@ -61,7 +61,11 @@ def test_scheduler_defaults_are_ddpm_linear_1000():
 
 def _micro_unet():
     torch.manual_seed(0)
-    kwargs = _unet_kwargs("tiny") | {"block_out_channels": [8, 16], "norm_num_groups": 4, "attention_head_dim": 4}
+    kwargs = _unet_kwargs("tiny") | {
+        "block_out_channels": [8, 16],
+        "norm_num_groups": 4,
+        "attention_head_dim": 4,
+    }
     return build_unet(kwargs, image_size=28, channels=1)
 
 
@@ -87,7 +91,9 @@ def test_gradient_clipping_bounds_the_update_norm():
     images = torch.rand(4, 1, 28, 28) * 2 - 1
     before = [p.detach().clone() for p in unet.parameters()]
     optimizer = torch.optim.SGD(unet.parameters(), lr=1.0)
-    train_step(unet, scheduler, optimizer, images, generator=torch.Generator().manual_seed(0), max_grad_norm=0.01)
+    train_step(
+        unet, scheduler, optimizer, images, generator=torch.Generator().manual_seed(0), max_grad_norm=0.01
+    )
     step = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(unet.parameters(), before)))
     assert step.item() <= 0.01 + 1e-6
 
@@ -99,7 +105,15 @@ def test_regularizer_shapes_the_update_but_not_the_reported_loss():
         unet, scheduler = _micro_unet(), _scheduler()
         start = [p.detach().clone() for p in unet.parameters()]
         optimizer = torch.optim.SGD(unet.parameters(), lr=1e-2)
-        loss = train_step(unet, scheduler, optimizer, images, generator=torch.Generator().manual_seed(1), max_grad_norm=None, regularizer=regularizer)
+        loss = train_step(
+            unet,
+            scheduler,
+            optimizer,
+            images,
+            generator=torch.Generator().manual_seed(1),
+            max_grad_norm=None,
+            regularizer=regularizer,
+        )
         moved = sum(((p - s) ** 2).sum() for p, s in zip(unet.parameters(), start))
         return loss, moved.item()
 
@@ -130,3 +144,20 @@ def test_saved_pipeline_loads_with_diffusers_and_samples(tmp_path):
     images = pipeline(batch_size=1, num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 28, 28, 1)
     assert load_pipeline(tmp_path / "model").unet.config.sample_size == 28
+
+
+def test_sample_grids_are_upscaled_with_sharp_pixels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from models.grid import save_grid
+
+    images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    path = save_grid(images, tmp_path / "grid.png")
+    pixels = np.asarray(Image.open(path).convert("L"))
+    assert pixels.shape == (366, 366)  # 4 x 28 px + 5 x 2 px padding = 122 px, times 3
+    # nearest neighbour: each source pixel is a 3 x 3 block; the first image starts after 2 px padding
+    np.testing.assert_array_equal(pixels[6:9, 6:9], np.full((3, 3), int(images[0, 0, 0, 0])))
+    np.testing.assert_array_equal(pixels[6 : 6 + 84 : 3, 6 : 6 + 84 : 3], images[0, 0].numpy())
+    big = save_grid(torch.zeros(1, 3, 300, 300, dtype=torch.uint8), tmp_path / "big.png")
+    assert Image.open(big).size == (300, 300)  # one image (no padding), large enough already: not enlarged
