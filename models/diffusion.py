@@ -23,9 +23,7 @@ from diffusers import (
 Regularizer = Callable[[UNet2DModel], torch.Tensor]
 
 
-def make_optimizer(
-    unet: UNet2DModel, *, lr: float, weight_decay: float = 0.0
-) -> torch.optim.Optimizer:
+def make_optimizer(unet: UNet2DModel, *, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """AdamW over the UNet's parameters (the optimizer of the DDPM recipe)."""
     return torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay)
 
@@ -79,6 +77,32 @@ def train_step(
     return loss.item()
 
 
+def train_on_images(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    data: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: tuple[int, int],
+    max_grad_norm: float | None = 1.0,
+) -> None:
+    """``steps`` DDPM steps in place on random batches of ``data`` (N x C x H x W in [-1, 1], or latents).
+
+    A fresh AdamW optimizer; batches, noise and timesteps follow ``seed`` (e.g.
+    (run seed, round)), and dropout ``sum(seed)``, so a run is reproducible.
+    """
+    device = next(unet.parameters()).device
+    optimizer = make_optimizer(unet, lr=lr)
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(sum(seed))  # dropout
+        for _ in range(steps):
+            batch = data[torch.randint(len(data), (batch_size,), generator=generator)].to(device)
+            train_step(unet, scheduler, optimizer, batch, generator=generator, max_grad_norm=max_grad_norm)
+
+
 @torch.no_grad()
 def sample_images(
     unet: UNet2DModel,
@@ -98,14 +122,10 @@ def sample_images(
     the same images for the same weights.
     """
     if ddim_steps is not None:
-        pipeline = DDIMPipeline(
-            unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config)
-        )
+        pipeline = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config))
         steps = int(ddim_steps)
     else:
-        pipeline = DDPMPipeline(
-            unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config)
-        )
+        pipeline = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config))
         steps = scheduler.config.num_train_timesteps
     pipeline.set_progress_bar_config(disable=not show_progress, leave=False)
     was_training = unet.training

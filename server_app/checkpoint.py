@@ -35,7 +35,7 @@ class Checkpoint:
     global_weights: dict[str, torch.Tensor]
     ema_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     ema_step: int = 0
-    strategy_state: dict[str, Any] = field(default_factory=dict)
+    strategy_state: dict[str, Any] = field(default_factory=dict)  # JSON values and tensors
     rng_state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,10 +65,18 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     tensors = {f"global/{k}": v.detach().cpu().contiguous() for k, v in checkpoint.global_weights.items()}
     tensors.update({f"ema/{k}": v.detach().cpu().contiguous() for k, v in checkpoint.ema_weights.items()})
     tensors["rng/torch"] = torch_rng
+    state = {k: v for k, v in checkpoint.strategy_state.items() if not isinstance(v, torch.Tensor)}
+    tensors.update(
+        {
+            f"strategy/{k}": v.detach().cpu().contiguous()
+            for k, v in checkpoint.strategy_state.items()
+            if isinstance(v, torch.Tensor)
+        }
+    )
     metadata = {
         "round": str(checkpoint.round),
         "ema_step": str(checkpoint.ema_step),
-        "strategy_state": json.dumps(checkpoint.strategy_state),
+        "strategy_state": json.dumps(state),
         "rng_state": json.dumps(rng_state),
     }
     path = Path(run_dir) / CHECKPOINT_NAME
@@ -99,7 +107,10 @@ def load_checkpoint(run_dir: Path) -> tuple[Checkpoint, torch.Tensor]:
             global_weights={k[7:]: v for k, v in tensors.items() if k.startswith("global/")},
             ema_weights={k[4:]: v for k, v in tensors.items() if k.startswith("ema/")},
             ema_step=int(metadata["ema_step"]),
-            strategy_state=json.loads(metadata["strategy_state"]),
+            strategy_state={
+                **json.loads(metadata["strategy_state"]),
+                **{k[9:]: v for k, v in tensors.items() if k.startswith("strategy/")},
+            },
             rng_state=json.loads(metadata["rng_state"]),
         )
         torch_rng = tensors["rng/torch"]

@@ -2,37 +2,45 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import random
+import re
 import time
-from logging import INFO
+from collections.abc import Iterator
+from dataclasses import dataclass
+from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
+from flwr.supercore.logger import LOGGER_NAME
 from omegaconf import DictConfig, OmegaConf
 
-from models import build_scheduler, build_unet, resolve_device
-from models.latent import autoencoder_from_settings, latent_geometry
+from models import build_scheduler, build_unet, count_parameters, resolve_device
 from models.data import dataset_from_config
+from models.latent import autoencoder_from_settings, latent_geometry
+from server_app.auxiliary import auxiliary_images
 from server_app.checkpoint import (
-    Checkpoint,
     CheckpointError,
     has_checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from server_app.auxiliary import auxiliary_images
 from server_app.config import resolve_paths, resumed_config, to_yaml, validate_config
+from server_app.divergence import DivergenceWatch
 from server_app.evaluation import GlobalEvaluator
+from server_app.global_model import GlobalModel
 from server_app.run_folder import RunFolder, new_run_dir
-from strategies import FedDDPM, build_strategy
+from server_app.tracking import Tracker, build_tracker
+from strategies import FedDDPM, RoundAccounting, build_strategy
 from strategies.fedddpm import server_calibration
 
 # Round-log keys copied to metrics.jsonl, besides round, wall_time_s and fid.
@@ -78,14 +86,16 @@ def client_config(cfg: DictConfig, unet: UNet2DModel, scheduler: DDPMScheduler) 
     )
 
 
-def client_sampling(cfg: DictConfig) -> dict:
+def client_generation(cfg: DictConfig) -> dict:
     """What clients that keep parts of the model generate at evaluation rounds (grid and FID)."""
     return {
         "sample-count": max(int(cfg.eval.num_samples), int(cfg.eval.grid_size)),
         "sample-seed": int(cfg.eval.seed),
         "sample-ddim-steps": int(cfg.eval.ddim_steps or 0),  # 0: full DDPM
         "sample-batch-size": int(cfg.eval.batch_size),
-        "sample-shape": json.dumps([int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size)]),
+        "sample-shape": json.dumps(
+            [int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size)]
+        ),
     }
 
 
@@ -121,86 +131,6 @@ def wait_for_nodes(grid: Grid, num_clients: int, timeout_s: float) -> None:
         time.sleep(1.0)
 
 
-class GlobalModel:
-    """The server's copy of the global UNet, its EMA, and what is saved of them."""
-
-    def __init__(self, unet: UNet2DModel, ema_cfg: DictConfig) -> None:
-        self.unet = unet
-        self.ema = (
-            EMAModel(unet.parameters(), decay=float(ema_cfg.decay)) if ema_cfg.enabled else None
-        )
-
-    def update(self, arrays: ArrayRecord) -> None:
-        """Load the new global weights and take an EMA step."""
-        self.unet.load_state_dict(arrays.to_torch_state_dict())
-        if self.ema is not None:
-            self.ema.step(self.unet.parameters())
-
-    def evaluation_weights(self):
-        """Context manager: the UNet holds the EMA weights (if on) inside the block."""
-        return _EMAWeights(self)
-
-    def checkpoint(self, server_round: int, strategy_name: str) -> Checkpoint:
-        names = [n for n, _ in self.unet.named_parameters()]
-        return Checkpoint(
-            round=server_round,
-            global_weights=self.unet.state_dict(),
-            ema_weights=dict(zip(names, self.ema.shadow_params)) if self.ema else {},
-            ema_step=self.ema.optimization_step if self.ema else 0,
-            strategy_state={"name": strategy_name},
-        )
-
-    def restore(self, checkpoint: Checkpoint) -> None:
-        expected = {n: tuple(t.shape) for n, t in self.unet.state_dict().items()}
-        found = {n: tuple(t.shape) for n, t in checkpoint.global_weights.items()}
-        if expected != found:
-            raise CheckpointError("the checkpoint's weights do not match the run's model config")
-        self.unet.load_state_dict(checkpoint.global_weights)
-        if self.ema is not None:
-            params = dict(self.unet.named_parameters())
-            shapes = {n: tuple(t.shape) for n, t in checkpoint.ema_weights.items()}
-            if shapes != {n: tuple(p.shape) for n, p in params.items()}:
-                raise CheckpointError("the checkpoint holds no EMA weights for this model")
-            state = self.ema.state_dict()
-            state["shadow_params"] = [checkpoint.ema_weights[n].to(p.device) for n, p in params.items()]
-            state["optimization_step"] = checkpoint.ema_step
-            self.ema.load_state_dict(state)
-
-
-class _EMAWeights:
-    def __init__(self, model: GlobalModel) -> None:
-        self.model = model
-
-    def __enter__(self) -> UNet2DModel:
-        if self.model.ema is not None:
-            self.model.ema.store(self.model.unet.parameters())
-            self.model.ema.copy_to(self.model.unet.parameters())
-        return self.model.unet
-
-    def __exit__(self, *exc) -> None:
-        if self.model.ema is not None:
-            self.model.ema.restore(self.model.unet.parameters())
-
-
-def _calibration(grid, strategy, cfg, run, unet, scheduler, settings, device, latent):
-    """FedDDPM: the clients' own models, the auxiliary images, and the server's calibration step."""
-    st = cfg.strategy
-    images, row = auxiliary_images(
-        grid, strategy, ArrayRecord(unet.state_dict()), settings, scheduler, run_dir=run.path,
-        ddim_steps=st.aux_ddim_steps, seed=int(cfg.seed), timeout=float(cfg.round_timeout_s), device=device,
-        latent=latent,
-    )
-    if row and not any(r["round"] == 0 for r in run.read_metrics()):  # one pretraining row per run
-        run.append_metrics(row)
-    if row:
-        log(INFO, "FedDM %s", _format_round(row))
-    return server_calibration(
-        dict(unet.config), scheduler, images, steps=int(st.calibration_steps), lr=float(st.calibration_lr),
-        batch_size=int(st.calibration_batch_size), seed=int(cfg.seed), device=device,
-        max_grad_norm=float(cfg.max_grad_norm),
-    )
-
-
 def trained_nothing(run_dir: str | Path) -> bool:
     """Whether a run folder stopped before any round was trained: no checkpoint, no row after round 0.
 
@@ -214,6 +144,23 @@ def trained_nothing(run_dir: str | Path) -> bool:
     return all(r["round"] == 0 for r in RunFolder(run_dir).read_metrics())
 
 
+@dataclass
+class Run:
+    """What one run is made of, built once by :func:`build_run`."""
+
+    cfg: DictConfig
+    folder: RunFolder
+    device: torch.device
+    autoencoder: Any  # latent diffusion: the frozen autoencoder; None in pixel space
+    model: GlobalModel
+    scheduler: DDPMScheduler
+    strategy: RoundAccounting
+    settings: ConfigRecord  # what clients are sent
+    done_rounds: int = 0  # rounds a resumed run had finished
+    elapsed_before: float = 0.0  # seconds of training before the resume
+    tracker: Tracker | None = None
+
+
 def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     """Train until round ``cfg.num_rounds`` and return the run folder.
 
@@ -223,26 +170,63 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
     With ``cfg.resume=RUN_DIR`` the run continues from that folder's checkpoint
     (or, if it stopped before a round was trained, starts its training anew there).
     """
+    cfg = prepare_config(cfg)
+    folder = open_run_folder(cfg, run_dir)
+    download_dataset(cfg)
+    run = build_run(cfg, folder)
+    watch = DivergenceWatch(float(cfg.lr), str(cfg.model.name), latent=run.autoencoder is not None)
+    restore_progress(run, watch)
+    log_summary(run)
+    run.tracker = build_tracker(
+        cfg.get("tracking"), folder, OmegaConf.to_container(cfg, resolve=True), resumed_after=run.done_rounds
+    )
+    try:
+        recorder = RoundRecorder(run, watch)  # the evaluator's FID statistics come first
+        wait_for_nodes(grid, cfg.num_clients, float(cfg.node_wait_timeout_s))
+        if isinstance(run.strategy, FedDDPM):
+            run.strategy.calibrate = pretrain(grid, run)
+        train_rounds(grid, run, recorder)
+        finish(run)
+    finally:
+        run.tracker.close()
+    return folder.path
+
+
+def prepare_config(cfg: DictConfig) -> DictConfig:
+    """The run's config: a resumed run's own saved one, checked, with absolute paths."""
     if cfg.resume:
         cfg = resumed_config(cfg.resume)  # the run's own settings, not today's defaults
     validate_config(cfg)
-    cfg = resolve_paths(cfg)
-    folder = cfg.resume or cfg.run_dir or run_dir or new_run_dir(cfg.output_dir, cfg.strategy.name)
-    run = RunFolder(folder)
-    log(INFO, "FedDM run folder: %s", run.path)
+    return resolve_paths(cfg)
+
+
+def open_run_folder(cfg: DictConfig, run_dir: str | Path | None) -> RunFolder:
+    """The run folder: the resumed one, or a new one holding the resolved config."""
+    folder = RunFolder(cfg.resume or cfg.run_dir or run_dir or new_run_dir(cfg.output_dir, cfg.strategy.name))
+    log(INFO, "FedDM run folder: %s", folder.path)
     if not cfg.resume:
-        if run.read_metrics():
+        if folder.read_metrics():
             raise FileExistsError(
-                f"run folder {run.path} already holds metrics.jsonl; continue it with "
-                f"resume={run.path} or choose another folder"
+                f"run folder {folder.path} already holds metrics.jsonl; continue it with "
+                f"resume={folder.path} or choose another folder"
             )
-        run.write_config(to_yaml(cfg))
-    if cfg.dataset.download:
-        # Download once here, so simulated clients do not race on the same folder.
+        folder.write_config(to_yaml(cfg))
+    return folder
+
+
+def download_dataset(cfg: DictConfig) -> None:
+    """``dataset.download=true``: download once here, so simulated clients do not race on one folder.
+
+    (``auto`` needs nothing here: whoever misses the files downloads them, one process at a time.)
+    """
+    if cfg.dataset.download is True:
         for train in (True, False):
             dataset_from_config(cfg.dataset, train=train)
         cfg.dataset.download = False
 
+
+def build_run(cfg: DictConfig, folder: RunFolder) -> Run:
+    """The model, its scheduler, the strategy and the clients' settings, from a seeded start."""
     _seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     plain = OmegaConf.to_container(cfg, resolve=True)
@@ -255,79 +239,205 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
     # Latents are not images: no clipping of the predicted sample to [-1, 1].
     scheduler = build_scheduler({**plain["scheduler"], **({"clip_sample": False} if autoencoder else {})})
     strategy = build_strategy(
-        cfg.strategy, num_clients=cfg.num_clients, min_clients=cfg.min_clients, seed=int(cfg.seed),
-        client_sampling=client_sampling(cfg), privacy=cfg.privacy,
+        cfg.strategy,
+        num_clients=cfg.num_clients,
+        min_clients=cfg.min_clients,
+        seed=int(cfg.seed),
+        client_generation=client_generation(cfg),
+        privacy=cfg.privacy,
+        evaluate_every=int(cfg.eval.every),
+        last_round=int(cfg.num_rounds),
     )
-    strategy.evaluate_every, strategy.last_round = int(cfg.eval.every), int(cfg.num_rounds)
     settings = client_config(cfg, unet, scheduler)
     model = GlobalModel(unet.to(device), cfg.ema)
+    return Run(cfg, folder, device, autoencoder, model, scheduler, strategy, settings)
 
-    done_rounds, elapsed_before = 0, 0.0
-    if cfg.resume and trained_nothing(run.path):
-        log(INFO, "FedDM: %s has no checkpoint and no trained round; training starts at round 1", run.path)
-    elif cfg.resume:
-        checkpoint, torch_rng = load_checkpoint(run.path)
-        if checkpoint.strategy_state.get("name") != cfg.strategy.name:
-            raise CheckpointError(
-                f"the checkpoint is of strategy {checkpoint.strategy_state.get('name')!r}, "
-                f"the config says {cfg.strategy.name!r}"
-            )
-        model.restore(checkpoint)
-        restore_rng_state(checkpoint.rng_state, torch_rng)
-        done_rounds = checkpoint.round
-        rows = run.truncate_metrics(done_rounds)
-        for row in rows:  # what adaptive strategies (FedDDPM+) saw before the interruption
-            if row["round"] > 0:
-                strategy.observe(row["round"], row)
-        elapsed_before = rows[-1]["wall_time_s"] if rows else 0.0
-        strategy.round_offset = done_rounds
-        log(INFO, "FedDM resumes after round %d of %d", done_rounds, cfg.num_rounds)
 
-    evaluator = GlobalEvaluator(cfg, run, device, autoencoder)
-    wait_for_nodes(grid, cfg.num_clients, float(cfg.node_wait_timeout_s))
-    if isinstance(strategy, FedDDPM):
-        strategy.calibrate = _calibration(
-            grid, strategy, cfg, run, model.unet, scheduler, settings, device, latent=autoencoder is not None
+def restore_progress(run: Run, watch: DivergenceWatch) -> None:
+    """Resume: the checkpoint's weights, EMA and RNG states; the rounds and metrics before it."""
+    cfg = run.cfg
+    if not cfg.resume:
+        return
+    if trained_nothing(run.folder.path):
+        log(
+            INFO,
+            "FedDM: %s has no checkpoint and no trained round; training starts at round 1",
+            run.folder.path,
         )
-    started = time.monotonic()
+        return
+    checkpoint, torch_rng = load_checkpoint(run.folder.path)
+    if checkpoint.strategy_state.get("name") != cfg.strategy.name:
+        raise CheckpointError(
+            f"the checkpoint is of strategy {checkpoint.strategy_state.get('name')!r}, "
+            f"the config says {cfg.strategy.name!r}"
+        )
+    run.model.restore(checkpoint)
+    restore_rng_state(checkpoint.rng_state, torch_rng)
+    run.done_rounds = checkpoint.round
+    # Checkpoints from before strategies had a state_dict hold only the name: the round is the checkpoint's.
+    run.strategy.load_state_dict({"rounds_done": checkpoint.round, **checkpoint.strategy_state})
+    rows = run.folder.truncate_metrics(run.done_rounds)
+    for row in rows:  # what the loss watch saw before the interruption
+        if row["round"] > 0:
+            watch.observe(row)
+    run.elapsed_before = rows[-1]["wall_time_s"] if rows else 0.0
+    log(INFO, "FedDM resumes after round %d of %d", run.done_rounds, cfg.num_rounds)
 
-    def after_round(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Called by Flower after each round: EMA, evaluation, metrics, checkpoint."""
+
+def log_summary(run: Run) -> None:
+    """One short summary of what is about to run (the full config is in the run folder's config.yaml)."""
+    cfg = run.cfg
+    parameters = count_parameters(run.model.unet)
+    privacy = "" if cfg.privacy.name == "none" else f", privacy {cfg.privacy.name}"
+    log(
+        INFO,
+        "FedDM: strategy %s (aggregation %s%s), model %s (%.2fM parameters%s), dataset %s, "
+        "%d clients, %d rounds of %s, lr %g, device %s; run folder %s",
+        cfg.strategy.name,
+        flower_strategy(run.strategy),
+        privacy,
+        cfg.model.name,
+        parameters / 1e6,
+        ", latent" if run.autoencoder is not None else "",
+        cfg.dataset.name,
+        cfg.num_clients,
+        cfg.num_rounds,
+        f"{cfg.local_epochs} local epochs" if cfg.local_epochs else f"{cfg.local_steps} local steps",
+        cfg.lr,
+        run.device,
+        run.folder.path,
+    )
+
+
+def flower_strategy(strategy: RoundAccounting) -> str:
+    """The name of the Flower strategy class that ``strategy`` aggregates with (e.g. FedAvg)."""
+    return next((c.__name__ for c in type(strategy).__mro__ if c.__module__.startswith("flwr.")), "?")
+
+
+def pretrain(grid: Grid, run: Run):
+    """FedDDPM: the clients' own models, the auxiliary images, and the server's calibration step."""
+    cfg, st = run.cfg, run.cfg.strategy
+    images, row = auxiliary_images(
+        grid,
+        run.strategy,
+        ArrayRecord(run.model.unet.state_dict()),
+        run.settings,
+        run.scheduler,
+        run_dir=run.folder.path,
+        ddim_steps=st.aux_ddim_steps,
+        seed=int(cfg.seed),
+        timeout=float(cfg.round_timeout_s),
+        device=run.device,
+        latent=run.autoencoder is not None,
+    )
+    if row and not any(r["round"] == 0 for r in run.folder.read_metrics()):  # one pretraining row per run
+        run.tracker.log_round(row)
+    if row:
+        log(INFO, "FedDM %s", _format_round(row))
+    return server_calibration(
+        dict(run.model.unet.config),
+        run.scheduler,
+        images,
+        steps=int(st.calibration_steps),
+        lr=float(st.calibration_lr),
+        batch_size=int(st.calibration_batch_size),
+        seed=int(cfg.seed),
+        device=run.device,
+        max_grad_norm=float(cfg.max_grad_norm),
+    )
+
+
+class RoundRecorder:
+    """Flower's evaluation callback: after each round, the EMA step, evaluation, metrics and checkpoint."""
+
+    def __init__(self, run: Run, watch: DivergenceWatch) -> None:
+        self.run, self.watch = run, watch
+        self.evaluator = GlobalEvaluator(run.cfg, run.tracker, run.device, run.autoencoder)
+        self.started = time.monotonic()  # reset when training starts (wall_time_s counts from there)
+
+    def __call__(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """``local_round`` counts from 1 in this process (0: before training, nothing to do)."""
         if local_round == 0:
             return None
-        server_round = local_round + done_rounds
-        model.update(arrays)
+        run, cfg = self.run, self.run.cfg
+        server_round = local_round + run.done_rounds
+        run.model.update(arrays)
         row = {"round": server_round}
-        row.update({k: v for k, v in strategy.round_log.get(server_round, {}).items() if k in METRIC_KEYS})
+        row.update(
+            {k: v for k, v in run.strategy.round_log.get(server_round, {}).items() if k in METRIC_KEYS}
+        )
         if server_round % cfg.eval.every == 0 or server_round == cfg.num_rounds:
-            if getattr(strategy, "personalized", False):  # each client has its own model
-                row.update(evaluator.clients(strategy.client_samples.pop(server_round, {}), server_round))
-            else:
-                with model.evaluation_weights() as weights:
-                    row.update(evaluator(weights, scheduler, server_round))
-        row["wall_time_s"] = round(elapsed_before + time.monotonic() - started, 3)
-        run.append_metrics(row)
-        strategy.observe(server_round, row)
+            row.update(self.evaluate(server_round))
+        row["wall_time_s"] = round(run.elapsed_before + time.monotonic() - self.started, 3)
+        run.tracker.log_round(row)
+        run.strategy.observe(server_round, row)
         log(INFO, "FedDM %s", _format_round(row))
-        last = server_round == cfg.num_rounds
-        if cfg.checkpoint_every and (server_round % cfg.checkpoint_every == 0 or last):
-            save_checkpoint(run.path, model.checkpoint(server_round, cfg.strategy.name))
+        for warning in self.watch.observe(row):
+            log(WARNING, "FedDM %s", warning)
+        if cfg.checkpoint_every and (
+            server_round % cfg.checkpoint_every == 0 or server_round == cfg.num_rounds
+        ):
+            state = run.strategy.state_dict()
+            save_checkpoint(run.folder.path, run.model.checkpoint(server_round, cfg.strategy.name, state))
         return None
 
-    if cfg.num_rounds > done_rounds:
-        strategy.start(
+    def evaluate(self, server_round: int) -> dict:
+        """Grid and FID of the global (EMA) model, or of the clients' own models when parts stay local."""
+        run = self.run
+        if getattr(run.strategy, "personalized", False):  # each client has its own model
+            return self.evaluator.clients(run.strategy.client_samples.pop(server_round, {}), server_round)
+        with run.model.evaluation_weights() as weights:
+            return self.evaluator(weights, run.scheduler, server_round)
+
+
+def train_rounds(grid: Grid, run: Run, recorder: RoundRecorder) -> None:
+    """The federated rounds left to train, with Flower's ``Strategy.start``."""
+    cfg = run.cfg
+    if cfg.num_rounds <= run.done_rounds:
+        return
+    recorder.started = time.monotonic()
+    with quiet_config_records():
+        run.strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(model.unet.state_dict()),
-            num_rounds=cfg.num_rounds - done_rounds,
+            initial_arrays=ArrayRecord(run.model.unet.state_dict()),
+            num_rounds=cfg.num_rounds - run.done_rounds,
             timeout=float(cfg.round_timeout_s),
-            train_config=settings,
-            evaluate_config=ConfigRecord(dict(settings)),
-            evaluate_fn=after_round,
+            train_config=run.settings,
+            evaluate_config=ConfigRecord(dict(run.settings)),
+            evaluate_fn=recorder,
         )
-    if getattr(strategy, "personalized", False):
+
+
+def finish(run: Run) -> None:
+    """Save the final (EMA) model as a diffusers pipeline, unless every client keeps its own."""
+    if getattr(run.strategy, "personalized", False):
         log(INFO, "Each client keeps its own model (shared and local parts); the run folder has no model/")
     else:
-        with model.evaluation_weights() as weights:
-            run.save_model(weights.cpu(), scheduler, autoencoder.cpu() if autoencoder else None)
-    log(INFO, "FedDM run finished; results in %s", run.path)
-    return run.path
+        with run.model.evaluation_weights() as weights:
+            run.folder.save_model(
+                weights.cpu(), run.scheduler, run.autoencoder.cpu() if run.autoencoder else None
+            )
+    log(INFO, "FedDM run finished; results in %s", run.folder.path)
+
+
+class _ShortConfigRecords(logging.Filter):
+    """Flower logs the whole train ConfigRecord at the start (kilobytes of JSON): log its keys instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "ConfigRecord (" in record.msg and record.args:
+            text = str(record.args[0])
+            if len(text) > 200:
+                keys = re.findall(r"'([\w-]+)': ", text)
+                record.args = (f"{len(keys)} keys ({', '.join(keys)})",)
+        return True
+
+
+@contextlib.contextmanager
+def quiet_config_records() -> Iterator[None]:
+    """Inside the block, Flower's start-up log lists the ConfigRecord's keys, not its values."""
+    logger, short = logging.getLogger(LOGGER_NAME), _ShortConfigRecords()
+    logger.addFilter(short)
+    try:
+        yield
+    finally:
+        logger.removeFilter(short)

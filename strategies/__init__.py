@@ -55,8 +55,11 @@ def strategy_options(strategy: Mapping[str, Any]) -> dict[str, Any]:
             "aux_allocation": str(strategy["aux_allocation"]),
         }
         if name == "fedddpm_plus":
-            options |= {"signal": str(strategy["signal"]), "window": int(strategy["window"]),
-                        "threshold": float(strategy["threshold"])}
+            options |= {
+                "signal": str(strategy["signal"]),
+                "window": int(strategy["window"]),
+                "threshold": float(strategy["threshold"]),
+            }
         return options
     return {}
 
@@ -67,17 +70,20 @@ def build_strategy(
     num_clients: int,
     min_clients: int | None = None,
     seed: int = 0,
-    client_sampling: dict[str, Any] | None = None,
+    client_generation: dict[str, Any] | None = None,
     privacy: Mapping[str, Any] | None = None,
+    evaluate_every: int = 1,
+    last_round: int = 0,
 ) -> RoundAccounting:
     """The strategy named by ``strategy['name']`` (``conf/strategy``), sampling all clients.
 
     Every connected client trains and evaluates each round; a round starts once
     ``min_clients`` (default ``num_clients``) nodes are connected, so it can go
-    on after a node has failed. ``seed`` and ``client_sampling`` (what clients
+    on after a node has failed. ``seed`` and ``client_generation`` (what clients
     that keep parts of the model generate for FID) go to the partial strategy;
     ``privacy`` (``conf/privacy``) adds central DP or secure aggregation
-    (SecAgg+) to vanilla and prox.
+    (SecAgg+) to vanilla and prox. Clients evaluate on rounds divisible by
+    ``evaluate_every`` and on ``last_round``.
     """
     num_clients = min_clients or num_clients
     name = strategy.get("name")
@@ -86,13 +92,23 @@ def build_strategy(
     dp = secure = None
     if privacy and privacy.get("name") == "secagg":
         if name not in SECAGG_STRATEGIES:
-            raise ValueError(f"privacy=secagg works with strategy {' | '.join(SECAGG_STRATEGIES)}, not {name!r}")
-        secure = SecAggPlus(privacy["num_shares"], privacy["reconstruction_threshold"],
-                            float(privacy["clipping_range"]), float(privacy["max_weight"]))
+            raise ValueError(
+                f"privacy=secagg works with strategy {' | '.join(SECAGG_STRATEGIES)}, not {name!r}"
+            )
+        secure = SecAggPlus(
+            privacy["num_shares"],
+            privacy["reconstruction_threshold"],
+            float(privacy["clipping_range"]),
+            float(privacy["max_weight"]),
+        )
     elif privacy and privacy.get("name", "none") != "none":
         if name not in DP_STRATEGIES:
-            raise ValueError(f"privacy={privacy['name']} works with strategy {' | '.join(DP_STRATEGIES)}, not {name!r}")
-        dp = CentralDP(str(privacy["name"]), float(privacy["clipping_norm"]), float(privacy["noise_multiplier"]))
+            raise ValueError(
+                f"privacy={privacy['name']} works with strategy {' | '.join(DP_STRATEGIES)}, not {name!r}"
+            )
+        dp = CentralDP(
+            str(privacy["name"]), float(privacy["clipping_norm"]), float(privacy["noise_multiplier"])
+        )
     strategy = STRATEGIES[name](
         fraction_train=1.0,
         fraction_evaluate=1.0,
@@ -100,9 +116,10 @@ def build_strategy(
         min_evaluate_nodes=num_clients,
         min_available_nodes=num_clients,
         **strategy_options(strategy),
-        **({"seed": seed, "client_sampling": client_sampling} if name == "partial" else {}),
+        **({"seed": seed, "client_generation": client_generation} if name == "partial" else {}),
     )
     strategy.privacy, strategy.secure_aggregation = dp, secure
+    strategy.evaluate_every, strategy.last_round = int(evaluate_every), int(last_round)
     return strategy
 
 

@@ -197,6 +197,20 @@ class RoundAccounting:
     def observe(self, server_round: int, row: dict[str, Any]) -> None:
         """The round's finished metrics row (FID included); strategies that adapt use it."""
 
+    # -- state kept in checkpoints -------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What the strategy needs to continue after the last round it ran.
+
+        Values are JSON values or tensors (a checkpoint keeps tensors in
+        safetensors and the rest as JSON metadata; nothing is pickled).
+        Strategies with state of their own extend this.
+        """
+        return {"rounds_done": self._round}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: Flower counts rounds from 1 again, clients and logs see the true round."""
+        self.round_offset = int(state.get("rounds_done", 0))
+
     # -- the round loop ----------------------------------------------------------
     def start(self, *, grid: Grid, timeout: float = 3600, **kwargs: Any) -> Any:
         """Flower's round loop; with SecAgg+, over a grid that runs the protocol for training."""
@@ -224,9 +238,7 @@ class RoundAccounting:
         )
         return messages
 
-    def accepted_replies(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> list[Message]:
+    def accepted_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Count uplink bytes; return the valid replies with their decoded arrays."""
         replies = list(replies)
         accepted, rejected, reasons = [], 0, []
@@ -308,14 +320,10 @@ class RoundAccounting:
             return []
         payload = self.downlink_payload(arrays)
         messages = self.address(list(super().configure_evaluate(server_round, payload, config, grid)), arrays)
-        self._log_round(
-            server_round, eval_downlink_bytes=sum(message_nbytes(m) for m in messages)
-        )
+        self._log_round(server_round, eval_downlink_bytes=sum(message_nbytes(m) for m in messages))
         return messages
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Aggregate client evaluation metrics and keep them in the round log."""
         server_round += self.round_offset
         valid = []

@@ -123,10 +123,7 @@ def dequantize(q: QuantizedTensor) -> np.ndarray:
     values = np.asarray(q.values)
     scale = np.asarray(q.scale, dtype=np.float32)
     if scale.ndim != 1 or scale.size not in _allowed_scale_sizes(values.shape):
-        raise ValueError(
-            f"scale of shape {scale.shape} does not match values of shape "
-            f"{values.shape}"
-        )
+        raise ValueError(f"scale of shape {scale.shape} does not match values of shape {values.shape}")
     return values.astype(np.float32) * _broadcastable(scale, values.ndim)
 
 
@@ -135,9 +132,7 @@ def dequantize(q: QuantizedTensor) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def scale_lengths(
-    reference: dict[str, tuple[tuple[int, ...], str]], granularity: str
-) -> dict[str, int]:
+def scale_lengths(reference: dict[str, tuple[tuple[int, ...], str]], granularity: str) -> dict[str, int]:
     """How many scales each array has in the packed scale array, in packing order.
 
     Packing order is sorted by name, so sender and receiver agree whatever order
@@ -201,9 +196,7 @@ def encode_arrays(
         scales[name] = q.scale
         residuals[name] = np.asarray(x, dtype=np.float32) - dequantize(q)
     packed = [scales[name] for name in sorted(scales)]
-    entries[SCALES_KEY] = Array(
-        np.concatenate(packed) if packed else np.zeros(0, dtype=np.float32)
-    )
+    entries[SCALES_KEY] = Array(np.concatenate(packed) if packed else np.zeros(0, dtype=np.float32))
     return ArrayRecord(entries), residuals
 
 
@@ -248,7 +241,9 @@ def decode_arrays(
     for name, (shape, dtype) in reference.items():
         shape = tuple(int(d) for d in shape)
         values = _load_values(record, name, shape)
-        out = dequantize(QuantizedTensor(values=values, scale=scales[name])).astype(np.dtype(dtype), copy=False)
+        out = dequantize(QuantizedTensor(values=values, scale=scales[name])).astype(
+            np.dtype(dtype), copy=False
+        )
         if not np.isfinite(out).all():  # finite codes and scales can still overflow
             raise PayloadError(f"array {name!r} decodes to non-finite values")
         decoded[name] = out
@@ -276,30 +271,20 @@ def payload_nbytes(record: ArrayRecord) -> int:
 
 def _qmax(bits: int) -> int:
     """Largest quantized magnitude for ``bits``, validating the bit width."""
-    if (
-        isinstance(bits, bool)
-        or not isinstance(bits, (int, np.integer))
-        or not MIN_BITS <= bits <= MAX_BITS
-    ):
-        raise ValueError(
-            f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}"
-        )
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
     return 2 ** (int(bits) - 1) - 1
 
 
 def _check_granularity(granularity: str) -> None:
     if granularity not in GRANULARITIES:
-        raise ValueError(
-            f"granularity must be \"channel\" | \"tensor\", got {granularity!r}"
-        )
+        raise ValueError(f'granularity must be "channel" | "tensor", got {granularity!r}')
 
 
 def _as_real_array(x: np.ndarray, name: str) -> np.ndarray:
     """Return ``x`` as an ndarray after checking it is real and finite."""
     x = np.asarray(x)
-    if x.dtype == np.bool_ or not (
-        np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
-    ):
+    if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise ValueError(f"tensor {name!r} has unsupported dtype {x.dtype}")
     if not np.isfinite(x).all():
         raise ValueError(f"tensor {name!r} holds non-finite values (NaN or inf)")
@@ -349,9 +334,7 @@ def _load_values(record: ArrayRecord, name: str, shape: tuple[int, ...]) -> np.n
     if values.dtype != np.int8:
         raise PayloadError(f"array {name!r} has dtype {values.dtype}, expected int8")
     if values.shape != shape:
-        raise PayloadError(
-            f"array {name!r} has shape {values.shape}, expected {shape}"
-        )
+        raise PayloadError(f"array {name!r} has shape {values.shape}, expected {shape}")
     return values
 
 
@@ -360,23 +343,17 @@ def _load_scales(
 ) -> dict[str, np.ndarray]:
     """Split the packed scales into one ``(C,)`` or ``(1,)`` array per name."""
     if SCALES_KEY not in record:
-        raise PayloadError(
-            f"the payload has no {SCALES_KEY!r} array: it is not int8-encoded"
-        )
+        raise PayloadError(f"the payload has no {SCALES_KEY!r} array: it is not int8-encoded")
     packed = _load(record, SCALES_KEY)
     if packed.dtype != np.float32 or packed.ndim != 1:
         raise PayloadError(
             f"{SCALES_KEY!r} is {packed.dtype}{list(packed.shape)}, expected a 1-D float32 array"
         )
     layouts = {g: scale_lengths(reference, g) for g in GRANULARITIES}
-    lengths = next(
-        (lay for lay in layouts.values() if sum(lay.values()) == packed.size), None
-    )
+    lengths = next((lay for lay in layouts.values() if sum(lay.values()) == packed.size), None)
     if lengths is None:
         expected = " or ".join(f"{sum(lay.values())} ({g})" for g, lay in layouts.items())
-        raise PayloadError(
-            f"{SCALES_KEY!r} holds {packed.size} scales, expected {expected} for these arrays"
-        )
+        raise PayloadError(f"{SCALES_KEY!r} holds {packed.size} scales, expected {expected} for these arrays")
     scales, offset = {}, 0
     for name, length in lengths.items():
         scale = packed[offset : offset + length]

@@ -33,7 +33,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from models import make_optimizer, train_step, unet_from_config
+from models import unet_from_config
+from models.diffusion import train_on_images
 from strategies.accounting import RoundAccounting, message_nbytes, partition_of
 
 SIGNALS = ("eval_loss", "train_loss", "fid")
@@ -58,7 +59,9 @@ class FedDDPM(RoundAccounting, FedAvg):
         Passed to Flower's ``FedAvg``.
     """
 
-    def __init__(self, *, pretrain_steps: int = 200, aux_samples: int = 512, aux_allocation: str = "balanced", **kwargs) -> None:
+    def __init__(
+        self, *, pretrain_steps: int = 200, aux_samples: int = 512, aux_allocation: str = "balanced", **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         if aux_allocation not in AUX_ALLOCATIONS:
             raise ValueError(f"aux_allocation={aux_allocation!r} is not one of {AUX_ALLOCATIONS}")
@@ -69,8 +72,13 @@ class FedDDPM(RoundAccounting, FedAvg):
 
     def summary(self) -> None:
         """Log the strategy's settings."""
-        log(INFO, "\t├──> FedDDPM: %d local pretraining steps, %d auxiliary images (%s)",
-            self.pretrain_steps, self.aux_samples, self.aux_allocation)
+        log(
+            INFO,
+            "\t├──> FedDDPM: %d local pretraining steps, %d auxiliary images (%s)",
+            self.pretrain_steps,
+            self.aux_samples,
+            self.aux_allocation,
+        )
         super().summary()
 
     # -- before federated training: the clients' own models ----------------------
@@ -80,13 +88,19 @@ class FedDDPM(RoundAccounting, FedAvg):
         config.update({"server-round": 0, "local-steps": self.pretrain_steps, "local-epochs": 0})
         nodes = sorted(grid.get_node_ids())
         messages = [
-            Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type="train")
+            Message(
+                content=RecordDict({"arrays": arrays, "config": config}),
+                dst_node_id=node,
+                message_type="train",
+            )
             for node in nodes
         ]
         self._log_round(0, downlink_bytes=sum(message_nbytes(m) for m in messages), num_sampled=len(messages))
         return messages
 
-    def local_models(self, replies: list[Message], reference: ArrayRecord) -> dict[int, tuple[ArrayRecord, int]]:
+    def local_models(
+        self, replies: list[Message], reference: ArrayRecord
+    ) -> dict[int, tuple[ArrayRecord, int]]:
         """The valid uploaded local models by partition id, with their example counts.
 
         Checked like training replies (and counted as round 0); ``RoundFailedError``
@@ -95,7 +109,8 @@ class FedDDPM(RoundAccounting, FedAvg):
         self._global_arrays = reference
         accepted = self.accepted_replies(0, replies)
         return {
-            partition_of(m): (m.content["arrays"], int(m.content["metrics"]["num-examples"])) for m in accepted
+            partition_of(m): (m.content["arrays"], int(m.content["metrics"]["num-examples"]))
+            for m in accepted
         }
 
     def allocation(self, examples: dict[int, int]) -> dict[int, int]:
@@ -140,7 +155,9 @@ class FedDDPMPlus(FedDDPM):
         Relative improvement over ``window`` observations below which progress stalls.
     """
 
-    def __init__(self, *, signal: str = "eval_loss", window: int = 2, threshold: float = 0.02, **kwargs) -> None:
+    def __init__(
+        self, *, signal: str = "eval_loss", window: int = 2, threshold: float = 0.02, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         if signal not in SIGNALS:
             raise ValueError(f"signal={signal!r} is not one of {SIGNALS}")
@@ -150,14 +167,22 @@ class FedDDPMPlus(FedDDPM):
     def observe(self, server_round: int, row: dict) -> None:
         """Take the round's value of the progress signal (metrics.jsonl row).
 
-        A row of a calibrated round starts a new window, so replaying a resumed
-        run's rows rebuilds the same history as the run had.
+        A row of a calibrated round starts a new window. The history is part of
+        :meth:`state_dict`, so a resumed run continues with the same one.
         """
         if row.get("calibrated"):
             self.history = []
         value = row.get(self.signal)
         if value is not None and math.isfinite(value):
             self.history.append(float(value))
+
+    def state_dict(self) -> dict:
+        """The round count and the progress signal's values since the last calibration."""
+        return {**super().state_dict(), "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.history = [float(v) for v in state.get("history", [])]
 
     def should_calibrate(self, server_round: int) -> bool:
         """True once per stall: too little improvement over the last ``window`` observations."""
@@ -167,8 +192,16 @@ class FedDDPMPlus(FedDDPM):
         improvement = (before - now) / abs(before) if before else 0.0
         if improvement >= self.threshold:
             return False
-        log(INFO, "FedDDPM+: %s improved %.2f%% over %d observations (< %.2f%%): one-shot calibration "
-            "after round %d", self.signal, 100 * improvement, self.window, 100 * self.threshold, server_round)
+        log(
+            INFO,
+            "FedDDPM+: %s improved %.2f%% over %d observations (< %.2f%%): one-shot calibration "
+            "after round %d",
+            self.signal,
+            100 * improvement,
+            self.window,
+            100 * self.threshold,
+            server_round,
+        )
         self.history = []  # a full new window before the next correction
         return True
 
@@ -197,13 +230,16 @@ def server_calibration(
     def calibrate(arrays: ArrayRecord, server_round: int) -> ArrayRecord:
         unet = unet_from_config(unet_config).to(device)
         unet.load_state_dict(arrays.to_torch_state_dict())
-        optimizer = make_optimizer(unet, lr=lr)
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, server_round]).generate_state(1)[0]))
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed + server_round)  # dropout
-            for _ in range(steps):
-                batch = data[torch.randint(len(data), (batch_size,), generator=generator)].to(device)
-                train_step(unet, scheduler, optimizer, batch, generator=generator, max_grad_norm=max_grad_norm)
+        train_on_images(
+            unet,
+            scheduler,
+            data,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            seed=(seed, server_round),
+            max_grad_norm=max_grad_norm,
+        )
         return ArrayRecord({k: v.detach().cpu() for k, v in unet.state_dict().items()})
 
     return calibrate

@@ -60,7 +60,7 @@ class FedDMPartial(RoundAccounting, FedAvg):
         As in ``FedDMQuant``, when ``quantize`` is on.
     seed : int (default: 0)
         Seeds the USplit assignment.
-    client_sampling : dict | None
+    client_generation : dict | None
         At evaluation rounds, ask clients with local parts for generated images
         (``sample-count``, ``sample-seed``, ``sample-ddim-steps``,
         ``sample-batch-size``, ``sample-shape``), for FID of their own models.
@@ -80,7 +80,7 @@ class FedDMPartial(RoundAccounting, FedAvg):
         stochastic_rounding: bool = False,
         error_feedback: bool = False,
         seed: int = 0,
-        client_sampling: dict | None = None,
+        client_generation: dict | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -105,7 +105,7 @@ class FedDMPartial(RoundAccounting, FedAvg):
             "quant-error-feedback": error_feedback,
         }
         self.seed = seed
-        self.client_sampling = client_sampling
+        self.client_generation = client_generation
         self.shared_parts: list[str] = []
         self.shared_names: list[str] = []
         self.personalized = False
@@ -162,7 +162,9 @@ class FedDMPartial(RoundAccounting, FedAvg):
                 # Flower's messages share one RecordDict: give this one its own.
                 content = RecordDict(dict(message.content.items()))
                 content[self.arrayrecord_key] = arrays
-                message = Message(content=content, dst_node_id=node, message_type=message.metadata.message_type)
+                message = Message(
+                    content=content, dst_node_id=node, message_type=message.metadata.message_type
+                )
             addressed.append(message)
         return addressed
 
@@ -198,7 +200,9 @@ class FedDMPartial(RoundAccounting, FedAvg):
             if not carriers:
                 continue  # nobody sent this part: it keeps its global value
             restricted = [
-                RecordDict({"arrays": ArrayRecord({n: c["arrays"][n] for n in names}), "metrics": c["metrics"]})
+                RecordDict(
+                    {"arrays": ArrayRecord({n: c["arrays"][n] for n in names}), "metrics": c["metrics"]}
+                )
                 for c in carriers
             ]
             averaged.update(aggregate_arrayrecords(restricted, self.weighted_by_key).items())
@@ -220,8 +224,8 @@ class FedDMPartial(RoundAccounting, FedAvg):
         self.resolve(arrays)
         config = ConfigRecord(dict(config))
         config["partial-shared"] = json.dumps(self.shared_parts)
-        if self.personalized and self.client_sampling:
-            config.update(self.client_sampling)
+        if self.personalized and self.client_generation:
+            config.update(self.client_generation)
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -230,25 +234,39 @@ class FedDMPartial(RoundAccounting, FedAvg):
         true_round = server_round + self.round_offset
         samples = {}
         for message in replies:
-            if not self.client_sampling or message.has_error() or SAMPLES_KEY not in message.content.array_records:
+            if (
+                not self.client_generation
+                or message.has_error()
+                or SAMPLES_KEY not in message.content.array_records
+            ):
                 continue
             try:
                 samples[partition_of(message)] = self._checked_samples(message.content[SAMPLES_KEY])
             except PayloadError as err:
-                log(INFO, "Round %d: left out the samples of node %d: %s",
-                    true_round, message.metadata.src_node_id, err)
+                log(
+                    INFO,
+                    "Round %d: left out the samples of node %d: %s",
+                    true_round,
+                    message.metadata.src_node_id,
+                    err,
+                )
         if samples and self.personalized:
             self.client_samples[true_round] = dict(sorted(samples.items()))
         return super().aggregate_evaluate(server_round, replies)
 
     def _checked_samples(self, record: ArrayRecord) -> np.ndarray:
-        expected = (int(self.client_sampling["sample-count"]), *json.loads(self.client_sampling["sample-shape"]))
+        expected = (
+            int(self.client_generation["sample-count"]),
+            *json.loads(self.client_generation["sample-shape"]),
+        )
         try:
             images = record["images"].numpy()
         except (KeyError, TypeError, ValueError) as err:
             raise PayloadError(f"no readable 'images' array: {err}") from err
         if images.dtype != np.uint8 or images.shape != expected:
-            raise PayloadError(f"images are {images.dtype}{list(images.shape)}, expected uint8{list(expected)}")
+            raise PayloadError(
+                f"images are {images.dtype}{list(images.shape)}, expected uint8{list(expected)}"
+            )
         return images
 
 

@@ -59,10 +59,14 @@ class CentralDP:
         """
         if self.mode != "dp_client":
             return
-        update = [reply[n].numpy().astype(np.float64) - global_arrays[n].numpy() for n in global_arrays.keys()]
+        update = [
+            reply[n].numpy().astype(np.float64) - global_arrays[n].numpy() for n in global_arrays.keys()
+        ]
         norm = get_norm(update)
         if norm > self.clipping_norm * (1 + 1e-4):
-            raise PayloadError(f"update norm {norm:.4g} exceeds clipping_norm {self.clipping_norm:g}: not clipped")
+            raise PayloadError(
+                f"update norm {norm:.4g} exceeds clipping_norm {self.clipping_norm:g}: not clipped"
+            )
 
     def clip(self, reply: ArrayRecord, global_arrays: ArrayRecord) -> ArrayRecord:
         """The reply with its update clipped to ``clipping_norm`` (server-side mode)."""
@@ -80,7 +84,9 @@ class CentralDP:
         """The mean of ``num_averaged`` clipped updates with Gaussian noise of std z · C / num_averaged."""
         names = list(mean.keys())
         values = [mean[n].numpy().copy() for n in names]
-        add_gaussian_noise_inplace(values, compute_stdv(self.noise_multiplier, self.clipping_norm, num_averaged))
+        add_gaussian_noise_inplace(
+            values, compute_stdv(self.noise_multiplier, self.clipping_norm, num_averaged)
+        )
         return ArrayRecord({n: Array(np.asarray(v)) for n, v in zip(names, values)})
 
 

@@ -116,10 +116,12 @@ def to_message_api(msg: Message) -> Message:
     values = parameters_to_ndarrays(fitins.parameters)
     if len(values) != len(names):
         raise ValueError(f"SecAgg+ instruction holds {len(values)} arrays for {len(names)} names")
-    content = RecordDict({
-        "arrays": ArrayRecord({n: Array(v) for n, v in zip(names, values)}),
-        "config": ConfigRecord(dict(fitins.config)),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({n: Array(v) for n, v in zip(names, values)}),
+            "config": ConfigRecord(dict(fitins.config)),
+        }
+    )
     return Message(content=content, metadata=msg.metadata)
 
 
@@ -178,7 +180,11 @@ class _EarlyDropOutWorkflow(SecAggPlusWorkflow):
             return False
         keep = set(state.active_node_ids)
         if keep != state.sampled_node_ids:
-            log(WARNING, "SecAgg+: nodes %s left before the masking stage", sorted(state.sampled_node_ids - keep))
+            log(
+                WARNING,
+                "SecAgg+: nodes %s left before the masking stage",
+                sorted(state.sampled_node_ids - keep),
+            )
         state.sampled_node_ids = keep
         state.nid_to_neighbours = {n: ns & keep for n, ns in state.nid_to_neighbours.items() if n in keep}
         return self._check_threshold(state)
@@ -279,11 +285,15 @@ class SecAggPlusGrid:
         counting = _CountingGrid(self.grid)
         context = _legacy_context(instructions, counting.run.run_id)
         context.state.array_records[MAIN_PARAMS_RECORD] = global_arrays
-        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {WorkflowKey.CURRENT_ROUND: server_round}
+        )
         try:
             self.settings.workflow(timeout)(counting, context)
         except (KeyError, ValueError, IndexError, TypeError) as err:  # a malformed protocol reply
-            raise RoundFailedError(f"round {server_round}: SecAgg+ failed on a malformed reply: {err!r}") from err
+            raise RoundFailedError(
+                f"round {server_round}: SecAgg+ failed on a malformed reply: {err!r}"
+            ) from err
         self.round_bytes = {"uplink_bytes": counting.uplink, "downlink_bytes": counting.downlink}
         if instructions.results is None:
             reasons = "; ".join(f"node {n}: {r}" for n, r in list(counting.errors.items())[:4])
@@ -296,8 +306,13 @@ class SecAggPlusGrid:
         return self._replies(server_round, instructions, by_node, global_arrays, counting.errors)
 
     @staticmethod
-    def _replies(server_round: int, instructions: _Instructions, by_node: dict[int, Message],
-                 global_arrays: ArrayRecord, errors: dict[int, str]) -> list[Message]:
+    def _replies(
+        server_round: int,
+        instructions: _Instructions,
+        by_node: dict[int, Message],
+        global_arrays: ArrayRecord,
+        errors: dict[int, str],
+    ) -> list[Message]:
         """Each participant's reply: its metrics and the new global weights (w + mean Δ)."""
         mean_update = parameters_to_ndarrays(instructions.results[0][1].parameters)
         names = list(global_arrays.keys())
@@ -313,8 +328,9 @@ class SecAggPlusGrid:
             # The metrics came in the clear, but the update is already in the masked sum:
             # a reply the strategy would leave out fails the whole round instead.
             try:
-                metrics = MetricRecord({"train_loss": fitres.metrics.get("train_loss"),
-                                        "num-examples": fitres.num_examples})
+                metrics = MetricRecord(
+                    {"train_loss": fitres.metrics.get("train_loss"), "num-examples": fitres.num_examples}
+                )
                 check_metrics(RecordDict({"metrics": metrics}), "train_loss")
             except (PayloadError, TypeError) as err:
                 raise RoundFailedError(
@@ -337,7 +353,9 @@ def _legacy_context(instructions: _Instructions, run_id: int) -> LegacyContext:
     for proxy in instructions.proxies.values():
         client_manager.register(proxy)
     base = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    return LegacyContext(base, config=ServerConfig(num_rounds=1), strategy=instructions, client_manager=client_manager)
+    return LegacyContext(
+        base, config=ServerConfig(num_rounds=1), strategy=instructions, client_manager=client_manager
+    )
 
 
 __all__ = [

@@ -28,6 +28,28 @@ def _checkpoint():
     )
 
 
+def test_strategy_state_keeps_json_values_and_tensors_apart(tmp_path):
+    from safetensors import safe_open
+
+    from strategies.fedddpm import FedDDPMPlus
+
+    strategy = FedDDPMPlus(signal="train_loss")
+    strategy._round, strategy.history = 4, [0.5, 0.25]
+    state = {**strategy.state_dict(), "name": "fedddpm_plus", "momentum.conv.weight": torch.randn(2, 3)}
+    save_checkpoint(tmp_path, Checkpoint(round=4, global_weights={"w": torch.zeros(1)}, strategy_state=state))
+    with safe_open(
+        str(tmp_path / CHECKPOINT_NAME), framework="pt"
+    ) as file:  # tensors as tensors, never pickled
+        assert "strategy/momentum.conv.weight" in file.keys()
+        assert "momentum" not in file.metadata()["strategy_state"]
+    loaded, _ = load_checkpoint(tmp_path)
+    assert loaded.strategy_state.keys() == state.keys()
+    assert torch.equal(loaded.strategy_state["momentum.conv.weight"], state["momentum.conv.weight"])
+    restored = FedDDPMPlus(signal="train_loss")
+    restored.load_state_dict(loaded.strategy_state)
+    assert restored.round_offset == 4 and restored.history == [0.5, 0.25]
+
+
 def test_round_trip_and_rng_states(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     saved = _checkpoint()

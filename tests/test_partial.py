@@ -26,16 +26,27 @@ from tests.test_strategies import FakeGrid
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
-QUANT = {"quant-bits": 8, "quant-granularity": "channel", "quant-stochastic": False, "quant-error-feedback": False}
+QUANT = {
+    "quant-bits": 8,
+    "quant-granularity": "channel",
+    "quant-stochastic": False,
+    "quant-error-feedback": False,
+}
 
 
 def _unet(seed=0):
     torch.manual_seed(seed)
     return build_unet(
-        {"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "DownBlock2D"],
-         "up_block_types": ["UpBlock2D", "UpBlock2D"], "layers_per_block": 1,
-         "norm_num_groups": 4, "attention_head_dim": 4},
-        image_size=28, channels=1,
+        {
+            "block_out_channels": [8, 16],
+            "down_block_types": ["DownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "UpBlock2D"],
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "attention_head_dim": 4,
+        },
+        image_size=28,
+        channels=1,
     )
 
 
@@ -44,29 +55,49 @@ def _state(seed=0):
 
 
 def _strategy(preset="udec", **options):
-    cfg = {"name": "partial", "preset": preset, "shared": None, "split_ways": 2, "quantize": False,
-           "bits": 8, "granularity": "channel", "stochastic_rounding": False, "error_feedback": False}
+    cfg = {
+        "name": "partial",
+        "preset": preset,
+        "shared": None,
+        "split_ways": 2,
+        "quantize": False,
+        "bits": 8,
+        "granularity": "channel",
+        "stochastic_rounding": False,
+        "error_feedback": False,
+    }
     return build_strategy(cfg | options, num_clients=1)
 
 
 def _train_reply(arrays: ArrayRecord, node_id: int, partition_id: int, num_examples: int = 10):
-    content = RecordDict({
-        "arrays": arrays,
-        "metrics": MetricRecord({"train_loss": 0.5, "num-examples": num_examples}),
-        "info": ConfigRecord({"partition-id": partition_id}),
-    })
+    content = RecordDict(
+        {
+            "arrays": arrays,
+            "metrics": MetricRecord({"train_loss": 0.5, "num-examples": num_examples}),
+            "info": ConfigRecord({"partition-id": partition_id}),
+        }
+    )
     return reply(content, node_id)
 
 
 # -- parts and presets ------------------------------------------------------------
+
 
 def test_parameters_map_to_unet_parts():
     assert part_of("down_blocks.1.resnets.0.conv1.weight") == "down_blocks.1"
     assert part_of("conv_out.bias") == "head" and part_of("conv_norm_out.weight") == "head"
     assert part_of("time_embedding.linear_1.weight") == "time_embedding"
     names = list(_state())
-    assert parts_of(names) == ["conv_in", "time_embedding", "down_blocks.0", "down_blocks.1",
-                               "up_blocks.0", "up_blocks.1", "mid_block", "head"]
+    assert parts_of(names) == [
+        "conv_in",
+        "time_embedding",
+        "down_blocks.0",
+        "down_blocks.1",
+        "up_blocks.0",
+        "up_blocks.1",
+        "mid_block",
+        "head",
+    ]
     assert expand(["up_blocks", "head"], names) == ["up_blocks.0", "up_blocks.1", "head"]
     with pytest.raises(ValueError, match="decoder"):
         expand(["decoder"], names)
@@ -100,6 +131,7 @@ def test_usplit_sends_every_part_once_per_group(ways, clients):
 
 
 # -- strategy -----------------------------------------------------------------------
+
 
 def test_first_contact_gets_the_whole_model_then_only_shared_parts():
     from flwr.app import Error
@@ -148,7 +180,9 @@ def test_bytes_sent_match_the_presets_parameter_fraction(preset, quantize):
     config = dict(message.content["config"]) | {"server-round": 2}
     trained = {n: t + 0.01 for n, t in state.items()}
     uplink = sum(
-        payload_nbytes(reply_arrays(trained, state, config, RecordDict(), partition_id=p, num_partitions=2, seed=p))
+        payload_nbytes(
+            reply_arrays(trained, state, config, RecordDict(), partition_id=p, num_partitions=2, seed=p)
+        )
         for p in (0, 1)
     )
     sent_fraction = 1.0 if preset == "usplit" else 2 * fraction  # USplit: the pair sends one model
@@ -164,9 +198,14 @@ def test_replies_with_local_parts_or_broken_parts_are_left_out():
     local_leak = ArrayRecord(state)  # the whole model: local parts included
     broken = ArrayRecord({n: t for n, t in state.items() if n.startswith("up_blocks.0.resnets.0.conv1")})
     good = ArrayRecord({n: t + 1 for n, t in state.items() if n in strategy.shared_names})
-    arrays, _ = strategy.aggregate_train(1, [
-        _train_reply(local_leak, 1, 0), _train_reply(broken, 2, 1), _train_reply(good, 3, 2),
-    ])
+    arrays, _ = strategy.aggregate_train(
+        1,
+        [
+            _train_reply(local_leak, 1, 0),
+            _train_reply(broken, 2, 1),
+            _train_reply(good, 3, 2),
+        ],
+    )
     assert strategy.round_log[1]["num_rejected"] == 2
     new = arrays.to_torch_state_dict()
     for name, tensor in state.items():
@@ -179,14 +218,21 @@ def test_usplit_averages_each_part_over_the_replies_that_carry_it():
     state = _state()
     strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), FakeGrid([1, 2, 3]))
     assert not strategy.personalized
-    down = names_in(expand(["conv_in", "time_embedding", "down_blocks", "mid_block"], list(state)), list(state))
+    down = names_in(
+        expand(["conv_in", "time_embedding", "down_blocks", "mid_block"], list(state)), list(state)
+    )
     up = [n for n in state if n not in down]
     a = ArrayRecord({n: state[n] + 1 for n in down})
     b = ArrayRecord({n: state[n] + 2 for n in up})
     c = ArrayRecord({n: state[n] + 5 for n in up})
-    arrays, metrics = strategy.aggregate_train(1, [
-        _train_reply(a, 1, 0, 10), _train_reply(b, 2, 1, 30), _train_reply(c, 3, 2, 10),
-    ])
+    arrays, metrics = strategy.aggregate_train(
+        1,
+        [
+            _train_reply(a, 1, 0, 10),
+            _train_reply(b, 2, 1, 30),
+            _train_reply(c, 3, 2, 10),
+        ],
+    )
     new = arrays.to_torch_state_dict()
     for name in down:
         assert torch.allclose(new[name], state[name] + 1), name
@@ -219,12 +265,27 @@ def test_quantized_partial_moves_the_shared_parts_by_the_mean_update():
 def test_client_samples_are_checked_and_kept_per_round():
     from flwr.app import Array
 
-    sampling = {"sample-count": 4, "sample-seed": 1, "sample-ddim-steps": 2, "sample-batch-size": 4,
-                "sample-shape": json.dumps([1, 28, 28])}
+    sampling = {
+        "sample-count": 4,
+        "sample-seed": 1,
+        "sample-ddim-steps": 2,
+        "sample-batch-size": 4,
+        "sample-shape": json.dumps([1, 28, 28]),
+    }
     strategy = build_strategy(
-        {"name": "partial", "preset": "udec", "shared": None, "split_ways": 2, "quantize": False, "bits": 8,
-         "granularity": "channel", "stochastic_rounding": False, "error_feedback": False},
-        num_clients=1, client_sampling=sampling,
+        {
+            "name": "partial",
+            "preset": "udec",
+            "shared": None,
+            "split_ways": 2,
+            "quantize": False,
+            "bits": 8,
+            "granularity": "channel",
+            "stochastic_rounding": False,
+            "error_feedback": False,
+        },
+        num_clients=1,
+        client_generation=sampling,
     )
     state = _state()
     strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), FakeGrid([1, 2]))
@@ -232,11 +293,13 @@ def test_client_samples_are_checked_and_kept_per_round():
     assert message.content["config"]["sample-count"] == 4
 
     def evaluate_reply(images, node_id, partition_id):
-        content = RecordDict({
-            "metrics": MetricRecord({"eval_loss": 0.1, "num-examples": 5}),
-            "info": ConfigRecord({"partition-id": partition_id}),
-            "samples": ArrayRecord({"images": Array(images)}),
-        })
+        content = RecordDict(
+            {
+                "metrics": MetricRecord({"eval_loss": 0.1, "num-examples": 5}),
+                "info": ConfigRecord({"partition-id": partition_id}),
+                "samples": ArrayRecord({"images": Array(images)}),
+            }
+        )
         return reply(content, node_id, "evaluate")
 
     good = np.zeros((4, 1, 28, 28), np.uint8)
@@ -256,6 +319,7 @@ def test_partial_strategy_rejects_inconsistent_settings():
 
 
 # -- client side ----------------------------------------------------------------------
+
 
 def test_client_assembles_received_and_local_parts_and_keeps_local_ones():
     state, other = _state(0), _state(1)
@@ -277,8 +341,12 @@ def test_client_assembles_received_and_local_parts_and_keeps_local_ones():
 def test_client_sends_only_shared_parts(quantize):
     state = _state(0)
     trained = {n: t + 0.01 for n, t in state.items()}
-    config = {"partial-shared": json.dumps(["up_blocks", "head"]), "partial-split-ways": 0,
-              "partial-seed": 0, "server-round": 1} | (QUANT if quantize else {})
+    config = {
+        "partial-shared": json.dumps(["up_blocks", "head"]),
+        "partial-split-ways": 0,
+        "partial-seed": 0,
+        "server-round": 1,
+    } | (QUANT if quantize else {})
     record = reply_arrays(trained, state, config, RecordDict(), partition_id=0, num_partitions=2, seed=0)
     sent = set(record.keys()) - {SCALES_KEY}
     assert sent == set(shared_names(config, list(state)))
@@ -287,8 +355,12 @@ def test_client_sends_only_shared_parts(quantize):
 
 def test_usplit_client_sends_its_assigned_share():
     state = _state(0)
-    config = {"partial-shared": json.dumps(parts_of(state)), "partial-split-ways": 2,
-              "partial-seed": 7, "server-round": 3}
+    config = {
+        "partial-shared": json.dumps(parts_of(state)),
+        "partial-split-ways": 2,
+        "partial-seed": 7,
+        "server-round": 3,
+    }
     sizes = {n: t.numel() for n, t in state.items()}
     assignment = usplit_assignment(sizes, num_partitions=2, ways=2, seed=7, server_round=3)
     sent = {}

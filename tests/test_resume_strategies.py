@@ -1,0 +1,101 @@
+"""Resume equality beyond prox: a run stopped after round 2 and resumed ends as one that ran through.
+
+The runs drive the real ClientApp functions through an in-process grid
+(``feddm.local_grid``; no Ray start per run). Every client fails from round 3,
+so the run ends with ``RoundFailedError`` and the checkpoint of round 2; the
+resumed run, with fresh clients as after a restart, then trains round 3. The strategy's own state
+(its round count, FedDDPM+'s progress history) comes back through its
+``state_dict()`` in the checkpoint. Client-side state is not checkpointed, so
+quant runs without error feedback and partial exchange with USplit (nothing
+stays on the clients).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from client_app.app import evaluate, train
+from feddm.local_grid import LocalGrid
+from server_app.checkpoint import load_checkpoint
+from server_app.config import compose_config
+from server_app.federation import run_federation
+from strategies import RoundFailedError
+from tests.conftest import MICRO_OVERRIDES
+
+pytestmark = pytest.mark.slow
+
+COMPARED = (
+    "round",
+    "train_loss",
+    "eval_loss",
+    "uplink_bytes",
+    "downlink_bytes",
+    "num_aggregated",
+    "calibrated",
+)
+FEDDDPM_PLUS = [
+    "strategy=fedddpm_plus",
+    "strategy.pretrain_steps=2",
+    "strategy.aux_samples=6",
+    "strategy.aux_ddim_steps=2",
+    "strategy.calibration_steps=2",
+    "strategy.calibration_batch_size=4",
+    "strategy.signal=train_loss",
+    "strategy.window=1",
+    "strategy.threshold=0.9",
+]
+CASES = {
+    "quant": ["strategy=quant", "strategy.error_feedback=false", "strategy.stochastic_rounding=true"],
+    "fedddpm_plus": FEDDDPM_PLUS,
+    "partial_usplit": ["strategy=partial", "strategy.preset=usplit", "strategy.quantize=true"],
+}
+
+
+def _run(cfg, run_dir, fail_from_round: int | None = None):
+    """``run_federation`` with 2 in-process clients; from ``fail_from_round`` on, their training raises."""
+
+    def client(msg, context):
+        if msg.metadata.message_type == "evaluate":
+            return evaluate(msg, context)
+        if fail_from_round is not None and int(msg.content["config"]["server-round"]) >= fail_from_round:
+            raise RuntimeError("injected failure")
+        return train(msg, context)
+
+    grid = LocalGrid([1, 2], client)
+    for partition, context in enumerate(grid.contexts.values()):
+        context.node_config.update({"partition-id": partition, "num-partitions": 2})
+    return run_federation(grid, cfg, run_dir)
+
+
+def _rows(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: r.get(k) for k in COMPARED} for r in map(json.loads, lines)]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_stopped_after_round_2_and_resumed_equals_uninterrupted(
+    case, tmp_path, flower_task_identity, data_root
+):
+    overrides = [*MICRO_OVERRIDES, "num_rounds=3", *CASES[case]]
+    through = _run(compose_config(overrides), tmp_path / "through")
+
+    stopped = tmp_path / "stopped"
+    with pytest.raises(RoundFailedError, match="injected failure"):
+        _run(compose_config(overrides), stopped, fail_from_round=3)
+    checkpoint, _ = load_checkpoint(stopped)
+    assert checkpoint.round == 2 and checkpoint.strategy_state["rounds_done"] == 2
+    if case == "fedddpm_plus":  # the progress signal since the last calibration, in the checkpoint
+        assert isinstance(checkpoint.strategy_state["history"], list)
+
+    resumed = _run(compose_config([f"resume={stopped}"]), None)
+    assert resumed == stopped.resolve()
+    assert _rows(resumed) == _rows(through)
+    if case == "fedddpm_plus":  # round 3 calibrates only if the history of rounds 1-2 came back
+        assert _rows(through)[-1]["calibrated"] == 1
+    w_through = UNet2DModel.from_pretrained(through / "model" / "unet").state_dict()
+    w_resumed = UNet2DModel.from_pretrained(resumed / "model" / "unet").state_dict()
+    assert all(torch.equal(w_through[n], w_resumed[n]) for n in w_through)
