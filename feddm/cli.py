@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import conf
 from feddm.simulation import simulate
-from server_app.config import local_path_or_id, resumed_config, validate_config
+from server_app.config import ConfigError, compose_config, resolve_paths, resumed_config, validate_config
+
+# Exit status of a config error (as argparse uses for bad arguments).
+CONFIG_ERROR_STATUS = 2
 
 
 def _app_dir() -> Path:
@@ -43,12 +49,12 @@ def submit(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     if cfg.resume:
         app_overrides = [f"resume={cfg.resume}"]
     # Paths must be absolute: the SuperLink runs the app in its own directory.
-    app_overrides.append(f"dataset.root={Path(cfg.dataset.root).expanduser().resolve()}")
-    app_overrides.append(f"eval.fid_cache={Path(cfg.eval.fid_cache).expanduser().resolve()}")
-    if cfg.eval.fid_weights:
-        app_overrides.append(f"eval.fid_weights={Path(cfg.eval.fid_weights).expanduser().resolve()}")
-    if cfg.model.get("autoencoder") is not None and cfg.model.autoencoder.get("path"):
-        app_overrides.append(f"model.autoencoder.path={local_path_or_id(cfg.model.autoencoder.path)}")
+    absolute = resolve_paths(cfg)
+    app_overrides += [f"dataset.root={absolute.dataset.root}", f"eval.fid_cache={absolute.eval.fid_cache}"]
+    if absolute.eval.fid_weights:
+        app_overrides.append(f"eval.fid_weights={absolute.eval.fid_weights}")
+    if absolute.model.get("autoencoder") is not None and absolute.model.autoencoder.get("path"):
+        app_overrides.append(f"model.autoencoder.path={absolute.model.autoencoder.path}")
     # flwr's --run-config takes TOML literal strings: no single quotes inside.
     if any("'" in o for o in app_overrides):
         raise ValueError(f"overrides sent to a SuperLink may not contain single quotes: {app_overrides}")
@@ -67,9 +73,56 @@ OmegaConf.register_new_resolver(
 )
 
 
+def _jobs(args: list[str]) -> list[list[str]] | None:
+    """The overrides of each job ``args`` asks for (a sweep: one list per job); None if not a plain run."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return None  # --help, --cfg, --info ...: Hydra's own output
+    overrides = [a for a in args if not a.startswith(("-", "hydra.", "hydra/", "+hydra", "~hydra"))]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def check_overrides(args: list[str]) -> list[str]:
+    """Config errors of every job ``args`` would run (each message once); empty if all are valid."""
+    errors: list[str] = []
+    try:
+        jobs = _jobs(args)
+    except (HydraException, OmegaConfBaseException) as err:
+        return [str(err)]
+    for job in jobs or []:
+        try:
+            cfg = compose_config(job)
+            if not cfg.resume:  # a resumed run is checked with its own saved config
+                validate_config(cfg)
+        except (ConfigError, HydraException, OmegaConfBaseException) as err:
+            label = f"[{' '.join(job)}] " if len(jobs) > 1 else ""
+            errors.append(label + str(err).strip())
+    return list(dict.fromkeys(errors))
+
+
+def main() -> None:
+    """Entry point of ``feddm-run``: config errors print alone (no traceback) and exit with status 2."""
+    errors = check_overrides(sys.argv[1:])
+    if errors:
+        print("feddm-run: " + "\n".join(errors), file=sys.stderr)
+        sys.exit(CONFIG_ERROR_STATUS)
+    _hydra_main()
+
+
 @hydra.main(version_base=None, config_path="pkg://conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    """Entry point of ``feddm-run``."""
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        _run(cfg)
+    except ConfigError as err:  # e.g. a resumed run's saved config; SystemExit passes Hydra by
+        print(f"feddm-run: {err}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR_STATUS)
+
+
+def _run(cfg: DictConfig) -> None:
+    """Check, then simulate here or submit to a SuperLink; print the run folder."""
     superlink = cfg.superlink
     if cfg.resume:
         cfg = resumed_config(cfg.resume)

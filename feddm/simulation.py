@@ -26,7 +26,7 @@ def preflight(cfg: DictConfig) -> None:
     """
     if cfg.resume and not trained_nothing(Path(cfg.resume).expanduser()):
         load_checkpoint(Path(cfg.resume).expanduser())
-    if not cfg.dataset.download:
+    if cfg.dataset.download is not True:  # auto: downloaded here once if missing, before the clients need it
         train = dataset_from_config(cfg.dataset, train=True)
         if cfg.num_clients > len(train):
             raise ConfigError(

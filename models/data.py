@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -62,12 +62,16 @@ def load_image_dataset(
     root: str | Path,
     *,
     train: bool,
-    download: bool = False,
+    download: bool | Literal["auto"] = False,
     image_size: int | None = None,
     label_attribute: str | None = None,
     channels: int = 3,
 ) -> LabeledImages:
     """Load a torchvision dataset (train or test split) as :class:`LabeledImages`.
+
+    ``download``: ``"auto"`` uses the files under ``root`` when they are there and
+    downloads them with torchvision when they are not; ``True`` always lets
+    torchvision check and download; ``False`` never downloads.
 
     Fashion-MNIST and CIFAR-10 are held in memory as uint8 tensors; CelebA is read
     lazily, center-cropped to 140 px and resized to ``image_size``, and labelled by
@@ -79,11 +83,42 @@ def load_image_dataset(
     if name == IMAGE_FOLDER:
         return _load_image_folder(Path(root).expanduser().resolve(), train, image_size, channels)
     if name not in _TORCHVISION:
-        raise ValueError(
-            f"dataset.name={name!r} is not supported; choose one of {SUPPORTED_DATASETS}"
-        )
-    dataset_cls, expected = _TORCHVISION[name]
+        raise ValueError(f"dataset.name={name!r} is not supported; choose one of {SUPPORTED_DATASETS}")
     root = Path(root).expanduser().resolve()
+    if download == "auto":
+        try:
+            return _load_torchvision(name, root, train, False, image_size, label_attribute)
+        except DatasetNotFoundError:
+            return _download_once(name, root, train, image_size, label_attribute)
+    return _load_torchvision(name, root, train, bool(download), image_size, label_attribute)
+
+
+def _download_once(
+    name: str, root: Path, train: bool, image_size: int | None, label_attribute: str | None
+) -> LabeledImages:
+    """``dataset.download=auto`` with the files missing: download them, one process at a time.
+
+    Simulated clients share the root; a lock keeps them from writing the same files at once.
+    """
+    from filelock import FileLock
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root / ".feddm-download.lock")):
+            return _load_torchvision(name, root, train, True, image_size, label_attribute)
+    except (OSError, RuntimeError) as err:  # offline: URLError is an OSError
+        reason = " ".join(str(err.__cause__ or err).split())  # torchvision's, on one line
+        raise DatasetNotFoundError(
+            f"{name} is not in {root} (torchvision looks for {root / _TORCHVISION[name][1]}) and "
+            f"dataset.download=auto could not download it there ({reason}). Put the files there, set "
+            "dataset.root=PATH to a folder that holds them, or run once where the download works."
+        ) from err
+
+
+def _load_torchvision(
+    name: str, root: Path, train: bool, download: bool, image_size: int | None, label_attribute: str | None
+) -> LabeledImages:
+    dataset_cls, expected = _TORCHVISION[name]
     try:
         if name == "celeba":
             return _load_celeba(root, train, download, image_size, label_attribute)
@@ -91,7 +126,7 @@ def load_image_dataset(
     except RuntimeError as err:  # torchvision: "Dataset not found ..."
         raise DatasetNotFoundError(
             f"{name} not found in {root} (torchvision looks for {root / expected}). "
-            f"Set dataset.download=true to download it there, or dataset.root=PATH to a "
+            f"Set dataset.download=true (or auto) to download it there, or dataset.root=PATH to a "
             f"folder that already holds it. ({err})"
         ) from err
     images = torch.as_tensor(np.asarray(source.data), dtype=torch.uint8)
@@ -128,21 +163,25 @@ def _load_celeba(
     names = [n for n in source.attr_names if n]
     if label_attribute not in names:
         raise ValueError(
-            f"dataset.label_attribute={label_attribute!r} is not a CelebA attribute; "
-            f"choose one of {names}"
+            f"dataset.label_attribute={label_attribute!r} is not a CelebA attribute; choose one of {names}"
         )
     labels = source.attr[:, names.index(label_attribute)].numpy()
     return LabeledImages(source, labels)
 
 
-def dataset_from_config(spec: Mapping[str, Any], *, train: bool, root: str | Path | None = None,
-                        download: bool | None = None) -> LabeledImages:
+def dataset_from_config(
+    spec: Mapping[str, Any],
+    *,
+    train: bool,
+    root: str | Path | None = None,
+    download: bool | Literal["auto"] | None = None,
+) -> LabeledImages:
     """:func:`load_image_dataset` with the keys of a ``dataset`` config group (``conf/dataset``)."""
     return load_image_dataset(
         spec["name"],
         spec["root"] if root is None else root,
         train=train,
-        download=bool(spec.get("download", False)) if download is None else download,
+        download=spec.get("download", "auto") if download is None else download,
         image_size=spec.get("image_size"),
         label_attribute=spec.get("label_attribute"),
         channels=int(spec.get("channels", 3)),
@@ -157,7 +196,9 @@ class _SquareResize:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         side = min(image.shape[-2:])
-        return v2.functional.resize(v2.functional.center_crop(image, [side, side]), [self.size, self.size], antialias=True)
+        return v2.functional.resize(
+            v2.functional.center_crop(image, [side, side]), [self.size, self.size], antialias=True
+        )
 
 
 def _load_image_folder(root: Path, train: bool, image_size: int | None, channels: int) -> LabeledImages:

@@ -28,7 +28,6 @@ PRESETS = {
     "udec": SIDES["up"],
     "ulatdec": SIDES["mid"] + SIDES["up"],
     "usplit": SIDES["down"] + SIDES["mid"] + SIDES["up"],
-    "full": SIDES["down"] + SIDES["mid"] + SIDES["up"],
 }
 
 

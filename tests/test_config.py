@@ -24,10 +24,15 @@ def test_overrides_from_a_string_or_a_list():
 
 def test_every_group_option_composes_and_validates():
     # each model size with a dataset its levels fit (celeba's 5 levels need 64 px)
-    fits = {"tiny": "fashion_mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10", "celeba": "celeba",
-            "ldm": "image_folder"}
+    fits = {
+        "tiny": "fashion_mnist",
+        "fashion_mnist": "fashion_mnist",
+        "cifar10": "cifar10",
+        "celeba": "celeba",
+        "ldm": "image_folder",
+    }
     assert set(fits) == set(group_options("model"))
-    for group in ("dataset", "partition", "strategy", "experiment"):
+    for group in ("dataset", "partition", "strategy", "experiment", "tracking"):
         for option in group_options(group):
             validate_config(compose_config([f"{group}={option}"]))
     for model, dataset in fits.items():
@@ -120,7 +125,11 @@ def test_partial_strategy_settings_are_checked(overrides, key):
 
 
 def test_partial_custom_parts_compose():
-    validate_config(compose_config(["strategy=partial", "strategy.preset=custom", "strategy.shared=[mid_block,up_blocks.1,head]"]))
+    validate_config(
+        compose_config(
+            ["strategy=partial", "strategy.preset=custom", "strategy.shared=[mid_block,up_blocks.1,head]"]
+        )
+    )
 
 
 @pytest.mark.parametrize(
@@ -168,6 +177,7 @@ EVERY_KEY = [
     ("local_steps=-3", "local_steps"),
     ("local_epochs=0", "local_epochs"),
     ("lr=0", "lr"),
+    ("model.lr=-1", "model.lr"),
     ("weight_decay=-1", "weight_decay"),
     ("batch_size=0", "batch_size"),
     ("max_grad_norm=-1", "max_grad_norm"),
@@ -192,6 +202,7 @@ EVERY_KEY = [
     ("ema.decay=1.0", "ema.decay"),
     ("checkpoint_every=-1", "checkpoint_every"),
     ("privacy.name=secret", "privacy.name"),
+    ("tracking.name=mlflow", "tracking.name"),
 ]
 
 
@@ -219,8 +230,16 @@ def test_every_config_key_has_a_bad_value_case():
 
     config = OmegaConf.to_container(compose_config(), resolve=False)
     config.pop("hydra", None)
-    free = {"dataset.root", "eval.fid_cache", "output_dir", "run_dir", "resume", "superlink", "model.name",
-            "scheduler.beta_end"}  # beta_end: checked with beta_start
+    free = {
+        "dataset.root",
+        "eval.fid_cache",
+        "output_dir",
+        "run_dir",
+        "resume",
+        "superlink",
+        "model.name",
+        "scheduler.beta_end",
+    }  # beta_end: checked with beta_start
     covered = {o.split("=")[0] for o, _ in EVERY_KEY} | free
     assert set(keys(config)) <= covered, sorted(set(keys(config)) - covered)
 
@@ -240,10 +259,16 @@ def test_every_config_key_has_a_bad_value_case():
         (["privacy=secagg", "privacy.num_shares=2"], "privacy.num_shares"),
         (["privacy=secagg", "num_clients=8", "privacy.num_shares=4"], "privacy.num_shares"),  # even
         (["privacy=secagg", "num_clients=4", "privacy.num_shares=5"], "privacy.num_shares"),  # > nodes
-        (["privacy=secagg", "num_clients=3", "privacy.reconstruction_threshold=3"], "privacy.reconstruction_threshold"),
+        (
+            ["privacy=secagg", "num_clients=3", "privacy.reconstruction_threshold=3"],
+            "privacy.reconstruction_threshold",
+        ),
         (["privacy=secagg", "privacy.num_shares=1.5"], "privacy.num_shares"),
         (["privacy=secagg", "privacy.reconstruction_threshold=0.0"], "privacy.reconstruction_threshold"),
-        (["privacy=secagg", "privacy.num_shares=5", "privacy.reconstruction_threshold=5"], "privacy.reconstruction_threshold"),
+        (
+            ["privacy=secagg", "privacy.num_shares=5", "privacy.reconstruction_threshold=5"],
+            "privacy.reconstruction_threshold",
+        ),
         (["privacy=secagg", "privacy.clipping_range=0"], "privacy.clipping_range"),
         (["privacy=secagg", "privacy.max_weight=0"], "privacy.max_weight"),
     ],
@@ -278,3 +303,9 @@ def test_autoencoder_path_is_made_absolute_when_local_and_kept_as_a_hub_id(tmp_p
     assert local.model.autoencoder.path == str(tmp_path / "vae")
     hub = resolve_paths(compose_config(["model=ldm", "model.autoencoder.path=stabilityai/sd-vae-ft-mse"]))
     assert hub.model.autoencoder.path == "stabilityai/sd-vae-ft-mse"
+
+
+def test_tracking_sinks_and_wandb_mode_are_checked():
+    validate_config(compose_config(["tracking=wandb"]))
+    with pytest.raises(ConfigError, match="tracking.mode='live' is not allowed: online | offline | disabled"):
+        validate_config(compose_config(["tracking=wandb", "tracking.mode=live"]))

@@ -14,8 +14,7 @@ LABELS = np.repeat(np.arange(10), 100)  # 1000 images, 10 classes
 
 def _all_partitions(partition, n=4, seed=0):
     return [
-        partition_indices(LABELS, partition, partition_id=i, num_partitions=n, seed=seed)
-        for i in range(n)
+        partition_indices(LABELS, partition, partition_id=i, num_partitions=n, seed=seed) for i in range(n)
     ]
 
 
@@ -94,6 +93,35 @@ def test_missing_dataset_names_the_path_and_the_download_option(tmp_path):
     assert "dataset.download=true" in str(err.value)
 
 
+def test_download_auto_uses_the_files_that_are_there(data_root, monkeypatch):
+    import torchvision
+
+    def offline(self):
+        raise OSError("offline")
+
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", offline)
+    train = load_image_dataset("fashion_mnist", data_root, train=True, download="auto")
+    assert len(train) == 60000
+
+
+def test_download_auto_offline_and_missing_names_the_path_and_the_option(tmp_path, monkeypatch):
+    import torchvision
+
+    calls = []
+
+    def offline(self):
+        calls.append(self.root)
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", offline)
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_image_dataset("fashion_mnist", tmp_path / "nowhere", train=True, download="auto")
+    message = str(err.value)
+    assert calls, "auto must try the download when the files are missing"
+    assert str(tmp_path / "nowhere") in message and "dataset.download=auto" in message
+    assert "Name or service not known" in message and "dataset.root=PATH" in message
+
+
 def _image_folder(root, sizes):
     from PIL import Image
 
@@ -102,7 +130,9 @@ def _image_folder(root, sizes):
         for label in labels:
             (root / split / label).mkdir(parents=True)
             for i, (w, h) in enumerate(sizes):
-                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / split / label / f"{i}.png")
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                    root / split / label / f"{i}.png"
+                )
 
 
 def test_image_folder_loads_square_images_with_folder_labels(tmp_path):

@@ -30,13 +30,9 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_prox_with_mu_zero_reproduces_vanilla_exactly(tmp_path, data_root):
     vanilla = simulate(compose_config(MICRO_OVERRIDES), tmp_path / "vanilla")
-    prox = simulate(
-        compose_config([*MICRO_OVERRIDES, "strategy=prox", "strategy.mu=0"]), tmp_path / "prox"
-    )
+    prox = simulate(compose_config([*MICRO_OVERRIDES, "strategy=prox", "strategy.mu=0"]), tmp_path / "prox")
     keys = ("train_loss", "eval_loss", "uplink_bytes", "downlink_bytes")
-    assert [{k: r[k] for k in keys} for r in _rows(vanilla)] == [
-        {k: r[k] for k in keys} for r in _rows(prox)
-    ]
+    assert [{k: r[k] for k in keys} for r in _rows(vanilla)] == [{k: r[k] for k in keys} for r in _rows(prox)]
     a, b = _weights(vanilla), _weights(prox)
     assert all(torch.equal(a[n], b[n]) for n in a)
 
@@ -67,8 +63,15 @@ def _feddm_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def test_feddm_run_sweeps_strategies_into_one_folder_each(tmp_path, data_root):
     result = _feddm_run(
-        ["-m", "strategy=vanilla,prox,quant", "partition=dirichlet", "partition.alpha=0.5",
-         f"output_dir={tmp_path}", *MICRO_OVERRIDES, "num_rounds=1"],
+        [
+            "-m",
+            "strategy=vanilla,prox,quant",
+            "partition=dirichlet",
+            "partition.alpha=0.5",
+            f"output_dir={tmp_path}",
+            *MICRO_OVERRIDES,
+            "num_rounds=1",
+        ],
         cwd=tmp_path,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
@@ -92,7 +95,7 @@ def test_feddm_run_fails_before_training_on_bad_values(tmp_path):
 
 def test_feddm_run_names_a_missing_dataset_path(tmp_path):
     missing = tmp_path / "no-data"
-    result = _feddm_run([*MICRO_OVERRIDES, f"dataset.root={missing}"], cwd=tmp_path)
+    result = _feddm_run([*MICRO_OVERRIDES, f"dataset.root={missing}", "dataset.download=false"], cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert str(missing) in output and "dataset.download=true" in output
