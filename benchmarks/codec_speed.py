@@ -72,7 +72,12 @@ def main() -> None:
     step()  # warm-up (allocations, kernels)
     step_s = best_of(repeats, step)
     local = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
-    config = {"quant-bits": 8, "quant-granularity": "channel", "quant-stochastic": False, "quant-error-feedback": False}
+    config = {
+        "quant-bits": 8,
+        "quant-granularity": "channel",
+        "quant-stochastic": False,
+        "quant-error-feedback": False,
+    }
     reference = reference_of(ArrayRecord(received))
     holder = {}
 
@@ -107,7 +112,7 @@ def main() -> None:
         "target_met": share <= TARGET_SHARE,
     }
     rows = [
-        ["one training step (batch %d)" % batch, f"{step_s:.3f}", "1.00"],
+        [f"one training step (batch {batch})", f"{step_s:.3f}", "1.00"],
         [f"local round ({default_steps} steps)", f"{local_round_s:.2f}", f"{local_round_s / step_s:.2f}"],
         ["int8 encode (client)", f"{encode_s:.3f}", f"{encode_s / step_s:.3f}"],
         ["int8 decode (server)", f"{decode_s:.3f}", f"{decode_s / step_s:.3f}"],

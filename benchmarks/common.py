@@ -63,7 +63,9 @@ def write_results(name: str, results: dict[str, Any], table: str, notes: str = "
         + (f", GPU {m['gpu']}" if m["gpu"] else ", no GPU")
         + f"; torch {m['torch']}, flwr {m['flwr']}, diffusers {m['diffusers']}; {m['date']}\n\n"
     )
-    (RESULTS / f"{name}.md").write_text(header + table.strip() + "\n" + (f"\n{notes.strip()}\n" if notes else ""))
+    (RESULTS / f"{name}.md").write_text(
+        header + table.strip() + "\n" + (f"\n{notes.strip()}\n" if notes else "")
+    )
     return json_path
 
 

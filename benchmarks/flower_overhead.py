@@ -77,7 +77,9 @@ def plain_loop(overrides: list[str]) -> None:
     total_steps = int(cfg.num_clients) * int(cfg.local_steps) * int(cfg.num_rounds)
     torch.manual_seed(cfg.seed)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    unet = build_unet(plain["model"]["unet"], image_size=cfg.dataset.image_size, channels=cfg.dataset.channels)
+    unet = build_unet(
+        plain["model"]["unet"], image_size=cfg.dataset.image_size, channels=cfg.dataset.channels
+    )
     settings = read_settings(client_config(cfg, unet, build_scheduler(plain["scheduler"])))
     settings = settings.__class__(**{**settings.__dict__, "local_steps": total_steps})
     unet, scheduler = build_model(settings, resolve_device(cfg.device))
@@ -87,8 +89,17 @@ def plain_loop(overrides: list[str]) -> None:
     loop_started = time.perf_counter()
     loss, steps = local_train(unet, scheduler, dataset, indices, settings, seed=0)
     loop_s = time.perf_counter() - loop_started
-    print(json.dumps({"steps": steps, "loop_s": loop_s, "setup_s": setup_s, "loss": loss,
-                      "torch_threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "steps": steps,
+                "loop_s": loop_s,
+                "setup_s": setup_s,
+                "loss": loss,
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 def run_federated(clients: int, steps: int, rounds: int, work: Path) -> dict:
@@ -102,9 +113,14 @@ def run_federated(clients: int, steps: int, rounds: int, work: Path) -> dict:
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     )
     command = [
-        "flwr", "run", str(REPO), "--stream",
-        "--federation-config", f"num-supernodes={clients}",
-        "--run-config", f"overrides='{' '.join(overrides)}' run-dir='{run_dir}'",
+        "flwr",
+        "run",
+        str(REPO),
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={clients}",
+        "--run-config",
+        f"overrides='{' '.join(overrides)}' run-dir='{run_dir}'",
     ]
     started = time.perf_counter()
     try:
@@ -175,8 +191,13 @@ def main() -> None:
     }
     rows = [
         ["plain loop (one process)", f"{plain['wall_s']:.1f}", f"{plain['loop_s']:.1f}", "-", "1.00"],
-        ["flwr run simulation", f"{federated['wall_s']:.1f}", f"{sum(phases):.1f}",
-         " / ".join(f"{p:.1f}" for p in phases), f"{ratio_startup:.2f} with start-up"],
+        [
+            "flwr run simulation",
+            f"{federated['wall_s']:.1f}",
+            f"{sum(phases):.1f}",
+            " / ".join(f"{p:.1f}" for p in phases),
+            f"{ratio_startup:.2f} with start-up",
+        ],
     ]
     table = markdown_table(
         ["what", "wall s (whole command)", "training s", "training s per round", "ratio"], rows

@@ -48,11 +48,16 @@ METHODS = {
     "ulatdec+int8": (["strategy=partial", "strategy.preset=ulatdec", "strategy.quantize=true"], NON_IID),
     "usplit": (["strategy=partial", "strategy.preset=usplit"], NON_IID),
     "usplit+int8": (["strategy=partial", "strategy.preset=usplit", "strategy.quantize=true"], NON_IID),
-    "usplit4+int8": (["strategy=partial", "strategy.preset=usplit", "strategy.split_ways=4", "strategy.quantize=true"], NON_IID),
+    "usplit4+int8": (
+        ["strategy=partial", "strategy.preset=usplit", "strategy.split_ways=4", "strategy.quantize=true"],
+        NON_IID,
+    ),
     "fedddpm": (["strategy=fedddpm", "strategy.pretrain_steps={pretrain_steps}"], NON_IID),
     # Clients evaluate every eval_every rounds only; the training loss is there every round.
-    "fedddpm_plus": (["strategy=fedddpm_plus", "strategy.pretrain_steps={pretrain_steps}",
-                      "strategy.signal=train_loss"], NON_IID),
+    "fedddpm_plus": (
+        ["strategy=fedddpm_plus", "strategy.pretrain_steps={pretrain_steps}", "strategy.signal=train_loss"],
+        NON_IID,
+    ),
 }
 PERSONALIZED = ("udec", "udec+int8", "ulatdec", "ulatdec+int8")
 DEFAULT_FID_WEIGHTS = REPO.parent / "shared" / "weights" / "pt_inception-2015-12-05.torchscript.pt"
@@ -60,10 +65,26 @@ DEFAULT_FID_WEIGHTS = REPO.parent / "shared" / "weights" / "pt_inception-2015-12
 # Scales: --quick fits 2 CPU cores in under an hour (7 runs, two FIDs of 1000 images each);
 # the full scale is for a GPU machine.
 SCALES = {
-    "quick": dict(model="tiny", rounds=8, local_steps=25, eval_every=4, num_samples=1000, ddim_steps=10,
-                  batch_size=32, pretrain_steps=100),
-    "full": dict(model="fashion_mnist", rounds=20, local_steps=250, eval_every=5, num_samples=5000, ddim_steps=50,
-                 batch_size=64, pretrain_steps=1000),
+    "quick": dict(
+        model="tiny",
+        rounds=8,
+        local_steps=25,
+        eval_every=4,
+        num_samples=1000,
+        ddim_steps=10,
+        batch_size=32,
+        pretrain_steps=100,
+    ),
+    "full": dict(
+        model="fashion_mnist",
+        rounds=20,
+        local_steps=250,
+        eval_every=5,
+        num_samples=5000,
+        ddim_steps=50,
+        batch_size=64,
+        pretrain_steps=1000,
+    ),
 }
 
 
@@ -89,7 +110,9 @@ def plan(scale: dict, only: list[str] | None = None) -> list[Run]:
     return [r for r in runs if not only or r.name in only]
 
 
-def run_overrides(run: Run, scale: dict, data_root: Path, fid_weights: Path | None, fid_cache: Path) -> list[str]:
+def run_overrides(
+    run: Run, scale: dict, data_root: Path, fid_weights: Path | None, fid_cache: Path
+) -> list[str]:
     """Hydra overrides of one run (what ``feddm-run`` gets)."""
     # Clients with local parts each generate a share of the FID images: the pooled
     # FID (fid_mixture) then uses as many images as the global model's.
@@ -109,11 +132,19 @@ def run_overrides(run: Run, scale: dict, data_root: Path, fid_weights: Path | No
     if fid_weights:
         common.append(f"eval.fid_weights={fid_weights}")
     if run.method == "centralized":
-        return common + ["num_clients=1", "strategy=vanilla", "partition=iid",
-                         f"local_steps={NUM_CLIENTS * scale['local_steps']}"]
+        return common + [
+            "num_clients=1",
+            "strategy=vanilla",
+            "partition=iid",
+            f"local_steps={NUM_CLIENTS * scale['local_steps']}",
+        ]
     method = [o.format(**scale) for o in METHODS[run.method][0]]
-    return common + [f"num_clients={NUM_CLIENTS}", *method,
-                     f"local_steps={scale['local_steps']}", *PARTITIONS[run.partition]]
+    return common + [
+        f"num_clients={NUM_CLIENTS}",
+        *method,
+        f"local_steps={scale['local_steps']}",
+        *PARTITIONS[run.partition],
+    ]
 
 
 def execute(run: Run, overrides: list[str], work: Path) -> dict:
@@ -131,7 +162,11 @@ def execute(run: Run, overrides: list[str], work: Path) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"{run.name} failed; see {log}:\n{log.read_text()[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    print(f"    done in {wall_s:.0f} s: FID " + ", ".join(f"r{r['round']} {r['fid']:.1f}" for r in rows if "fid" in r), flush=True)
+    print(
+        f"    done in {wall_s:.0f} s: FID "
+        + ", ".join(f"r{r['round']} {r['fid']:.1f}" for r in rows if "fid" in r),
+        flush=True,
+    )
     return {"wall_s": round(wall_s, 1), "rows": rows, "run_dir": str(run_dir)}
 
 
@@ -143,8 +178,11 @@ def summarize(run: Run, outcome: dict) -> dict:
         if "fid" in row:
             # Clients with their own models: the pooled FID compares with a global model's;
             # the mean of the clients' FIDs (each on a quarter of the images) is kept beside it.
-            point = {"round": row["round"], "fid": row.get("fid_mixture", row["fid"]),
-                     "cumulative_uplink_bytes": cumulative}
+            point = {
+                "round": row["round"],
+                "fid": row.get("fid_mixture", row["fid"]),
+                "cumulative_uplink_bytes": cumulative,
+            }
             if "fid_mixture" in row:
                 point["fid_mean_of_clients"] = row["fid"]
             points.append(point)
@@ -204,20 +242,36 @@ def plot(results: dict, out: Path) -> None:
         if central:
             rounds = [p["round"] for p in central["fid"]]
             ax_round.plot(rounds, [p["fid"] for p in central["fid"]], "k--", marker="o", label="centralized")
-            ax_bytes.axhline(central["final_fid"], color="k", linestyle="--", label="centralized (final, no uplink)")
+            ax_bytes.axhline(
+                central["final_fid"], color="k", linestyle="--", label="centralized (final, no uplink)"
+            )
         finals = []
-        for name, r in results.items():
+        for r in results.values():
             if r["partition"] != partition:
                 continue
-            ax_round.plot([p["round"] for p in r["fid"]], [p["fid"] for p in r["fid"]], marker="o", label=r["method"])
-            ax_bytes.plot([p["cumulative_uplink_bytes"] / 1e6 for p in r["fid"]], [p["fid"] for p in r["fid"]],
-                          marker="o", label=r["method"])
+            ax_round.plot(
+                [p["round"] for p in r["fid"]], [p["fid"] for p in r["fid"]], marker="o", label=r["method"]
+            )
+            ax_bytes.plot(
+                [p["cumulative_uplink_bytes"] / 1e6 for p in r["fid"]],
+                [p["fid"] for p in r["fid"]],
+                marker="o",
+                label=r["method"],
+            )
             finals.append((r["total_uplink_bytes"] / 1e6, r["final_fid"]))
         frontier = pareto_frontier(finals)
         if len(frontier) > 1:
-            ax_bytes.step(*zip(*frontier), where="post", color="grey", alpha=0.6, linewidth=3, label="frontier (final)")
-        ax_round.set(title=f"FID vs round ({partition})", xlabel="round (equal steps for every method)", ylabel="FID")
-        ax_bytes.set(title=f"FID vs cumulative uplink ({partition})", xlabel="uplink MB, all clients (log)", ylabel="FID")
+            ax_bytes.step(
+                *zip(*frontier), where="post", color="grey", alpha=0.6, linewidth=3, label="frontier (final)"
+            )
+        ax_round.set(
+            title=f"FID vs round ({partition})", xlabel="round (equal steps for every method)", ylabel="FID"
+        )
+        ax_bytes.set(
+            title=f"FID vs cumulative uplink ({partition})",
+            xlabel="uplink MB, all clients (log)",
+            ylabel="FID",
+        )
         ax_round.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax_bytes.set_xscale("log")
         for ax in (ax_round, ax_bytes):
@@ -232,27 +286,49 @@ def report(results: dict, scale_name: str, scale: dict) -> tuple[str, str]:
     """The Markdown table and notes."""
     central = results.get("centralized", {}).get("final_fid")
     rows, frontier_hits = [], []
-    for name, r in results.items():
+    for r in results.values():
         vanilla = results.get(f"vanilla_{r['partition']}")
-        byte_ratio = (vanilla["total_uplink_bytes"] / r["total_uplink_bytes"]
-                      if vanilla and r["total_uplink_bytes"] else None)
+        byte_ratio = (
+            vanilla["total_uplink_bytes"] / r["total_uplink_bytes"]
+            if vanilla and r["total_uplink_bytes"]
+            else None
+        )
         fid_vs_vanilla = r["final_fid"] / vanilla["final_fid"] if vanilla else None
         if byte_ratio and fid_vs_vanilla and byte_ratio >= 12 and fid_vs_vanilla <= 1.1:
-            frontier_hits.append(f"{r['method']} ({r['partition']}: {byte_ratio:.1f}x fewer bytes, FID {fid_vs_vanilla:.2f}x vanilla's)")
-        rows.append([
-            r["method"], r["partition"],
-            " / ".join(f"{p['fid']:.1f}" for p in r["fid"])
-            + (f" (mean of clients {r['fid'][-1]['fid_mean_of_clients']:.1f})" if "fid_mean_of_clients" in r["fid"][-1] else ""),
-            f"{r['final_fid'] / central:.2f}" if central else "-",
-            f"{fid_vs_vanilla:.2f}" if fid_vs_vanilla else "-",
-            f"{r['total_uplink_bytes'] / 1e6:.1f}" if r["total_uplink_bytes"] else "0 (no federation)",
-            f"{byte_ratio:.2f}x" if byte_ratio else "-",
-            f"{r['wall_s']:.0f}",
-        ])
+            frontier_hits.append(
+                f"{r['method']} ({r['partition']}: {byte_ratio:.1f}x fewer bytes, FID {fid_vs_vanilla:.2f}x vanilla's)"
+            )
+        rows.append(
+            [
+                r["method"],
+                r["partition"],
+                " / ".join(f"{p['fid']:.1f}" for p in r["fid"])
+                + (
+                    f" (mean of clients {r['fid'][-1]['fid_mean_of_clients']:.1f})"
+                    if "fid_mean_of_clients" in r["fid"][-1]
+                    else ""
+                ),
+                f"{r['final_fid'] / central:.2f}" if central else "-",
+                f"{fid_vs_vanilla:.2f}" if fid_vs_vanilla else "-",
+                f"{r['total_uplink_bytes'] / 1e6:.1f}" if r["total_uplink_bytes"] else "0 (no federation)",
+                f"{byte_ratio:.2f}x" if byte_ratio else "-",
+                f"{r['wall_s']:.0f}",
+            ]
+        )
     evals = ", ".join(str(p["round"]) for p in next(iter(results.values()))["fid"])
     table = markdown_table(
-        ["method", "partition", f"FID at rounds {evals}", "final FID / centralized", "final FID / vanilla",
-         "uplink MB (all clients)", "uplink saved vs vanilla", "wall s"], rows)
+        [
+            "method",
+            "partition",
+            f"FID at rounds {evals}",
+            "final FID / centralized",
+            "final FID / vanilla",
+            "uplink MB (all clients)",
+            "uplink saved vs vanilla",
+            "wall s",
+        ],
+        rows,
+    )
     steps = scale["rounds"] * NUM_CLIENTS * scale["local_steps"]
     notes = (
         f"Scale `{scale_name}`: model `{scale['model']}`, {NUM_CLIENTS} clients, {scale['rounds']} rounds x "
@@ -268,7 +344,8 @@ def report(results: dict, scale_name: str, scale: dict) -> tuple[str, str]:
         "to the training budget; their uplink includes the one upload of every local model.\n\n"
         "Target (partial exchange, FedDDPM): some configuration sends >= 12x fewer uplink bytes than "
         "FedDM-vanilla at a final FID <= 1.1x vanilla's: "
-        + ("; ".join(frontier_hits) if frontier_hits else "not met by any configuration run so far") + "."
+        + ("; ".join(frontier_hits) if frontier_hits else "not met by any configuration run so far")
+        + "."
     )
     return table, notes
 
@@ -276,14 +353,24 @@ def report(results: dict, scale_name: str, scale: dict) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the 2-CPU-core scale (under an hour)")
-    parser.add_argument("--work", type=Path, default=REPO / "outputs" / "benchmarks" / "quality",
-                        help="folder for the run folders and logs (a new subfolder per invocation)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=REPO / "outputs" / "benchmarks" / "quality",
+        help="folder for the run folders and logs (a new subfolder per invocation)",
+    )
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--fid-weights", type=Path, default=DEFAULT_FID_WEIGHTS if DEFAULT_FID_WEIGHTS.is_file() else None,
-                        help="TorchScript FID Inception network; without it torchmetrics downloads the standard one")
+    parser.add_argument(
+        "--fid-weights",
+        type=Path,
+        default=DEFAULT_FID_WEIGHTS if DEFAULT_FID_WEIGHTS.is_file() else None,
+        help="TorchScript FID Inception network; without it torchmetrics downloads the standard one",
+    )
     parser.add_argument("--only", nargs="+", help="run only these (e.g. centralized vanilla_iid)")
     for key in SCALES["quick"]:
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(SCALES["quick"][key]), help="override the scale")
+        parser.add_argument(
+            f"--{key.replace('_', '-')}", type=type(SCALES["quick"][key]), help="override the scale"
+        )
     args = parser.parse_args()
     scale_name = "quick" if args.quick else "full"
     scale = dict(SCALES[scale_name])
@@ -294,8 +381,13 @@ def main() -> None:
     fid_cache = args.work.resolve() / "fid_cache"  # real statistics, shared by invocations
     results, started = {}, time.perf_counter()
     for run in plan(scale, args.only):
-        overrides = run_overrides(run, scale, args.data_root.resolve(),
-                                  args.fid_weights.resolve() if args.fid_weights else None, fid_cache)
+        overrides = run_overrides(
+            run,
+            scale,
+            args.data_root.resolve(),
+            args.fid_weights.resolve() if args.fid_weights else None,
+            fid_cache,
+        )
         results[run.name] = summarize(run, execute(run, overrides, work))
     total_s = time.perf_counter() - started
 
@@ -303,10 +395,23 @@ def main() -> None:
     results = merged_with_earlier(name, scale, results)
     plot(results, RESULTS / f"{name}.png")
     table, notes = report(results, scale_name, scale)
-    notes += (f"\n\nThis invocation ran {len(plan(scale, args.only))} of the {len(results)} runs in "
-              f"{total_s / 60:.1f} minutes on this machine (run folders: `{work}`).")
-    print(write_results(name, {"scale": scale_name, "settings": scale, "runs": results,
-                               "last_invocation_minutes": round(total_s / 60, 1)}, table, notes))
+    notes += (
+        f"\n\nThis invocation ran {len(plan(scale, args.only))} of the {len(results)} runs in "
+        f"{total_s / 60:.1f} minutes on this machine (run folders: `{work}`)."
+    )
+    print(
+        write_results(
+            name,
+            {
+                "scale": scale_name,
+                "settings": scale,
+                "runs": results,
+                "last_invocation_minutes": round(total_s / 60, 1),
+            },
+            table,
+            notes,
+        )
+    )
     print(table)
     print(notes)
 

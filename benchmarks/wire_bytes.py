@@ -70,19 +70,36 @@ def measure_partial(global_state: dict, local_state: dict) -> dict:
     for preset, options, label in PARTIAL_VARIANTS:
         for quantize in (False, True):
             strategy = build_strategy(
-                {"name": "partial", "preset": preset, "shared": None, "split_ways": options.get("split_ways", 2),
-                 "quantize": quantize, "bits": 8, "granularity": "channel", "stochastic_rounding": False,
-                 "error_feedback": False},
+                {
+                    "name": "partial",
+                    "preset": preset,
+                    "shared": None,
+                    "split_ways": options.get("split_ways", 2),
+                    "quantize": quantize,
+                    "bits": 8,
+                    "granularity": "channel",
+                    "stochastic_rounding": False,
+                    "error_feedback": False,
+                },
                 num_clients=1,
             )
             grid = _Nodes(PARTIAL_CLIENTS)
-            strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), grid)  # first contact: whole model
+            strategy.configure_train(
+                1, ArrayRecord(global_state), ConfigRecord(), grid
+            )  # first contact: whole model
             strategy._initialized = set(grid.get_node_ids())  # as after a round in which every node trained
             messages = list(strategy.configure_train(2, ArrayRecord(global_state), ConfigRecord(), grid))
             config = dict(messages[0].content["config"])
             uplinks = [
-                reply_arrays(local_state, global_state, config, RecordDict(), partition_id=p,
-                             num_partitions=PARTIAL_CLIENTS, seed=p)
+                reply_arrays(
+                    local_state,
+                    global_state,
+                    config,
+                    RecordDict(),
+                    partition_id=p,
+                    num_partitions=PARTIAL_CLIENTS,
+                    seed=p,
+                )
                 for p in range(PARTIAL_CLIENTS)
             ]
             rows[label + (" + int8" if quantize else "")] = {
@@ -90,7 +107,9 @@ def measure_partial(global_state: dict, local_state: dict) -> dict:
                 "uplink_serialized_bytes": sum(serialized_nbytes(u) for u in uplinks) / PARTIAL_CLIENTS,
                 "downlink_payload_bytes": payload_nbytes(messages[0].content["arrays"]),
                 "downlink_serialized_bytes": serialized_nbytes(messages[0].content["arrays"]),
-                "shared_fraction": sum(v.numel() for k, v in global_state.items() if k in strategy.shared_names)
+                "shared_fraction": sum(
+                    v.numel() for k, v in global_state.items() if k in strategy.shared_names
+                )
                 / sum(v.numel() for v in global_state.values()),
             }
     return rows
@@ -110,18 +129,30 @@ def measure_secagg(global_state: dict, local_state: dict) -> dict:
     strategy = build_strategy({"name": "vanilla"}, num_clients=SECAGG_CLIENTS, privacy=privacy)
 
     def train(msg: Message, context: Context) -> Message:
-        content = RecordDict({"arrays": ArrayRecord(local_state),
-                              "metrics": MetricRecord({"train_loss": 1.0, "num-examples": 1000})})
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(local_state),
+                "metrics": MetricRecord({"train_loss": 1.0, "num-examples": 1000}),
+            }
+        )
         return Message(content=content, reply_to=msg)
 
     def client(msg: Message, context: Context) -> Message:
         if msg.metadata.message_type == "evaluate":
-            return Message(RecordDict({"metrics": MetricRecord({"eval_loss": 1.0, "num-examples": 1})}), reply_to=msg)
+            return Message(
+                RecordDict({"metrics": MetricRecord({"eval_loss": 1.0, "num-examples": 1})}), reply_to=msg
+            )
         return secagg_mod(msg, context, train)
 
     grid = LocalGrid(range(1, SECAGG_CLIENTS + 1), client)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(global_state), num_rounds=1, timeout=3600,
-                   train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(global_state),
+        num_rounds=1,
+        timeout=3600,
+        train_config=ConfigRecord({}),
+        evaluate_config=ConfigRecord({}),
+    )
     sent = [m for m in grid.sent if m.metadata.message_type == "train"]
     received = [m for m in grid.received if m.metadata.message_type == "train" and not m.has_error()]
     assert len(received) == 4 * SECAGG_CLIENTS, "a SecAgg+ stage failed"
@@ -160,11 +191,21 @@ def measure(model: str) -> dict:
             uplink = ArrayRecord(local_state)
         else:
             strategy = build_strategy(
-                {"name": "quant", "bits": 8, "stochastic_rounding": False, "quantize_downlink": False, **options},
+                {
+                    "name": "quant",
+                    "bits": 8,
+                    "stochastic_rounding": False,
+                    "quantize_downlink": False,
+                    **options,
+                },
                 num_clients=1,
             )
-            config = {"quant-bits": 8, "quant-granularity": options["granularity"], "quant-stochastic": False,
-                      "quant-error-feedback": options["error_feedback"]}
+            config = {
+                "quant-bits": 8,
+                "quant-granularity": options["granularity"],
+                "quant-stochastic": False,
+                "quant-error-feedback": options["error_feedback"],
+            }
             state = RecordDict()
             quantized_update(local_state, global_state, config, state, seed=0)  # round 1 fills the residual
             uplink = quantized_update(local_state, global_state, config, state, seed=1)
@@ -179,8 +220,14 @@ def measure(model: str) -> dict:
     rows.update(measure_partial(global_state, local_state))
     rows["SecAgg+ (4 stages, int64 masked)"] = measure_secagg(global_state, local_state)
     quant_down = build_strategy(
-        {"name": "quant", "bits": 8, "granularity": "channel", "stochastic_rounding": False,
-         "error_feedback": False, "quantize_downlink": True},
+        {
+            "name": "quant",
+            "bits": 8,
+            "granularity": "channel",
+            "stochastic_rounding": False,
+            "error_feedback": False,
+            "quantize_downlink": True,
+        },
         num_clients=1,
     )
     (message,) = quant_down.configure_train(1, ArrayRecord(global_state), ConfigRecord(), _OneNode())
@@ -192,12 +239,21 @@ def measure(model: str) -> dict:
         "ratio_int8_vs_fp32": round(fp32 / rows["int8 per-channel"]["uplink_serialized_bytes"], 4),
         "ratio_int8_tensor_vs_fp32": round(fp32 / rows["int8 per-tensor"]["uplink_serialized_bytes"], 4),
         "ratio_int8_downlink_vs_fp32": round(
-            rows["fp32 (vanilla)"]["downlink_serialized_bytes"] / serialized_nbytes(message.content["arrays"]), 4
+            rows["fp32 (vanilla)"]["downlink_serialized_bytes"]
+            / serialized_nbytes(message.content["arrays"]),
+            4,
         ),
         "partial_uplink_ratio_vs_fp32": {
-            name: round(fp32 / v["uplink_serialized_bytes"], 3) for name, v in rows.items() if name.startswith("partial")
+            name: round(fp32 / v["uplink_serialized_bytes"], 3)
+            for name, v in rows.items()
+            if name.startswith("partial")
         },
     }
+
+
+def _uplink(result: dict, variant: str) -> int:
+    """Serialized uplink bytes of one variant of a model's result."""
+    return result["variants"][variant]["uplink_serialized_bytes"]
 
 
 def main() -> None:
@@ -213,23 +269,51 @@ def main() -> None:
     rows = []
     for model, r in results.items():
         for name, v in r["variants"].items():
-            rows.append([model, f"{r['parameters'] / 1e6:.1f}M", name,
-                         f"{v['uplink_serialized_bytes'] / 1e6:.2f}", f"{v['downlink_serialized_bytes'] / 1e6:.2f}",
-                         f"{r['variants']['fp32 (vanilla)']['uplink_serialized_bytes'] / v['uplink_serialized_bytes']:.3f}"])
-    table = markdown_table(["model", "params", "variant", "uplink MB/client/round", "downlink MB/client/round", "uplink ratio vs fp32"], rows)
-    best = {m: max(r["partial_uplink_ratio_vs_fp32"].items(), key=lambda kv: kv[1]) for m, r in results.items()}
+            rows.append(
+                [
+                    model,
+                    f"{r['parameters'] / 1e6:.1f}M",
+                    name,
+                    f"{v['uplink_serialized_bytes'] / 1e6:.2f}",
+                    f"{v['downlink_serialized_bytes'] / 1e6:.2f}",
+                    f"{r['variants']['fp32 (vanilla)']['uplink_serialized_bytes'] / v['uplink_serialized_bytes']:.3f}",
+                ]
+            )
+    table = markdown_table(
+        [
+            "model",
+            "params",
+            "variant",
+            "uplink MB/client/round",
+            "downlink MB/client/round",
+            "uplink ratio vs fp32",
+        ],
+        rows,
+    )
+    best = {
+        m: max(r["partial_uplink_ratio_vs_fp32"].items(), key=lambda kv: kv[1]) for m, r in results.items()
+    }
     met = all(r["ratio_int8_vs_fp32"] >= 3.9 for r in results.values())
     notes = (
         "Target: int8 per-channel uplink >= 3.9x smaller than fp32 -- "
-        + ("met for every model." if met else "MISSED for: " + ", ".join(m for m, r in results.items() if r["ratio_int8_vs_fp32"] < 3.9))
+        + (
+            "met for every model."
+            if met
+            else "MISSED for: " + ", ".join(m for m, r in results.items() if r["ratio_int8_vs_fp32"] < 3.9)
+        )
         + "\nWith `strategy.quantize_downlink=true` the downlink shrinks by the same factor: "
-        + ", ".join(f"{m} {r['ratio_int8_downlink_vs_fp32']:.3f}x" for m, r in results.items()) + "."
+        + ", ".join(f"{m} {r['ratio_int8_downlink_vs_fp32']:.3f}x" for m, r in results.items())
+        + "."
         + "\nPartial exchange (strategy=partial): uplink and round-2 downlink per client, averaged over 4 clients"
         " (a node's first contact receives the whole model once). The largest uplink saving: "
-        + ", ".join(f"{m} {name} {ratio:.1f}x" for m, (name, ratio) in best.items()) + "."
+        + ", ".join(f"{m} {name} {ratio:.1f}x" for m, (name, ratio) in best.items())
+        + "."
         + "\nSecAgg+ (privacy=secagg, 2 clients): all four stages of a round per client. The masked update is"
         " int64 (Flower quantizes each weighted value into a 2^32 field), so the uplink is about 2x fp32: "
-        + ", ".join(f"{m} {r['variants']['SecAgg+ (4 stages, int64 masked)']['uplink_serialized_bytes'] / r['variants']['fp32 (vanilla)']['uplink_serialized_bytes']:.2f}x" for m, r in results.items())
+        + ", ".join(
+            f"{m} {_uplink(r, 'SecAgg+ (4 stages, int64 masked)') / _uplink(r, 'fp32 (vanilla)'):.2f}x"
+            for m, r in results.items()
+        )
         + " of fp32's uplink; the downlink is the fp32 model plus the key exchange."
         + "\nFedDDPM and FedDDPM+ send what FedDM-vanilla sends every round, plus one upload of each client's"
         " local model (one fp32 model per client) before training."

@@ -107,8 +107,13 @@ def train(msg: Message, context: Context) -> Message:
     if wants_partial(config):
         keep_local_parts(unet.state_dict(), shared_names(config, list(received)), context.state)
         arrays = reply_arrays(
-            unet.state_dict(), received, config, context.state, partition_id=partition_id,
-            num_partitions=int(context.node_config["num-partitions"]), seed=seed,
+            unet.state_dict(),
+            received,
+            config,
+            context.state,
+            partition_id=partition_id,
+            num_partitions=int(context.node_config["num-partitions"]),
+            seed=seed,
         )
     elif wants_quantized_update(config):
         arrays = quantized_update(unet.state_dict(), received, config, context.state, seed)
@@ -136,9 +141,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     # The same noise every round, so the loss is comparable across rounds.
     seed = round_seed(settings.seed, int(context.node_config["partition-id"]), 1)
-    eval_loss, num_examples = local_evaluate(
-        unet, scheduler, dataset, holdout_idx, settings, seed=seed
-    )
+    eval_loss, num_examples = local_evaluate(unet, scheduler, dataset, holdout_idx, settings, seed=seed)
     metrics = MetricRecord({"eval_loss": eval_loss, "num-examples": num_examples})
     info = ConfigRecord({"partition-id": int(context.node_config["partition-id"])})
     content = RecordDict({"metrics": metrics, "info": info})
@@ -146,8 +149,12 @@ def evaluate(msg: Message, context: Context) -> Message:
         if settings.ema_enabled:
             personal_ema(unet, context.state, settings.ema_decay, persist=False).copy_to(unet.parameters())
         images = generate_images(
-            unet, scheduler, int(config["sample-count"]), seed=int(config["sample-seed"]),
-            ddim_steps=int(config["sample-ddim-steps"]) or None, batch_size=int(config["sample-batch-size"]),
+            unet,
+            scheduler,
+            int(config["sample-count"]),
+            seed=int(config["sample-seed"]),
+            ddim_steps=int(config["sample-ddim-steps"]) or None,
+            batch_size=int(config["sample-batch-size"]),
             autoencoder=client_autoencoder(settings, context.node_config),
         )
         content["samples"] = samples_record(images)

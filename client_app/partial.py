@@ -42,7 +42,9 @@ def shared_names(config: Mapping[str, Any], names: list[str]) -> list[str]:
     return names_in(json.loads(config["partial-shared"]), names)
 
 
-def assemble(record: ArrayRecord, model_state: Mapping[str, torch.Tensor], state: RecordDict) -> dict[str, torch.Tensor]:
+def assemble(
+    record: ArrayRecord, model_state: Mapping[str, torch.Tensor], state: RecordDict
+) -> dict[str, torch.Tensor]:
     """This client's full weights: the received parts, and its local parts for the rest."""
     received = record.to_torch_state_dict()
     missing = [n for n in model_state if n not in received]
@@ -82,8 +84,11 @@ def reply_arrays(
     if ways:
         sizes = {n: t.numel() for n, t in local.items() if n in set(names)}
         assignment = usplit_assignment(
-            sizes, num_partitions=num_partitions, ways=ways,
-            seed=int(config["partial-seed"]), server_round=int(config["server-round"]),
+            sizes,
+            num_partitions=num_partitions,
+            ways=ways,
+            seed=int(config["partial-seed"]),
+            server_round=int(config["server-round"]),
         )
         names = names_in(assignment[partition_id], names)
     if wants_quantized_update(config):

@@ -22,9 +22,7 @@ from flwr_datasets.partitioner import (
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
 
 
-def build_partitioner(
-    partition: Mapping[str, Any], num_partitions: int, seed: int
-) -> Partitioner:
+def build_partitioner(partition: Mapping[str, Any], num_partitions: int, seed: int) -> Partitioner:
     """The flwr-datasets partitioner named by ``partition['name']`` (``conf/partition``)."""
     name = partition.get("name")
     if name == "iid":
@@ -43,9 +41,7 @@ def build_partitioner(
             num_partitions=num_partitions,
             partition_by="label",
             num_classes_per_partition=int(partition["classes_per_client"]),
-            class_assignment_mode=partition.get(
-                "class_assignment_mode", "first-deterministic"
-            ),
+            class_assignment_mode=partition.get("class_assignment_mode", "first-deterministic"),
             seed=seed,
         )
     raise ValueError(f"partition={name!r} is unknown; choose one of {PARTITION_SCHEMES}")
@@ -71,15 +67,11 @@ def partition_indices(
             f"(num-partitions={num_partitions})"
         )
     if num_partitions > len(labels):
-        raise ValueError(
-            f"num-partitions={num_partitions} is more than the {len(labels)} images"
-        )
+        raise ValueError(f"num-partitions={num_partitions} is more than the {len(labels)} images")
     # Shuffle in NumPy: a shuffled `datasets.Dataset` carries an index mapping that
     # makes the partitioners' column reads slow.
     order = np.random.default_rng(seed).permutation(len(labels))
-    table = datasets.Dataset.from_dict(
-        {"label": np.asarray(labels, dtype=np.int64)[order], "index": order}
-    )
+    table = datasets.Dataset.from_dict({"label": np.asarray(labels, dtype=np.int64)[order], "index": order})
     partitioner = build_partitioner(partition, num_partitions, seed)
     partitioner.dataset = table
     return np.sort(np.asarray(partitioner.load_partition(partition_id)["index"]))

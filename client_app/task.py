@@ -26,8 +26,6 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from client_app.partition import partition_indices, split_train_holdout
-from models.data import dataset_from_config
-from models.latent import CachedLatents, autoencoder_from_settings
 from models import (
     LabeledImages,
     denoising_loss,
@@ -36,7 +34,9 @@ from models import (
     train_step,
     unet_from_config,
 )
+from models.data import dataset_from_config
 from models.diffusion import Regularizer
+from models.latent import CachedLatents, autoencoder_from_settings
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,12 @@ def _dataset(spec_json: str, root: str) -> LabeledImages:
 
 @functools.lru_cache(maxsize=16)
 def _split(
-    dataset_key: tuple, partition_json: str, partition_id: int, num_partitions: int, seed: int, eval_fraction: float
+    dataset_key: tuple,
+    partition_json: str,
+    partition_id: int,
+    num_partitions: int,
+    seed: int,
+    eval_fraction: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     labels = _dataset(*dataset_key).labels
     indices = partition_indices(
@@ -135,10 +140,13 @@ def client_data(
             "use fewer clients or a less skewed partition"
         )
     if settings.autoencoder:  # latent diffusion: this client's images, encoded once
-        latents = _latents(dataset_key, json.dumps(settings.autoencoder, sort_keys=True),
-                           _autoencoder_path(settings, node_config),
-                           tuple(np.concatenate([train_idx, holdout_idx]).tolist()),
-                           str(node_config.get("latent-cache-dir", default_latent_cache_dir())))
+        latents = _latents(
+            dataset_key,
+            json.dumps(settings.autoencoder, sort_keys=True),
+            _autoencoder_path(settings, node_config),
+            tuple(np.concatenate([train_idx, holdout_idx]).tolist()),
+            str(node_config.get("latent-cache-dir", default_latent_cache_dir())),
+        )
         return latents, train_idx, holdout_idx
     return _dataset(*dataset_key), train_idx, holdout_idx
 
@@ -152,8 +160,9 @@ def default_latent_cache_dir() -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def _latents(dataset_key: tuple, autoencoder_json: str, path: str, indices: tuple[int, ...],
-             cache_dir: str) -> CachedLatents:
+def _latents(
+    dataset_key: tuple, autoencoder_json: str, path: str, indices: tuple[int, ...], cache_dir: str
+) -> CachedLatents:
     autoencoder = autoencoder_from_settings(json.loads(autoencoder_json), path)
     cache_file = None
     if cache_dir:  # "" turns the disk cache off

@@ -52,17 +52,16 @@ def quantized_update(
     With error feedback, last round's residual (kept in ``state``) is added to Δ
     before quantizing, and this round's residual replaces it.
     """
-    update = {
-        name: (local[name].detach().cpu() - received[name].cpu()).numpy()
-        for name in received
-    }
+    update = {name: (local[name].detach().cpu() - received[name].cpu()).numpy() for name in received}
     error_feedback = bool(config["quant-error-feedback"])
     kept: dict[str, np.ndarray] = {}
     if error_feedback and RESIDUAL_KEY in state:
         # Per name: an array not sent this round (partial exchange, USplit) keeps its residual.
         kept = {name: array.numpy() for name, array in state[RESIDUAL_KEY].items()}
         update = {
-            name: update[name] + kept[name] if name in kept and kept[name].shape == update[name].shape else update[name]
+            name: update[name] + kept[name]
+            if name in kept and kept[name].shape == update[name].shape
+            else update[name]
             for name in update
         }
     record, residual = encode_arrays(

@@ -46,7 +46,7 @@ def _key_pem(key) -> bytes:
 
 
 def _certificate(subject, issuer, public_key, signing_key, extensions) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -67,7 +67,10 @@ def make_certificates(folder: Path, hostnames: list[str]) -> None:
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FedDM deployment CA")])
     ca_cert = _certificate(
-        ca_name, ca_name, ca_key.public_key(), ca_key,
+        ca_name,
+        ca_name,
+        ca_key.public_key(),
+        ca_key,
         [(x509.BasicConstraints(ca=True, path_length=None), True)],
     )
     server_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -80,7 +83,9 @@ def make_certificates(folder: Path, hostnames: list[str]) -> None:
             names.append(x509.DNSName(host))
     server_cert = _certificate(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0] if hostnames else "localhost")]),
-        ca_cert.subject, server_key.public_key(), ca_key,
+        ca_cert.subject,
+        server_key.public_key(),
+        ca_key,
         [
             (x509.SubjectAlternativeName(names), False),
             (x509.BasicConstraints(ca=False, path_length=None), True),
@@ -114,7 +119,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("credentials"), help="output folder")
     parser.add_argument("--nodes", type=int, default=2, help="number of SuperNode key pairs")
     parser.add_argument(
-        "--hostname", action="append", default=[],
+        "--hostname",
+        action="append",
+        default=[],
         help="extra name or IP of the SuperLink for its certificate (repeatable)",
     )
     args = parser.parse_args()

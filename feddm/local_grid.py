@@ -49,8 +49,10 @@ class LocalGrid:
             try:
                 reply = self.client(delivered, self.contexts[msg.metadata.dst_node_id])
             except Exception as err:  # noqa: BLE001 -- any client failure is an error reply
-                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"),
-                                reply_to=delivered)
+                reply = Message(
+                    Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"),
+                    reply_to=delivered,
+                )
             replies.append(reply)
         self.received.extend(replies)
         return replies

@@ -9,9 +9,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 
-def build_unet(
-    unet_kwargs: Mapping[str, Any], *, image_size: int, channels: int
-) -> UNet2DModel:
+def build_unet(unet_kwargs: Mapping[str, Any], *, image_size: int, channels: int) -> UNet2DModel:
     """Make a ``diffusers.UNet2DModel`` for ``channels`` x ``image_size`` x ``image_size``.
 
     ``unet_kwargs`` are ``UNet2DModel`` keyword arguments (``conf/model/*.yaml``);
@@ -34,9 +32,7 @@ def build_unet(
             f"image size {image_size} is not divisible by {factor}, which a UNet with "
             f"{num_levels} levels needs; pick a model with fewer levels for this dataset"
         )
-    return UNet2DModel(
-        sample_size=image_size, in_channels=channels, out_channels=channels, **kwargs
-    )
+    return UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels, **kwargs)
 
 
 def build_scheduler(scheduler_kwargs: Mapping[str, Any]) -> DDPMScheduler:

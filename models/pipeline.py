@@ -9,9 +9,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, folder: Path) -> Path:
     """Write ``folder`` so that ``DDPMPipeline.from_pretrained(folder)`` works (safetensors)."""
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(
-        str(folder), safe_serialization=True
-    )
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(folder), safe_serialization=True)
     return folder
 
 

@@ -49,16 +49,27 @@ def auxiliary_images(
     UNet is trained on.
     """
     cache = Path(run_dir) / AUX_NAME
-    wanted = {"aux_samples": strategy.aux_samples, "aux_allocation": strategy.aux_allocation,
-              "pretrain_steps": strategy.pretrain_steps, "aux_ddim_steps": ddim_steps, "seed": seed,
-              "unet": settings["unet"], "dataset": settings["dataset"], "partition": settings["partition"]}
+    wanted = {
+        "aux_samples": strategy.aux_samples,
+        "aux_allocation": strategy.aux_allocation,
+        "pretrain_steps": strategy.pretrain_steps,
+        "aux_ddim_steps": ddim_steps,
+        "seed": seed,
+        "unet": settings["unet"],
+        "dataset": settings["dataset"],
+        "partition": settings["partition"],
+    }
     cached = _load(cache, wanted)
     if cached is not None:
         log(INFO, "FedDDPM: %d auxiliary images from %s", len(cached), cache)
         return cached, {}
 
     started = time.monotonic()
-    log(INFO, "FedDDPM: every client trains its own model for %d steps and uploads it once", strategy.pretrain_steps)
+    log(
+        INFO,
+        "FedDDPM: every client trains its own model for %d steps and uploads it once",
+        strategy.pretrain_steps,
+    )
     replies = grid.send_and_receive(strategy.configure_pretrain(initial, settings, grid), timeout=timeout)
     local = strategy.local_models(list(replies), initial)
     counts = strategy.allocation({pid: examples for pid, (_, examples) in local.items()})
@@ -73,11 +84,19 @@ def auxiliary_images(
             images.append(sample(unet, scheduler, counts[pid], seed=seed + 1000 + pid, ddim_steps=ddim_steps))
     aux = torch.cat(images)
     tmp = cache.with_name(cache.name + ".tmp")
-    save_file({"images": aux}, str(tmp), metadata={**{k: str(v) for k, v in wanted.items()},
-                                                   "per_client": json.dumps(counts)})
+    save_file(
+        {"images": aux},
+        str(tmp),
+        metadata={**{k: str(v) for k, v in wanted.items()}, "per_client": json.dumps(counts)},
+    )
     tmp.replace(cache)
-    row = {"round": 0, "phase": "pretrain", **strategy.round_log.get(0, {}),
-           "aux_images": len(aux), "wall_time_s": round(time.monotonic() - started, 3)}
+    row = {
+        "round": 0,
+        "phase": "pretrain",
+        **strategy.round_log.get(0, {}),
+        "aux_images": len(aux),
+        "wall_time_s": round(time.monotonic() - started, 3),
+    }
     return aux, row
 
 

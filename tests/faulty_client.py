@@ -69,8 +69,13 @@ def train(msg: Message, context: Context) -> Message:
     if fault in (None, "slow"):
         return reply
     arrays = _corrupt({n: a.numpy() for n, a in reply.content["arrays"].items()}, fault)
-    content = RecordDict({"arrays": ArrayRecord({n: Array(a) for n, a in arrays.items()}),
-                          "metrics": reply.content["metrics"], "info": reply.content["info"]})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({n: Array(a) for n, a in arrays.items()}),
+            "metrics": reply.content["metrics"],
+            "info": reply.content["info"],
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 

@@ -20,7 +20,9 @@ app = ClientApp()
 
 
 def _record(kind: str, reply: Message, context: Context) -> Message:
-    arrays = {key: list(value.keys()) for key, value in reply.content.items() if isinstance(value, ArrayRecord)}
+    arrays = {
+        key: list(value.keys()) for key, value in reply.content.items() if isinstance(value, ArrayRecord)
+    }
     line = {"kind": kind, "partition": int(context.node_config["partition-id"]), "arrays": arrays}
     with open(os.environ["FEDDM_RECORD_REPLIES"], "a", encoding="utf-8") as file:
         file.write(json.dumps(line) + "\n")

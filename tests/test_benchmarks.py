@@ -16,7 +16,9 @@ def test_every_quality_run_is_a_valid_config(scale, tmp_path):
     runs = quality.plan(settings)
     names = [r.name for r in runs]
     assert "centralized" in names and "vanilla_iid" in names and "quant_dirichlet-0.1" in names
-    assert {"udec+int8_dirichlet-0.1", "usplit4+int8_dirichlet-0.1", "fedddpm_plus_dirichlet-0.1"} <= set(names)
+    assert {"udec+int8_dirichlet-0.1", "usplit4+int8_dirichlet-0.1", "fedddpm_plus_dirichlet-0.1"} <= set(
+        names
+    )
     totals = set()
     for run in runs:
         overrides = quality.run_overrides(run, settings, Path("/data"), None, tmp_path)

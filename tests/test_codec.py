@@ -31,10 +31,7 @@ SHAPES = {
 
 def _random_arrays(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {
-        name: rng.standard_normal(shape).astype(np.float32)
-        for name, shape in SHAPES.items()
-    }
+    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in SHAPES.items()}
 
 
 def _reference(arrays: dict[str, np.ndarray]) -> dict:
@@ -158,7 +155,7 @@ def test_payload_nbytes_is_sum_of_npy_sizes():
     assert payload_nbytes(record) == expected_from_record
 
     expected = _npy_size(np.concatenate([quantize(arrays[n]).scale for n in sorted(arrays)]))
-    for name, x in arrays.items():
+    for x in arrays.values():
         expected += _npy_size(quantize(x).values)
     assert payload_nbytes(record) == expected
 

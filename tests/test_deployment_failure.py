@@ -21,7 +21,11 @@ def test_a_supernode_killed_during_a_round_leaves_the_others_to_finish(tmp_path,
     # One round; once the dead node's heartbeats stop (about a minute), the
     # SuperLink answers its message with an error reply and the round completes.
     overrides = [
-        *MICRO_MODEL, *SHORT_RUN, "num_rounds=1", "min_clients=2", "round_timeout_s=150",
+        *MICRO_MODEL,
+        *SHORT_RUN,
+        "num_rounds=1",
+        "min_clients=2",
+        "round_timeout_s=150",
         f"output_dir={tmp_path / 'out'}",
     ]
     process = launch(workdir, 3, overrides)
@@ -33,7 +37,11 @@ def test_a_supernode_killed_during_a_round_leaves_the_others_to_finish(tmp_path,
             assert process.poll() is None, process.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "round 1 did not start"
             time.sleep(0.2)
-        (victim,) = [p for p in processes_mentioning(victim_key) if b"flower-supernode" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        (victim,) = [
+            p
+            for p in processes_mentioning(victim_key)
+            if b"flower-supernode" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
         os.killpg(os.getpgid(victim), signal.SIGKILL)
     except BaseException:
         os.killpg(process.pid, signal.SIGINT)

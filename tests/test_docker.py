@@ -36,7 +36,9 @@ def test_compose_has_a_superlink_and_gpu_supernodes():
         assert "--root-certificates" in command and "--auth-supernode-private-key" in command
         assert re.search(r"partition-id=\d+ num-partitions=", command)
         assert any(volume.endswith(":/data:ro") for volume in service["volumes"])
-    partition_ids = [re.search(r"partition-id=(\d+)", " ".join(services[n]["command"])).group(1) for n in supernodes]
+    partition_ids = [
+        re.search(r"partition-id=(\d+)", " ".join(services[n]["command"])).group(1) for n in supernodes
+    ]
     assert len(set(partition_ids)) == len(partition_ids)
     assert "--enable-supernode-auth" in services["superlink"]["command"]
 
@@ -74,16 +76,28 @@ def test_launcher_script_parses_and_rejects_bad_arguments(tmp_path):
     assert subprocess.run(["bash", "-n", str(DOCKER / "local-deployment.sh")]).returncode == 0
     result = subprocess.run(
         ["bash", str(DOCKER / "local-deployment.sh"), "--nodes", "zero"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2 and "--nodes" in result.stderr
 
 
 def test_credentials_script_makes_what_flower_expects(tmp_path):
     subprocess.run(
-        [sys.executable, str(DOCKER / "generate_credentials.py"), "--out", str(tmp_path), "--nodes", "2",
-         "--hostname", "superlink", "--hostname", "10.1.2.3"],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            str(DOCKER / "generate_credentials.py"),
+            "--out",
+            str(tmp_path),
+            "--nodes",
+            "2",
+            "--hostname",
+            "superlink",
+            "--hostname",
+            "10.1.2.3",
+        ],
+        check=True,
+        capture_output=True,
     )
     certs, keys = tmp_path / "certificates", tmp_path / "keys"
     server = x509.load_pem_x509_certificate((certs / "server.pem").read_bytes())

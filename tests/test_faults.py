@@ -43,7 +43,9 @@ def _fault(monkeypatch, fault: str, **extra: str) -> None:
         ("dtype", "float64"),
     ],
 )
-def test_a_failing_or_malformed_client_is_left_out_and_the_run_finishes(fault, reason, tmp_path, monkeypatch, caplog, data_root):
+def test_a_failing_or_malformed_client_is_left_out_and_the_run_finishes(
+    fault, reason, tmp_path, monkeypatch, caplog, data_root
+):
     _fault(monkeypatch, fault)
     with caplog.at_level("WARNING"):
         run_dir = simulate(compose_config(MICRO_OVERRIDES), tmp_path / "run", client_app=faulty_app)

@@ -22,7 +22,9 @@ FEDDDPM = {"name": "fedddpm", "pretrain_steps": 7, "aux_samples": 10, "aux_alloc
 def test_pretraining_asks_every_node_to_train_its_own_model():
     strategy = build_strategy(FEDDDPM, num_clients=2)
     arrays = ArrayRecord(_unet().state_dict())
-    messages = strategy.configure_pretrain(arrays, ConfigRecord({"lr": 0.1, "local-steps": 50}), FakeGrid([5, 3]))
+    messages = strategy.configure_pretrain(
+        arrays, ConfigRecord({"lr": 0.1, "local-steps": 50}), FakeGrid([5, 3])
+    )
     assert [m.metadata.dst_node_id for m in messages] == [3, 5]
     config = messages[0].content["config"]
     assert config["local-steps"] == 7 and config["server-round"] == 0 and config["lr"] == 0.1
@@ -30,8 +32,13 @@ def test_pretraining_asks_every_node_to_train_its_own_model():
 
 
 def _upload(arrays, node_id, partition_id, num_examples):
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"train_loss": 0.3, "num-examples": num_examples}),
-                          "info": ConfigRecord({"partition-id": partition_id})})
+    content = RecordDict(
+        {
+            "arrays": arrays,
+            "metrics": MetricRecord({"train_loss": 0.3, "num-examples": num_examples}),
+            "info": ConfigRecord({"partition-id": partition_id}),
+        }
+    )
     return reply(content, node_id)
 
 
@@ -87,15 +94,31 @@ def test_fedddpm_plus_fires_once_per_stall():
 def test_server_calibration_trains_on_the_auxiliary_images_reproducibly():
     unet = _unet()
     scheduler = build_scheduler({"num_train_timesteps": 100})
-    images = torch.randint(0, 256, (16, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    calibrate = server_calibration(dict(unet.config), scheduler, images, steps=3, lr=1e-3, batch_size=4,
-                                   seed=0, device=torch.device("cpu"))
+    images = torch.randint(
+        0, 256, (16, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
+    calibrate = server_calibration(
+        dict(unet.config),
+        scheduler,
+        images,
+        steps=3,
+        lr=1e-3,
+        batch_size=4,
+        seed=0,
+        device=torch.device("cpu"),
+    )
     before = ArrayRecord(unet.state_dict())
     once, again, other = calibrate(before, 1), calibrate(before, 1), calibrate(before, 2)
-    assert all(torch.equal(a, b) for a, b in zip(once.to_torch_state_dict().values(), again.to_torch_state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(once.to_torch_state_dict().values(), again.to_torch_state_dict().values())
+    )
     changed = [k for k, v in once.to_torch_state_dict().items() if not torch.equal(v, unet.state_dict()[k])]
     assert len(changed) > 0.9 * len(unet.state_dict())
-    assert any(not torch.equal(a, b) for a, b in zip(once.to_torch_state_dict().values(), other.to_torch_state_dict().values()))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(once.to_torch_state_dict().values(), other.to_torch_state_dict().values())
+    )
 
 
 def test_fedddpm_strategy_rejects_bad_settings():
@@ -103,8 +126,12 @@ def test_fedddpm_strategy_rejects_bad_settings():
         FedDDPM(aux_allocation="random")
     with pytest.raises(ValueError, match="signal"):
         FedDDPMPlus(signal="accuracy")
-    assert isinstance(build_strategy(FEDDDPM | {"name": "fedddpm_plus", "signal": "fid", "window": 2, "threshold": 0.0},
-                                     num_clients=1), FedDDPMPlus)
+    assert isinstance(
+        build_strategy(
+            FEDDDPM | {"name": "fedddpm_plus", "signal": "fid", "window": 2, "threshold": 0.0}, num_clients=1
+        ),
+        FedDDPMPlus,
+    )
 
 
 def test_fedddpm_plus_rebuilds_its_history_from_a_resumed_runs_rows():

@@ -14,8 +14,12 @@ from tests.conftest import MICRO_OVERRIDES
 pytestmark = pytest.mark.slow
 
 FAST_FEDDDPM = [
-    "strategy.pretrain_steps=2", "strategy.aux_samples=6", "strategy.aux_allocation=weighted",
-    "strategy.aux_ddim_steps=2", "strategy.calibration_steps=2", "strategy.calibration_batch_size=4",
+    "strategy.pretrain_steps=2",
+    "strategy.aux_samples=6",
+    "strategy.aux_allocation=weighted",
+    "strategy.aux_ddim_steps=2",
+    "strategy.calibration_steps=2",
+    "strategy.calibration_batch_size=4",
 ]
 
 
@@ -23,11 +27,22 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_fedddpm_plus_uploads_local_models_once_and_calibrates_when_progress_stalls(tmp_path, data_root, caplog):
+def test_fedddpm_plus_uploads_local_models_once_and_calibrates_when_progress_stalls(
+    tmp_path, data_root, caplog
+):
     # train_loss always "stalls" against a 100% threshold: the first check that has a full
     # window (round 3, after rounds 1 and 2 were observed) fires, then a new window starts.
-    cfg = compose_config([*MICRO_OVERRIDES, "num_rounds=4", "strategy=fedddpm_plus", *FAST_FEDDDPM,
-                          "strategy.signal=train_loss", "strategy.window=1", "strategy.threshold=1.0"])
+    cfg = compose_config(
+        [
+            *MICRO_OVERRIDES,
+            "num_rounds=4",
+            "strategy=fedddpm_plus",
+            *FAST_FEDDDPM,
+            "strategy.signal=train_loss",
+            "strategy.window=1",
+            "strategy.threshold=1.0",
+        ]
+    )
     with caplog.at_level("INFO"):
         run_dir = simulate(cfg, tmp_path / "run")
     rows = _rows(run_dir)
@@ -44,7 +59,8 @@ def test_fedddpm_plus_uploads_local_models_once_and_calibrates_when_progress_sta
 
 
 def test_fedddpm_resumes_after_pretraining_reuses_its_auxiliary_data_and_calibrates_every_round(
-        tmp_path, data_root, monkeypatch, caplog):
+    tmp_path, data_root, monkeypatch, caplog
+):
     from strategies import RoundFailedError
     from tests.faulty_client import app as faulty_app
 

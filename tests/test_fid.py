@@ -28,7 +28,9 @@ def fid(tmp_path_factory, data_root):
 def test_train_images_are_close_and_noise_is_far(fid, data_root):
     train = load_image_dataset("fashion_mnist", data_root, train=True)
     real_score = fid.score(train.uint8(range(NUM)))
-    noise = torch.randint(0, 256, (NUM, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    noise = torch.randint(
+        0, 256, (NUM, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
     noise_score = fid.score(noise)
     assert real_score < 150
     assert noise_score > 300

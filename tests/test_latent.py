@@ -18,15 +18,23 @@ from models.latent import (
     sample_latents,
 )
 
-TINY = {"block_out_channels": (8, 8), "down_block_types": ("DownEncoderBlock2D",) * 2,
-        "up_block_types": ("UpDecoderBlock2D",) * 2, "norm_num_groups": 4, "sample_size": 16}
+TINY = {
+    "block_out_channels": (8, 8),
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "norm_num_groups": 4,
+    "sample_size": 16,
+}
 
 
 def save_tiny_autoencoder(folder, kind="kl"):
     """A 2-level (downsampling 2x) random autoencoder in diffusers' format."""
     torch.manual_seed(0)
-    model = AutoencoderKL(latent_channels=4, **TINY) if kind == "kl" else VQModel(
-        latent_channels=3, num_vq_embeddings=16, vq_embed_dim=3, **TINY)
+    model = (
+        AutoencoderKL(latent_channels=4, **TINY)
+        if kind == "kl"
+        else VQModel(latent_channels=3, num_vq_embeddings=16, vq_embed_dim=3, **TINY)
+    )
     model.save_pretrained(str(folder), safe_serialization=True)
     return folder
 
@@ -67,12 +75,22 @@ def test_cached_latents_encode_only_the_clients_images_once(tmp_path):
 def test_latent_sampling_is_deterministic_and_unclamped(tmp_path):
     autoencoder = load_autoencoder(str(save_tiny_autoencoder(tmp_path / "ae")), "kl")
     torch.manual_seed(0)
-    unet = build_unet({"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D"] * 2,
-                       "up_block_types": ["UpBlock2D"] * 2, "layers_per_block": 1, "norm_num_groups": 4},
-                      image_size=8, channels=4)
+    unet = build_unet(
+        {
+            "block_out_channels": [8, 16],
+            "down_block_types": ["DownBlock2D"] * 2,
+            "up_block_types": ["UpBlock2D"] * 2,
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+        },
+        image_size=8,
+        channels=4,
+    )
     scheduler = build_scheduler({"num_train_timesteps": 50, "clip_sample": False})
     a = sample_latents(unet, scheduler, 3, seed=1, ddim_steps=4, batch_size=2)
-    assert a.shape == (3, 4, 8, 8) and torch.equal(a, sample_latents(unet, scheduler, 3, seed=1, ddim_steps=4, batch_size=2))
+    assert a.shape == (3, 4, 8, 8) and torch.equal(
+        a, sample_latents(unet, scheduler, 3, seed=1, ddim_steps=4, batch_size=2)
+    )
     assert a.abs().max() > 1  # latents are not clamped to [-1, 1]
     images = generate_images(unet, scheduler, 3, seed=1, ddim_steps=4, autoencoder=autoencoder)
     assert images.shape == (3, 3, 16, 16) and images.dtype == torch.uint8
@@ -104,7 +122,9 @@ def test_latents_cached_on_disk_are_read_back_instead_of_encoded(tmp_path, monke
         CachedLatents(dataset, autoencoder, np.array([7, 2, 5]), cache_file=cache)
     with monkeypatch.context() as m:
         m.setattr(models.latent, "encode", no_encoding)
-        torch.testing.assert_close(CachedLatents(dataset, autoencoder, np.array([7, 2, 5]), cache_file=cache)[5], first[5])
+        torch.testing.assert_close(
+            CachedLatents(dataset, autoencoder, np.array([7, 2, 5]), cache_file=cache)[5], first[5]
+        )
 
 
 def test_each_node_caches_its_partitions_latents_under_its_cache_dir(tmp_path, monkeypatch):
@@ -118,10 +138,24 @@ def test_each_node_caches_its_partitions_latents_under_its_cache_dir(tmp_path, m
 
     _image_folder(tmp_path / "images", [(20, 20)] * 6)
     ae = save_tiny_autoencoder(tmp_path / "ae")
-    cfg = compose_config(["model=ldm", f"model.autoencoder.path={ae}", "dataset=image_folder",
-                          f"dataset.root={tmp_path / 'images'}", "dataset.image_size=16"])
-    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    cfg = compose_config(
+        [
+            "model=ldm",
+            f"model.autoencoder.path={ae}",
+            "dataset=image_folder",
+            f"dataset.root={tmp_path / 'images'}",
+            "dataset.image_size=16",
+        ]
+    )
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     settings = read_settings(client_config(cfg, unet, build_scheduler({})))
     cache = tmp_path / "cache"
 
@@ -154,5 +188,7 @@ def test_a_cache_that_cannot_be_written_only_warns(tmp_path):
     dataset = LabeledImages(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), np.arange(4) % 2)
     (tmp_path / "file").write_text("not a folder")
     with pytest.warns(UserWarning, match="could not be written"):
-        latents = CachedLatents(dataset, autoencoder, np.array([1, 3]), cache_file=tmp_path / "file" / "c.safetensors")
+        latents = CachedLatents(
+            dataset, autoencoder, np.array([1, 3]), cache_file=tmp_path / "file" / "c.safetensors"
+        )
     assert latents.latents.shape == (2, 4, 8, 8)

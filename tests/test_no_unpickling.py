@@ -13,8 +13,11 @@ from strategies.accounting import check_full_weights
 from strategies.codec import PayloadError, decode_arrays, encode_arrays
 from tests.conftest import REPO_ROOT
 
-SOURCES = [p for folder in ("models", "client_app", "server_app", "strategies", "feddm", "benchmarks", "docker")
-           for p in (REPO_ROOT / folder).rglob("*.py")]
+SOURCES = [
+    p
+    for folder in ("models", "client_app", "server_app", "strategies", "feddm", "benchmarks", "docker")
+    for p in (REPO_ROOT / folder).rglob("*.py")
+]
 UNSAFE = [
     (re.compile(r"^\s*(import|from)\s+(c?pickle|dill|cloudpickle|joblib)\b", re.M), "a pickle library"),
     (re.compile(r"allow_pickle\s*=\s*True"), "allow_pickle=True"),

@@ -36,10 +36,17 @@ def _run(tmp_path, monkeypatch, overrides):
 
 
 def test_udec_with_int8_keeps_local_parts_on_the_clients(tmp_path, monkeypatch, data_root):
-    cfg, run_dir, replies, names = _run(tmp_path, monkeypatch, [
-        "strategy.preset=udec", "strategy.quantize=true", "eval.num_samples=6",
-        f"eval.fid_weights={FID_WEIGHTS}", f"eval.fid_cache={tmp_path / 'fid'}",
-    ])
+    cfg, run_dir, replies, names = _run(
+        tmp_path,
+        monkeypatch,
+        [
+            "strategy.preset=udec",
+            "strategy.quantize=true",
+            "eval.num_samples=6",
+            f"eval.fid_weights={FID_WEIGHTS}",
+            f"eval.fid_cache={tmp_path / 'fid'}",
+        ],
+    )
     shared = set(names_in(expand(PRESETS["udec"], names), names))
     local = set(names) - shared
     assert local and shared

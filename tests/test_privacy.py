@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -22,7 +21,12 @@ def _record(arrays):
 
 
 def _reply(arrays, node):
-    return reply(RecordDict({"arrays": _record(arrays), "metrics": MetricRecord({"train_loss": 1.0, "num-examples": 10})}), node)
+    return reply(
+        RecordDict(
+            {"arrays": _record(arrays), "metrics": MetricRecord({"train_loss": 1.0, "num-examples": 10})}
+        ),
+        node,
+    )
 
 
 def _norm(arrays):
@@ -81,7 +85,15 @@ def test_malformed_replies_are_left_out_before_clipping():
 
 def test_dp_is_refused_for_strategies_that_do_not_send_full_weights():
     with pytest.raises(ValueError, match="vanilla | prox"):
-        build_strategy({"name": "quant", "bits": 8, "granularity": "channel", "stochastic_rounding": False,
-                        "error_feedback": False, "quantize_downlink": False}, num_clients=2,
-                       privacy={"name": "dp_server", "clipping_norm": 1.0, "noise_multiplier": 0.0})
-
+        build_strategy(
+            {
+                "name": "quant",
+                "bits": 8,
+                "granularity": "channel",
+                "stochastic_rounding": False,
+                "error_feedback": False,
+                "quantize_downlink": False,
+            },
+            num_clients=2,
+            privacy={"name": "dp_server", "clipping_norm": 1.0, "noise_multiplier": 0.0},
+        )

@@ -17,8 +17,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("mode", ["dp_client", "dp_server"])
 def test_one_round_moves_the_model_by_at_most_the_clipping_norm(mode, tmp_path, data_root):
-    cfg = compose_config([*MICRO_OVERRIDES, "num_rounds=1", "ema.enabled=false", f"privacy={mode}",
-                          "privacy.clipping_norm=0.05", "privacy.noise_multiplier=0"])
+    cfg = compose_config(
+        [
+            *MICRO_OVERRIDES,
+            "num_rounds=1",
+            "ema.enabled=false",
+            f"privacy={mode}",
+            "privacy.clipping_norm=0.05",
+            "privacy.noise_multiplier=0",
+        ]
+    )
     run_dir = simulate(cfg, tmp_path / "run")
     torch.manual_seed(cfg.seed)  # the server's initial model
     initial = build_unet(OmegaConf.to_container(cfg.model.unet), image_size=28, channels=1).state_dict()

@@ -23,15 +23,22 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 def _micro_state(seed=0):
     torch.manual_seed(seed)
     unet = build_unet(
-        {"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-         "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1,
-         "norm_num_groups": 4, "attention_head_dim": 4},
-        image_size=28, channels=1,
+        {
+            "block_out_channels": [8, 16],
+            "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+            "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "attention_head_dim": 4,
+        },
+        image_size=28,
+        channels=1,
     )
     return unet
 
 
 # -- FedDM-prox ----------------------------------------------------------------
+
 
 def test_proximal_term_is_half_mu_times_squared_distance():
     unet = _micro_state()
@@ -71,14 +78,23 @@ QUANT_CONFIG = {
 
 def _quant_strategy(**options):
     return build_strategy(
-        {"name": "quant", "bits": 8, "granularity": "channel", "stochastic_rounding": False,
-         "error_feedback": False, "quantize_downlink": False} | options,
+        {
+            "name": "quant",
+            "bits": 8,
+            "granularity": "channel",
+            "stochastic_rounding": False,
+            "error_feedback": False,
+            "quantize_downlink": False,
+        }
+        | options,
         num_clients=1,
     )
 
 
 def _client_reply(global_state, local_state, num_examples, node_id, config=QUANT_CONFIG, state=None):
-    record = quantized_update(local_state, global_state, config, state if state is not None else RecordDict(), seed=node_id)
+    record = quantized_update(
+        local_state, global_state, config, state if state is not None else RecordDict(), seed=node_id
+    )
     metrics = MetricRecord({"train_loss": 0.1, "num-examples": num_examples})
     return reply(RecordDict({"arrays": record, "metrics": metrics}), node_id)
 
@@ -196,6 +212,8 @@ def test_error_feedback_keeps_the_residual_of_arrays_not_sent_this_round():
     state = RecordDict()
     quantized_update({n: local[n] for n in first}, {n: global_state[n] for n in first}, config, state, seed=0)
     kept = {n: state[RESIDUAL_KEY][n].numpy().copy() for n in first}
-    quantized_update({n: local[n] for n in second}, {n: global_state[n] for n in second}, config, state, seed=1)
+    quantized_update(
+        {n: local[n] for n in second}, {n: global_state[n] for n in second}, config, state, seed=1
+    )
     assert set(state[RESIDUAL_KEY].keys()) == set(names)  # both halves' residuals are kept
     assert all(np.array_equal(state[RESIDUAL_KEY][n].numpy(), kept[n]) for n in first)

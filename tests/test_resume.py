@@ -94,7 +94,10 @@ def test_resume_of_a_damaged_checkpoint_fails_clearly(tmp_path, data_root):
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])
     result = subprocess.run(
         [str(Path(sys.executable).parent / "feddm-run"), f"resume={run_dir}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0
     assert "damaged or incomplete" in result.stdout + result.stderr

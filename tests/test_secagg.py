@@ -33,8 +33,13 @@ from strategies.secagg import (
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 GLOBAL = {"conv.weight": np.full((2, 3), 0.5, dtype=np.float32), "conv.bias": np.zeros(2, dtype=np.float32)}
-SECAGG = {"name": "secagg", "num_shares": 1.0, "reconstruction_threshold": 0.67, "clipping_range": 1.0,
-          "max_weight": 100}
+SECAGG = {
+    "name": "secagg",
+    "num_shares": 1.0,
+    "reconstruction_threshold": 0.67,
+    "clipping_range": 1.0,
+    "max_weight": 100,
+}
 
 
 def _record(arrays):
@@ -52,8 +57,15 @@ class Clients:
     ("train": while training, in the masking stage); nodes in ``nan_loss`` skip FedDM's
     client-side checks and mask their update with a NaN loss, as a tampered client could."""
 
-    def __init__(self, nodes: dict[int, int], fail=frozenset(), stage: str = "train", nan_loss=frozenset()) -> None:
-        self.nodes, self.fail, self.stage, self.nan_loss = nodes, fail, stage, nan_loss  # nodes: id -> num-examples
+    def __init__(
+        self, nodes: dict[int, int], fail=frozenset(), stage: str = "train", nan_loss=frozenset()
+    ) -> None:
+        self.nodes, self.fail, self.stage, self.nan_loss = (
+            nodes,
+            fail,
+            stage,
+            nan_loss,
+        )  # nodes: id -> num-examples
 
     def __call__(self, msg: Message, context: Context) -> Message:
         if msg.metadata.message_type == "evaluate":
@@ -67,8 +79,12 @@ class Clients:
 
     def _tampered(self, msg: Message, context: Context) -> Message:
         update = list(_update(context.node_id).values())
-        fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), self.nodes[context.node_id],
-                        {"train_loss": float("nan")})
+        fitres = FitRes(
+            Status(Code.OK, ""),
+            ndarrays_to_parameters(update),
+            self.nodes[context.node_id],
+            {"train_loss": float("nan")},
+        )
         return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
     def _train(self, msg: Message, context: Context) -> Message:
@@ -77,11 +93,13 @@ class Clients:
             raise RuntimeError(f"node {node} crashed while training")
         received, update = msg.content["arrays"], _update(node)
         trained = {k: received[k].numpy() + update[k] for k in received.keys()}
-        content = RecordDict({
-            "arrays": _record(trained),
-            "metrics": MetricRecord({"train_loss": float(node), "num-examples": self.nodes[node]}),
-            "info": ConfigRecord({"partition-id": node}),
-        })
+        content = RecordDict(
+            {
+                "arrays": _record(trained),
+                "metrics": MetricRecord({"train_loss": float(node), "num-examples": self.nodes[node]}),
+                "info": ConfigRecord({"partition-id": node}),
+            }
+        )
         return Message(content=content, reply_to=msg)
 
 
@@ -90,7 +108,11 @@ def _grid(nodes: dict[int, int], **faults) -> LocalGrid:
 
 
 def _stages(grid: LocalGrid) -> list[str]:
-    return [m.content["secaggplus_configs"]["stage"] for m in grid.sent if "secaggplus_configs" in m.content.config_records]
+    return [
+        m.content["secaggplus_configs"]["stage"]
+        for m in grid.sent
+        if "secaggplus_configs" in m.content.config_records
+    ]
 
 
 def _train_replies(grid: LocalGrid) -> list[Message]:
@@ -98,9 +120,17 @@ def _train_replies(grid: LocalGrid) -> list[Message]:
 
 
 def _start(grid, privacy=SECAGG, strategy="vanilla"):
-    fed = build_strategy({"name": strategy, "mu": 0.01}, num_clients=len(grid.get_node_ids()), privacy=privacy)
-    result = fed.start(grid=grid, initial_arrays=_record(GLOBAL), num_rounds=1, timeout=10,
-                       train_config=ConfigRecord({"lr": 0.1}), evaluate_config=ConfigRecord({}))
+    fed = build_strategy(
+        {"name": strategy, "mu": 0.01}, num_clients=len(grid.get_node_ids()), privacy=privacy
+    )
+    result = fed.start(
+        grid=grid,
+        initial_arrays=_record(GLOBAL),
+        num_rounds=1,
+        timeout=10,
+        train_config=ConfigRecord({"lr": 0.1}),
+        evaluate_config=ConfigRecord({}),
+    )
     return fed, result
 
 
@@ -130,7 +160,9 @@ def test_the_unmasked_mean_is_the_weighted_mean_of_the_updates():
 def test_the_server_never_receives_a_clients_arrays():
     grid = _grid({1: 10, 2: 10, 3: 10})
     _start(grid)
-    assert _stages(grid) == ["setup"] * 3 + ["share_keys"] * 3 + ["collect_masked_vectors"] * 3 + ["unmask"] * 3
+    assert (
+        _stages(grid) == ["setup"] * 3 + ["share_keys"] * 3 + ["collect_masked_vectors"] * 3 + ["unmask"] * 3
+    )
     for message in _train_replies(grid):
         assert all(len(record) == 0 for record in message.content.array_records.values())
     masked = [m for m in _train_replies(grid) if "masked_params" in m.content["secaggplus_configs"]]
@@ -142,8 +174,9 @@ def test_prox_runs_over_secagg_and_sends_its_mu():
     _, result = _start(grid, strategy="prox")
     fit = [m for m in grid.sent if "fitins.config" in m.content.config_records]
     assert fit and all(m.content["fitins.config"]["proximal-mu"] == 0.01 for m in fit)
-    np.testing.assert_allclose(result.arrays["conv.bias"].numpy(), _weighted_mean({1: 10, 2: 30})["conv.bias"],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        result.arrays["conv.bias"].numpy(), _weighted_mean({1: 10, 2: 30})["conv.bias"], atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("stage", ["setup", "share_keys", "train", "collect_masked_vectors", "unmask"])
@@ -195,17 +228,26 @@ def test_secagg_is_refused_for_strategies_that_do_not_send_full_model_updates(st
 
 
 def _instruction(extra=None):
-    config = {"server-round": 1, KEY_NAMES: json.dumps(list(GLOBAL)), KEY_CLIPPING_RANGE: 0.1,
-              KEY_MAX_WEIGHT: 50.0, **(extra or {})}
+    config = {
+        "server-round": 1,
+        KEY_NAMES: json.dumps(list(GLOBAL)),
+        KEY_CLIPPING_RANGE: 0.1,
+        KEY_MAX_WEIGHT: 50.0,
+        **(extra or {}),
+    }
     fitins = FitIns(ndarrays_to_parameters(list(GLOBAL.values())), config)
     return Message(compat.fitins_to_recorddict(fitins, keep_input=True), dst_node_id=1, message_type="train")
 
 
 def _trained(instruction, delta, num_examples=25):
     trained = {k: instruction.content["arrays"][k].numpy() + delta for k in GLOBAL}
-    content = RecordDict({"arrays": _record(trained),
-                          "metrics": MetricRecord({"train_loss": 0.5, "num-examples": num_examples}),
-                          "info": ConfigRecord({"partition-id": 3})})
+    content = RecordDict(
+        {
+            "arrays": _record(trained),
+            "metrics": MetricRecord({"train_loss": 0.5, "num-examples": num_examples}),
+            "info": ConfigRecord({"partition-id": 3}),
+        }
+    )
     return Message(content=content, reply_to=instruction)
 
 
@@ -213,7 +255,9 @@ def test_the_instruction_is_named_and_the_reply_is_the_update():
     instruction = to_message_api(_instruction())
     assert list(instruction.content["arrays"].keys()) == list(GLOBAL)
     np.testing.assert_array_equal(instruction.content["arrays"]["conv.weight"].numpy(), GLOBAL["conv.weight"])
-    fitres = compat.recorddict_to_fitres(to_fit_result(_trained(instruction, 0.01), instruction).content, True)
+    fitres = compat.recorddict_to_fitres(
+        to_fit_result(_trained(instruction, 0.01), instruction).content, True
+    )
     update = parameters_to_ndarrays(fitres.parameters)
     np.testing.assert_allclose(update[0], np.full((2, 3), 0.01), rtol=1e-5)
     assert fitres.num_examples == 25 and fitres.metrics == {"train_loss": 0.5, "partition-id": 3}

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from diffusers import UNet2DModel
-
 from omegaconf import OmegaConf
 
 from feddm.simulation import simulate
@@ -51,7 +50,9 @@ def test_the_secure_mean_is_the_plain_mean_up_to_quantization(tmp_path, data_roo
 def test_a_client_failing_mid_protocol_drops_out_and_the_round_goes_on(tmp_path, monkeypatch, data_root):
     monkeypatch.setenv("FEDDM_FAULT", "raise")  # the client with partition id 1, from round 2
     monkeypatch.setenv("FEDDM_FAULT_ROUND", "2")
-    run_dir = simulate(compose_config([*THREE_CLIENTS, "privacy=secagg"]), tmp_path / "run", client_app=faulty_app)
+    run_dir = simulate(
+        compose_config([*THREE_CLIENTS, "privacy=secagg"]), tmp_path / "run", client_app=faulty_app
+    )
     rows = _rows(run_dir)
     assert [r["num_aggregated"] for r in rows] == [3, 2]
     assert all(torch.isfinite(t).all() for t in _weights(run_dir).values())

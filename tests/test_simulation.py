@@ -42,7 +42,15 @@ def test_run_folder_is_complete(finished_run):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
-        for key in ("train_loss", "eval_loss", "wall_time_s", "train_time_s", "uplink_bytes", "downlink_bytes", "fid"):
+        for key in (
+            "train_loss",
+            "eval_loss",
+            "wall_time_s",
+            "train_time_s",
+            "uplink_bytes",
+            "downlink_bytes",
+            "fid",
+        ):
             assert np.isfinite(row[key]), key
         assert row["num_aggregated"] == 2 and row["num_rejected"] == 0
     assert rows[1]["wall_time_s"] > rows[0]["wall_time_s"]

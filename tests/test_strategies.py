@@ -79,8 +79,14 @@ def test_downlink_and_uplink_bytes_are_counted_from_the_messages():
 @pytest.mark.parametrize(
     ("bad", "reason"),
     [
-        ({"conv.weight": np.zeros((3, 2), np.float32), "conv.bias": np.zeros(2, np.float32)}, "expected float32"),
-        ({"conv.weight": np.zeros((2, 3), np.float64), "conv.bias": np.zeros(2, np.float32)}, "expected float32"),
+        (
+            {"conv.weight": np.zeros((3, 2), np.float32), "conv.bias": np.zeros(2, np.float32)},
+            "expected float32",
+        ),
+        (
+            {"conv.weight": np.zeros((2, 3), np.float64), "conv.bias": np.zeros(2, np.float32)},
+            "expected float32",
+        ),
         ({"conv.weight": np.full((2, 3), np.nan, np.float32), "conv.bias": np.zeros(2, np.float32)}, "NaN"),
         ({"conv.weight": np.zeros((2, 3), np.float32)}, "missing"),
     ],
@@ -90,9 +96,7 @@ def test_malformed_reply_is_left_out_and_the_round_goes_on(bad, reason, caplog):
     _configured(strategy)
     good = {k: np.ones_like(v) for k, v in GLOBAL.items()}
     with caplog.at_level("WARNING"):
-        arrays, _ = strategy.aggregate_train(
-            1, [_train_reply(good, 10, 1), _train_reply(bad, 1000, 2)]
-        )
+        arrays, _ = strategy.aggregate_train(1, [_train_reply(good, 10, 1), _train_reply(bad, 1000, 2)])
     np.testing.assert_array_equal(arrays["conv.weight"].numpy(), np.ones((2, 3)))
     assert strategy.round_log[1]["num_aggregated"] == 1
     assert strategy.round_log[1]["num_rejected"] == 1
@@ -103,9 +107,7 @@ def test_malformed_reply_is_left_out_and_the_round_goes_on(bad, reason, caplog):
 def test_reply_with_bad_num_examples_is_left_out(num_examples):
     strategy = _strategy()
     _configured(strategy)
-    content = RecordDict(
-        {"arrays": _record(GLOBAL), "metrics": MetricRecord({"train_loss": 1.0})}
-    )
+    content = RecordDict({"arrays": _record(GLOBAL), "metrics": MetricRecord({"train_loss": 1.0})})
     if not isinstance(num_examples, str):
         content["metrics"]["num-examples"] = num_examples
     arrays, _ = strategy.aggregate_train(1, [reply(content, 3), _train_reply(GLOBAL, 10, 1)])
@@ -150,10 +152,18 @@ def test_array_whose_data_contradicts_its_metadata_is_left_out():
     strategy = _strategy()
     _configured(strategy)
     honest = np.zeros(2, np.float32)
-    lying = Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=Array(np.zeros(5, np.float32)).data)
+    lying = Array(
+        dtype="float32", shape=(2,), stype="numpy.ndarray", data=Array(np.zeros(5, np.float32)).data
+    )
     record = ArrayRecord({"conv.weight": Array(np.zeros((2, 3), np.float32)), "conv.bias": lying})
     content = RecordDict({"arrays": record, "metrics": MetricRecord({"train_loss": 1.0, "num-examples": 5})})
-    strategy.aggregate_train(1, [reply(content, 4), _train_reply({"conv.weight": np.zeros((2, 3), np.float32), "conv.bias": honest}, 1, 1)])
+    strategy.aggregate_train(
+        1,
+        [
+            reply(content, 4),
+            _train_reply({"conv.weight": np.zeros((2, 3), np.float32), "conv.bias": honest}, 1, 1),
+        ],
+    )
     assert strategy.round_log[1]["num_rejected"] == 1
 
 
@@ -164,7 +174,9 @@ def test_replies_are_averaged_in_partition_order():
         message.content["info"] = Info({"partition-id": partition_id})
         return message
 
-    replies = [with_partition(_train_reply(GLOBAL, 10 + i, node_id=100 - i), pid) for i, pid in enumerate([2, 0, 1])]
+    replies = [
+        with_partition(_train_reply(GLOBAL, 10 + i, node_id=100 - i), pid) for i, pid in enumerate([2, 0, 1])
+    ]
     strategy = _strategy()
     _configured(strategy)
     accepted = strategy.accepted_replies(1, replies)
@@ -175,7 +187,8 @@ def test_clients_evaluate_only_on_evaluation_rounds():
     strategy = _strategy()
     strategy.evaluate_every, strategy.last_round = 2, 5
     asked = [
-        r for r in range(1, 6)
+        r
+        for r in range(1, 6)
         if strategy.configure_evaluate(r, _record(GLOBAL), ConfigRecord(), FakeGrid([1, 2]))
     ]
     assert asked == [2, 4, 5]
