@@ -353,7 +353,7 @@ class RoundRecorder:
     def __init__(self, run: Run, watch: DivergenceWatch) -> None:
         self.run, self.watch = run, watch
         self.evaluator = GlobalEvaluator(run.cfg, run.tracker, run.device, run.autoencoder)
-        self.started = time.monotonic()  # reset when training starts (wall_time_s counts from there)
+        self.started = 0.0  # set by train_rounds when the rounds start: wall_time_s counts from there
 
     def __call__(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """``local_round`` counts from 1 in this process (0: before training, nothing to do)."""
