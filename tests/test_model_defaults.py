@@ -75,3 +75,39 @@ def test_the_watch_warns_once_per_jump_and_names_the_causes():
     # the best loss is kept: a third round still at 1.0 is still far above it
     assert len(watch.observe({"round": 3, "train_loss": 0.98})) == 1
     assert DivergenceWatch(1e-3, "tiny").observe({"round": 1, "train_loss": 0.1}) == []
+
+
+def test_clients_warn_when_their_encoded_latents_are_far_from_unit_variance(tmp_path):
+    import numpy as np
+
+    from models import LabeledImages
+    from models.latent import CachedLatents
+
+    autoencoder = load_autoencoder(str(save_tiny_autoencoder(tmp_path / "ae")), "kl")  # random: std ~0.06
+    dataset = LabeledImages(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), np.zeros(8))
+    with pytest.warns(UserWarning, match="model.autoencoder.scaling_factor="):
+        CachedLatents(dataset, autoencoder, np.arange(8))
+
+
+def test_the_run_loop_logs_the_watchs_warnings_and_keeps_the_metrics(
+    tmp_path, flower_task_identity, data_root, monkeypatch, caplog
+):
+    import json
+
+    from server_app.divergence import DivergenceWatch
+    from tests.conftest import MICRO_OVERRIDES
+    from tests.test_resume_strategies import _run
+
+    seen = []
+
+    def observe(self, row):
+        seen.append(dict(row))
+        return [f"round {row['round']}: jumped"] if row["round"] == 2 else []
+
+    monkeypatch.setattr(DivergenceWatch, "observe", observe)
+    with caplog.at_level("WARNING"):
+        run_dir = _run(compose_config(MICRO_OVERRIDES), tmp_path / "run")
+    assert [r["round"] for r in seen] == [1, 2] and "train_loss" in seen[0]
+    assert "FedDM round 2: jumped" in caplog.text and "round 1: jumped" not in caplog.text
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in seen]

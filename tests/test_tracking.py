@@ -321,3 +321,19 @@ def test_wandb_offline_run_for_real(tmp_path, monkeypatch):
     np.testing.assert_array_equal(png_pixels(media), png_pixels(run.samples / "round_0001.png"))
     assert wandb_children() == []
     assert run.read_metrics() == [ROWS[0]]
+
+
+def test_a_run_with_tracking_tensorboard_logs_every_round_and_grid(tmp_path, flower_task_identity, data_root):
+    """The run loop sends its metrics rows and grids through the tracker (in-process clients)."""
+    from server_app.config import compose_config
+    from tests.conftest import MICRO_OVERRIDES
+    from tests.test_resume_strategies import _run
+
+    run_dir = _run(compose_config([*MICRO_OVERRIDES, "tracking=tensorboard"]), tmp_path / "run")
+    events = read_events(run_dir / "tensorboard")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in scalars(events)["train_loss"]] == [r["round"] for r in rows] == [1, 2]
+    assert [value for _, value in scalars(events)["eval_loss"]] == pytest.approx(
+        [r["eval_loss"] for r in rows]
+    )
+    assert [image.step for image in events.Images(GRID_TAG)] == [1, 2]
