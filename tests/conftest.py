@@ -33,29 +33,6 @@ SHORT_RUN = [
 MICRO_OVERRIDES = MICRO_MODEL + SHORT_RUN
 
 
-# The longest files (mostly waiting on Flower's processes) start first, so the two workers
-# finish together instead of one running them alone at the end.
-SLOWEST_FIRST = (
-    "test_deployment.py",
-    "test_deployment_secagg.py",
-    "test_deployment_failure.py",
-    "test_strategies_sim.py",
-    "test_latent_sim.py",
-    "test_resume.py",
-    "test_flwr_run.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Order test files slowest first (a stable sort: tests keep their order within a file)."""
-
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
-
-    items.sort(key=rank)
-
-
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     if not (DATA_ROOT / "FashionMNIST" / "raw").is_dir():
