@@ -123,7 +123,7 @@ def measure_secagg(global_state: dict, local_state: dict) -> dict:
 
     Two clients send the same plausible update through the ClientApp's
     ``secagg_mod``; the server side is ``privacy=secagg`` as configured in
-    ``conf/privacy/secagg.yaml``.
+    ``privacy=secagg`` in ``conf/schema.py``.
     """
     privacy = OmegaConf.to_container(compose_config(["privacy=secagg"]).privacy)
     strategy = build_strategy({"name": "vanilla"}, num_clients=SECAGG_CLIENTS, privacy=privacy)

@@ -19,32 +19,34 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
-PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
+# Each partition option's settings (conf/schema.py) as the partitioner's arguments. A missing one takes
+# the partitioner's default: the server always sends the schema's, so the code keeps no defaults of its own.
+_ARGUMENTS = {
+    "dirichlet": {
+        "alpha": ("alpha", float),
+        "min_partition_size": ("min_partition_size", int),
+        "self_balancing": ("self_balancing", bool),
+    },
+    "pathological": {
+        "classes_per_client": ("num_classes_per_partition", int),
+        "class_assignment_mode": ("class_assignment_mode", str),
+    },
+}
+PARTITION_SCHEMES = ("iid", *_ARGUMENTS)
 
 
 def build_partitioner(partition: Mapping[str, Any], num_partitions: int, seed: int) -> Partitioner:
-    """The flwr-datasets partitioner named by ``partition['name']`` (``conf/partition``)."""
+    """The flwr-datasets partitioner named by ``partition['name']`` (``conf.schema.PARTITIONS``)."""
     name = partition.get("name")
     if name == "iid":
         return IidPartitioner(num_partitions=num_partitions)
-    if name == "dirichlet":
-        return DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=float(partition["alpha"]),
-            min_partition_size=int(partition.get("min_partition_size", 10)),
-            self_balancing=bool(partition.get("self_balancing", False)),
-            seed=seed,
-        )
-    if name == "pathological":
-        return PathologicalPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            num_classes_per_partition=int(partition["classes_per_client"]),
-            class_assignment_mode=partition.get("class_assignment_mode", "first-deterministic"),
-            seed=seed,
-        )
-    raise ValueError(f"partition={name!r} is unknown; choose one of {PARTITION_SCHEMES}")
+    if name not in _ARGUMENTS:
+        raise ValueError(f"partition={name!r} is unknown; choose one of {PARTITION_SCHEMES}")
+    arguments = {
+        arg: cast(partition[key]) for key, (arg, cast) in _ARGUMENTS[name].items() if key in partition
+    }
+    factory = DirichletPartitioner if name == "dirichlet" else PathologicalPartitioner
+    return factory(num_partitions=num_partitions, partition_by="label", seed=seed, **arguments)
 
 
 def partition_indices(

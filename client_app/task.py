@@ -15,7 +15,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from client_app.partition import partition_indices, split_train_holdout
+from conf.schema import CLIENT_JSON_KEYS, CLIENT_SETTINGS
 from models import (
     LabeledImages,
     denoising_loss,
@@ -38,45 +39,17 @@ from models.data import dataset_from_config
 from models.diffusion import Regularizer
 from models.latent import CachedLatents, autoencoder_from_settings
 
-
-@dataclass(frozen=True)
-class ClientSettings:
-    """Settings a client reads from the server's ConfigRecord."""
-
-    unet: dict[str, Any]
-    autoencoder: dict[str, Any] | None  # latent diffusion: the frozen autoencoder's settings
-    scheduler: dict[str, Any]
-    dataset: dict[str, Any]
-    partition: dict[str, Any]
-    lr: float
-    weight_decay: float
-    local_steps: int
-    local_epochs: int  # 0: use local_steps
-    batch_size: int
-    max_grad_norm: float
-    seed: int
-    device: str
-    eval_fraction: float
-    eval_max_examples: int
-    ema_enabled: bool
-    ema_decay: float
-
-
-_JSON_KEYS = ("unet", "autoencoder", "scheduler", "dataset", "partition")
-_TYPED_KEYS = {
-    "lr": float,
-    "weight-decay": float,
-    "local-steps": int,
-    "local-epochs": int,
-    "batch-size": int,
-    "max-grad-norm": float,
-    "seed": int,
-    "device": str,
-    "eval-fraction": float,
-    "eval-max-examples": int,
-    "ema-enabled": bool,
-    "ema-decay": float,
-}
+# Settings a client reads from the server's ConfigRecord: the JSON keys (dicts; ``autoencoder`` is None
+# in pixel space) and the typed settings declared with ``client=...`` in ``conf/schema.py``
+# (``local_epochs`` 0: use ``local_steps``).
+_JSON_KEYS = CLIENT_JSON_KEYS
+_TYPED_KEYS = {s.key: s.type for s in CLIENT_SETTINGS}
+ClientSettings = make_dataclass(
+    "ClientSettings",
+    [(key, dict[str, Any] | None) for key in _JSON_KEYS] + [(s.attr, s.type) for s in CLIENT_SETTINGS],
+    frozen=True,
+)
+ClientSettings.__doc__ = "Settings a client reads from the server's ConfigRecord (see ``read_settings``)."
 
 
 def read_settings(config: Mapping[str, Any]) -> ClientSettings:
@@ -84,7 +57,7 @@ def read_settings(config: Mapping[str, Any]) -> ClientSettings:
     missing = [k for k in (*_JSON_KEYS, *_TYPED_KEYS) if k not in config]
     if missing:
         raise KeyError(f"the server's config lacks {missing}; is the ServerApp a FedDM one?")
-    values = {k.replace("-", "_"): cast(config[k]) for k, cast in _TYPED_KEYS.items()}
+    values = {s.attr: s.type(config[s.key]) for s in CLIENT_SETTINGS}
     values.update({k: json.loads(config[k]) for k in _JSON_KEYS})
     return ClientSettings(**values)
 

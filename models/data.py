@@ -177,15 +177,13 @@ def dataset_from_config(
     download: bool | Literal["auto"] | None = None,
 ) -> LabeledImages:
     """:func:`load_image_dataset` with the keys of a ``dataset`` config group (``conf/dataset``)."""
-    return load_image_dataset(
-        spec["name"],
-        spec["root"] if root is None else root,
-        train=train,
-        download=spec.get("download", "auto") if download is None else download,
-        image_size=spec.get("image_size"),
-        label_attribute=spec.get("label_attribute"),
-        channels=int(spec.get("channels", 3)),
-    )
+    # The config sends every key (conf/schema.py); a spec without one gets load_image_dataset's default.
+    options = {
+        key: spec[key] for key in ("download", "image_size", "label_attribute", "channels") if key in spec
+    }
+    if download is not None:
+        options["download"] = download
+    return load_image_dataset(spec["name"], spec["root"] if root is None else root, train=train, **options)
 
 
 class _SquareResize:

@@ -23,10 +23,11 @@ from flwr.supercore import log
 from flwr.supercore.logger import LOGGER_NAME
 from omegaconf import DictConfig, OmegaConf
 
+from conf.schema import client_values
 from models import build_scheduler, build_unet, count_parameters, resolve_device
 from models.data import dataset_from_config
 from models.latent import autoencoder_from_settings, latent_geometry
-from server_app.auxiliary import auxiliary_images
+from server_app.auxiliary import auxiliary_images, server_calibration
 from server_app.checkpoint import (
     CheckpointError,
     has_checkpoint,
@@ -40,8 +41,7 @@ from server_app.evaluation import GlobalEvaluator
 from server_app.global_model import GlobalModel
 from server_app.run_folder import RunFolder, new_run_dir
 from server_app.tracking import Tracker, build_tracker
-from strategies import FedDDPM, RoundAccounting, build_strategy
-from strategies.fedddpm import server_calibration
+from strategies import Calibration, FedDMStrategy, build_strategy
 
 # Round-log keys copied to metrics.jsonl, besides round, wall_time_s and fid.
 METRIC_KEYS = (
@@ -59,7 +59,11 @@ METRIC_KEYS = (
 
 
 def client_config(cfg: DictConfig, unet: UNet2DModel, scheduler: DDPMScheduler) -> ConfigRecord:
-    """Everything a client needs, so remote SuperNodes need no copy of ``conf/``."""
+    """Everything a client needs, so remote SuperNodes need no copy of ``conf/``.
+
+    The JSON keys (``conf.schema.CLIENT_JSON_KEYS``), then the typed settings the
+    schema marks for clients (``conf.schema.CLIENT_SETTINGS``).
+    """
     container = OmegaConf.to_container(cfg, resolve=True)
     return ConfigRecord(
         {
@@ -69,19 +73,7 @@ def client_config(cfg: DictConfig, unet: UNet2DModel, scheduler: DDPMScheduler) 
             "scheduler": json.dumps(dict(scheduler.config)),
             "dataset": json.dumps(container["dataset"]),
             "partition": json.dumps(container["partition"]),
-            "lr": float(cfg.lr),
-            "weight-decay": float(cfg.weight_decay),
-            "local-steps": int(cfg.local_steps),
-            "local-epochs": int(cfg.local_epochs or 0),
-            "batch-size": int(cfg.batch_size),
-            "max-grad-norm": float(cfg.max_grad_norm),
-            "seed": int(cfg.seed),
-            "device": str(cfg.device),
-            "eval-fraction": float(cfg.client_eval_fraction),
-            "eval-max-examples": int(cfg.client_eval_max_examples),
-            # Clients that keep parts of the model (strategy=partial) keep an EMA of their own.
-            "ema-enabled": bool(cfg.ema.enabled),
-            "ema-decay": float(cfg.ema.decay),
+            **client_values(cfg),
         }
     )
 
@@ -154,7 +146,7 @@ class Run:
     autoencoder: Any  # latent diffusion: the frozen autoencoder; None in pixel space
     model: GlobalModel
     scheduler: DDPMScheduler
-    strategy: RoundAccounting
+    strategy: FedDMStrategy
     settings: ConfigRecord  # what clients are sent
     done_rounds: int = 0  # rounds a resumed run had finished
     elapsed_before: float = 0.0  # seconds of training before the resume
@@ -183,8 +175,9 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
     try:
         recorder = RoundRecorder(run, watch)  # the evaluator's FID statistics come first
         wait_for_nodes(grid, cfg.num_clients, float(cfg.node_wait_timeout_s))
-        if isinstance(run.strategy, FedDDPM):
-            run.strategy.calibrate = pretrain(grid, run)
+        calibration = run.strategy.layer(Calibration)
+        if calibration is not None:  # FedDDPM: the clients' own models first
+            calibration.calibrate = pretrain(grid, run)
         train_rounds(grid, run, recorder)
         finish(run)
     finally:
@@ -309,7 +302,7 @@ def log_summary(run: Run) -> None:
     )
 
 
-def flower_strategy(strategy: RoundAccounting) -> str:
+def flower_strategy(strategy: FedDMStrategy) -> str:
     """The name of the Flower strategy class that ``strategy`` aggregates with (e.g. FedAvg)."""
     return next((c.__name__ for c in type(strategy).__mro__ if c.__module__.startswith("flwr.")), "?")
 
@@ -384,8 +377,10 @@ class RoundRecorder:
     def evaluate(self, server_round: int) -> dict:
         """Grid and FID of the global (EMA) model, or of the clients' own models when parts stay local."""
         run = self.run
-        if getattr(run.strategy, "personalized", False):  # each client has its own model
-            return self.evaluator.clients(run.strategy.client_samples.pop(server_round, {}), server_round)
+        if run.strategy.personalized:  # each client has its own model
+            return self.evaluator.clients(
+                run.strategy.encoding.client_samples.pop(server_round, {}), server_round
+            )
         with run.model.evaluation_weights() as weights:
             return self.evaluator(weights, run.scheduler, server_round)
 
@@ -410,7 +405,7 @@ def train_rounds(grid: Grid, run: Run, recorder: RoundRecorder) -> None:
 
 def finish(run: Run) -> None:
     """Save the final (EMA) model as a diffusers pipeline, unless every client keeps its own."""
-    if getattr(run.strategy, "personalized", False):
+    if run.strategy.personalized:
         log(INFO, "Each client keeps its own model (shared and local parts); the run folder has no model/")
     else:
         with run.model.evaluation_weights() as weights:

@@ -1,66 +1,97 @@
-"""Server strategies of FedDM, built on Flower's strategies, and the int8 codec."""
+"""Server strategies of FedDM, composed of layers on Flower's strategies, and the int8 codec.
+
+Each ``strategy=`` choice is a ``Recipe``: an encoding (what travels), the
+aggregator (a Flower strategy class, ``strategies.aggregators``) and
+server-side extras (FedDDPM's calibration). Privacy (``privacy=``) is a layer
+of its own. ``build_strategy`` composes them and refuses a combination that
+cannot work, naming both choices and why.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from strategies.accounting import RoundAccounting, RoundFailedError
-from strategies.fedddpm import FedDDPM, FedDDPMPlus
-from strategies.partial import FedDMPartial
-from strategies.privacy import DP_STRATEGIES, CentralDP
-from strategies.prox import FedDMProx
-from strategies.quant import FedDMQuant
-from strategies.secagg import SECAGG_STRATEGIES, SecAggPlus
-from strategies.vanilla import FedDMVanilla
+from strategies.accounting import RoundFailedError
+from strategies.aggregators import AGGREGATORS, composed_class
+from strategies.encoding import Encoding
+from strategies.fedddpm import Calibration, StallCalibration
+from strategies.partial import PartialParts
+from strategies.privacy import CentralDP
+from strategies.quant import Int8Updates
+from strategies.secagg import SecAggPlus
+from strategies.strategy import FedDMStrategy
 
-STRATEGIES = {
-    "vanilla": FedDMVanilla,
-    "prox": FedDMProx,
-    "quant": FedDMQuant,
-    "partial": FedDMPartial,
-    "fedddpm": FedDDPM,
-    "fedddpm_plus": FedDDPMPlus,
+
+@dataclass(frozen=True)
+class Recipe:
+    """The layers of one ``strategy=`` choice (its settings: ``conf/schema.py``)."""
+
+    encoding: type[Encoding] = Encoding
+    aggregator: str = "fedavg"
+    extras: tuple[type, ...] = ()
+
+    def privacy_conflict(self, mode: str) -> str | None:
+        """Why privacy ``mode`` cannot work with these layers (the first layer that objects), or None."""
+        for layer in (self.encoding, *self.extras):
+            reason = layer.privacy_conflict(mode)
+            if reason:
+                return reason
+        return None
+
+
+RECIPES: dict[str, Recipe] = {
+    "vanilla": Recipe(),
+    "prox": Recipe(aggregator="fedprox"),
+    "quant": Recipe(encoding=Int8Updates),
+    "partial": Recipe(encoding=PartialParts),
+    "fedddpm": Recipe(extras=(Calibration,)),
+    "fedddpm_plus": Recipe(extras=(StallCalibration,)),
 }
+PRIVACY_MODES = ("none", "dp_server", "dp_client", "secagg")
 
 
-def strategy_options(strategy: Mapping[str, Any]) -> dict[str, Any]:
-    """Constructor arguments of the named strategy from its config group."""
-    name = strategy.get("name")
-    if name == "prox":
-        return {"proximal_mu": float(strategy["mu"])}
-    if name == "quant":
+def composition_error(strategy: str, privacy: str) -> str | None:
+    """Why ``strategy`` and ``privacy`` cannot be combined (naming both), or None if they can."""
+    if privacy == "none" or strategy not in RECIPES:
+        return None
+    reason = RECIPES[strategy].privacy_conflict(privacy)
+    if reason is None:
+        return None
+    works = [name for name, recipe in RECIPES.items() if recipe.privacy_conflict(privacy) is None]
+    return f"privacy={privacy} works with strategy {' | '.join(works)}, not strategy={strategy}: {reason}"
+
+
+def combination_table() -> str:
+    """The README's strategy x privacy table (markdown), from the layers' own ``privacy_conflict``."""
+    modes = [m for m in PRIVACY_MODES if m != "none"]
+    lines = [
+        "| strategy | `privacy=none` | " + " | ".join(f"`{m}`" for m in modes) + " |",
+        "|---|---|" + "---|" * len(modes),
+    ]
+    for name, recipe in RECIPES.items():
+        cells = [f"no: {recipe.privacy_conflict(m)}" if recipe.privacy_conflict(m) else "yes" for m in modes]
+        lines.append(f"| `{name}` | yes | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def privacy_layers(privacy: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``privacy`` and ``secure_aggregation`` arguments of a FedDM strategy from the ``privacy=`` config."""
+    name = (privacy or {}).get("name", "none")
+    if name == "secagg":
         return {
-            "bits": int(strategy["bits"]),
-            "granularity": str(strategy["granularity"]),
-            "stochastic_rounding": bool(strategy["stochastic_rounding"]),
-            "error_feedback": bool(strategy["error_feedback"]),
-            "quantize_downlink": bool(strategy["quantize_downlink"]),
+            "secure_aggregation": SecAggPlus(
+                privacy["num_shares"],
+                privacy["reconstruction_threshold"],
+                float(privacy["clipping_range"]),
+                float(privacy["max_weight"]),
+            )
         }
-    if name == "partial":
+    if name in ("dp_server", "dp_client"):
         return {
-            "preset": str(strategy["preset"]),
-            "shared": list(strategy["shared"]) if strategy.get("shared") else None,
-            "split_ways": int(strategy["split_ways"]),
-            "quantize": bool(strategy["quantize"]),
-            "bits": int(strategy["bits"]),
-            "granularity": str(strategy["granularity"]),
-            "stochastic_rounding": bool(strategy["stochastic_rounding"]),
-            "error_feedback": bool(strategy["error_feedback"]),
+            "privacy": CentralDP(name, float(privacy["clipping_norm"]), float(privacy["noise_multiplier"]))
         }
-    if name in ("fedddpm", "fedddpm_plus"):
-        options = {
-            "pretrain_steps": int(strategy["pretrain_steps"]),
-            "aux_samples": int(strategy["aux_samples"]),
-            "aux_allocation": str(strategy["aux_allocation"]),
-        }
-        if name == "fedddpm_plus":
-            options |= {
-                "signal": str(strategy["signal"]),
-                "window": int(strategy["window"]),
-                "threshold": float(strategy["threshold"]),
-            }
-        return options
     return {}
 
 
@@ -74,64 +105,52 @@ def build_strategy(
     privacy: Mapping[str, Any] | None = None,
     evaluate_every: int = 1,
     last_round: int = 0,
-) -> RoundAccounting:
-    """The strategy named by ``strategy['name']`` (``conf/strategy``), sampling all clients.
+) -> FedDMStrategy:
+    """The strategy ``strategy['name']`` (``strategy=`` in ``conf/schema.py``) with ``privacy``, sampling all clients.
 
     Every connected client trains and evaluates each round; a round starts once
     ``min_clients`` (default ``num_clients``) nodes are connected, so it can go
     on after a node has failed. ``seed`` and ``client_generation`` (what clients
-    that keep parts of the model generate for FID) go to the partial strategy;
-    ``privacy`` (``conf/privacy``) adds central DP or secure aggregation
-    (SecAgg+) to vanilla and prox. Clients evaluate on rounds divisible by
-    ``evaluate_every`` and on ``last_round``.
+    that keep parts of the model generate for FID) go to the partial encoding.
+    Clients evaluate on rounds divisible by ``evaluate_every`` and on ``last_round``.
+    ``ValueError`` for an unknown name or a combination that cannot work.
     """
-    num_clients = min_clients or num_clients
     name = strategy.get("name")
-    if name not in STRATEGIES:
-        raise ValueError(f"strategy={name!r} is unknown; choose one of {sorted(STRATEGIES)}")
-    dp = secure = None
-    if privacy and privacy.get("name") == "secagg":
-        if name not in SECAGG_STRATEGIES:
-            raise ValueError(
-                f"privacy=secagg works with strategy {' | '.join(SECAGG_STRATEGIES)}, not {name!r}"
-            )
-        secure = SecAggPlus(
-            privacy["num_shares"],
-            privacy["reconstruction_threshold"],
-            float(privacy["clipping_range"]),
-            float(privacy["max_weight"]),
-        )
-    elif privacy and privacy.get("name", "none") != "none":
-        if name not in DP_STRATEGIES:
-            raise ValueError(
-                f"privacy={privacy['name']} works with strategy {' | '.join(DP_STRATEGIES)}, not {name!r}"
-            )
-        dp = CentralDP(
-            str(privacy["name"]), float(privacy["clipping_norm"]), float(privacy["noise_multiplier"])
-        )
-    strategy = STRATEGIES[name](
+    if name not in RECIPES:
+        raise ValueError(f"strategy={name!r} is unknown; choose one of {sorted(RECIPES)}")
+    conflict = composition_error(name, (privacy or {}).get("name", "none"))
+    if conflict:
+        raise ValueError(conflict)
+    recipe, nodes = RECIPES[name], min_clients or num_clients
+    aggregator = AGGREGATORS[recipe.aggregator]
+    return composed_class(aggregator.flower_class)(
+        encoding=recipe.encoding.from_config(strategy, seed=seed, client_generation=client_generation),
+        extras=tuple(extra.from_config(strategy) for extra in recipe.extras),
+        **privacy_layers(privacy),
+        evaluate_every=evaluate_every,
+        last_round=last_round,
         fraction_train=1.0,
         fraction_evaluate=1.0,
-        min_train_nodes=num_clients,
-        min_evaluate_nodes=num_clients,
-        min_available_nodes=num_clients,
-        **strategy_options(strategy),
-        **({"seed": seed, "client_generation": client_generation} if name == "partial" else {}),
+        min_train_nodes=nodes,
+        min_evaluate_nodes=nodes,
+        min_available_nodes=nodes,
+        **aggregator.options(strategy),
     )
-    strategy.privacy, strategy.secure_aggregation = dp, secure
-    strategy.evaluate_every, strategy.last_round = int(evaluate_every), int(last_round)
-    return strategy
 
 
 __all__ = [
-    "STRATEGIES",
-    "FedDDPM",
-    "FedDDPMPlus",
-    "FedDMPartial",
-    "FedDMProx",
-    "FedDMQuant",
-    "FedDMVanilla",
-    "RoundAccounting",
+    "AGGREGATORS",
+    "PRIVACY_MODES",
+    "RECIPES",
+    "Calibration",
+    "Encoding",
+    "FedDMStrategy",
+    "Int8Updates",
+    "PartialParts",
+    "Recipe",
     "RoundFailedError",
+    "StallCalibration",
     "build_strategy",
+    "combination_table",
+    "composition_error",
 ]

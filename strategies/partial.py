@@ -24,27 +24,27 @@ of what is sent (the codec of FedDM-quant).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
 
 from models.parts import PRESETS, expand, names_in, parts_of
-from strategies.accounting import RoundAccounting, check_full_weights, partition_of, single_array_record
-from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS, SCALES_KEY, PayloadError, decode_arrays
-from strategies.quant import reference_of, to_numpy, to_record
+from strategies.accounting import check_full_weights, partition_of, single_array_record
+from strategies.codec import SCALES_KEY, PayloadError, decode_arrays
+from strategies.encoding import Encoding
+from strategies.quant import quant_client_keys, reference_of, to_numpy, to_record
 
-PARTIAL_PRESETS = ("udec", "ulatdec", "usplit", "custom")
+PARTIAL_PRESETS = (*PRESETS, "custom")
 SAMPLES_KEY = "samples"  # ArrayRecord of client-generated images in evaluate replies
 
 
-class FedDMPartial(RoundAccounting, FedAvg):
-    """FedAvg of chosen UNet parts; the other parts stay on the clients.
+class PartialParts(Encoding):
+    """Chosen UNet parts travel and are averaged part by part; the other parts stay on the clients.
 
     Parameters
     ----------
@@ -57,16 +57,16 @@ class FedDMPartial(RoundAccounting, FedAvg):
     quantize : bool (default: False)
         Replies carry int8 codes of the update (FedDM-quant's codec).
     bits, granularity, stochastic_rounding, error_feedback
-        As in ``FedDMQuant``, when ``quantize`` is on.
+        As in ``Int8Updates``, when ``quantize`` is on.
     seed : int (default: 0)
         Seeds the USplit assignment.
     client_generation : dict | None
         At evaluation rounds, ask clients with local parts for generated images
         (``sample-count``, ``sample-seed``, ``sample-ddim-steps``,
         ``sample-batch-size``, ``sample-shape``), for FID of their own models.
-    **kwargs
-        Passed to Flower's ``FedAvg``.
     """
+
+    name = "UNet parts"
 
     def __init__(
         self,
@@ -81,29 +81,20 @@ class FedDMPartial(RoundAccounting, FedAvg):
         error_feedback: bool = False,
         seed: int = 0,
         client_generation: dict | None = None,
-        **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
         if preset not in PARTIAL_PRESETS:
             raise ValueError(f"preset={preset!r} is not one of {PARTIAL_PRESETS}")
         if (preset == "custom") != bool(shared):
             raise ValueError("shared lists the federated parts with preset=custom, and only then")
         if preset == "usplit" and split_ways < 2:
             raise ValueError(f"split_ways={split_ways} must be >= 2")
-        if quantize and not MIN_BITS <= bits <= MAX_BITS:
-            raise ValueError(f"bits={bits} is not in {MIN_BITS}..{MAX_BITS}")
-        if quantize and granularity not in GRANULARITIES:
-            raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
         self.preset = preset
         self.selection = list(shared) if preset == "custom" else list(PRESETS[preset])
         self.split_ways = split_ways if preset == "usplit" else 0
         self.quantize = quantize
-        self.quant_config = {
-            "quant-bits": bits,
-            "quant-granularity": granularity,
-            "quant-stochastic": stochastic_rounding,
-            "quant-error-feedback": error_feedback,
-        }
+        self.quant_config = (
+            quant_client_keys(bits, granularity, stochastic_rounding, error_feedback) if quantize else {}
+        )
         self.seed = seed
         self.client_generation = client_generation
         self.shared_parts: list[str] = []
@@ -111,6 +102,24 @@ class FedDMPartial(RoundAccounting, FedAvg):
         self.personalized = False
         self._initialized: set[int] = set()  # nodes that keep local parts
         self.client_samples: dict[int, dict[int, np.ndarray]] = {}
+
+    @classmethod
+    def from_config(
+        cls, strategy: Mapping[str, Any], *, seed: int = 0, client_generation: dict | None = None
+    ) -> PartialParts:
+        """From the ``strategy=partial`` config, with the run's seed and what clients generate for FID."""
+        return cls(
+            preset=str(strategy["preset"]),
+            shared=list(strategy["shared"]) if strategy.get("shared") else None,
+            split_ways=int(strategy["split_ways"]),
+            quantize=bool(strategy["quantize"]),
+            bits=int(strategy["bits"]),
+            granularity=str(strategy["granularity"]),
+            stochastic_rounding=bool(strategy["stochastic_rounding"]),
+            error_feedback=bool(strategy["error_feedback"]),
+            seed=seed,
+            client_generation=client_generation,
+        )
 
     # -- what is shared ---------------------------------------------------------
     def resolve(self, arrays: ArrayRecord) -> None:
@@ -122,34 +131,35 @@ class FedDMPartial(RoundAccounting, FedAvg):
             # Parts left on the clients: each client then has a model of its own.
             self.personalized = len(self.shared_names) < len(names)
 
-    def summary(self) -> None:
-        """Log the strategy's settings."""
-        log(INFO, "\t├──> FedDM-partial (%s): shared parts %s", self.preset, self.selection)
+    def summary(self) -> list[str]:
+        """The shared parts, the split, the codec."""
+        lines = [f"FedDM-partial ({self.preset}): shared parts {self.selection}"]
         if self.split_ways:
-            log(INFO, "\t│\t└── each part sent by one of every %d clients", self.split_ways)
+            lines.append(f"each part sent by one of every {self.split_ways} clients")
         if self.quantize:
-            log(INFO, "\t│\t└── int8 updates: %s", self.quant_config)
-        super().summary()
+            lines.append(f"int8 updates: {self.quant_config}")
+        return lines
+
+    @classmethod
+    def privacy_conflict(cls, mode: str) -> str | None:
+        """Replies hold parts that differ between clients (and local parts stay unprotected)."""
+        return "its replies hold parts that differ between clients"
 
     # -- training ---------------------------------------------------------------
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Tell clients what is shared (and how to encode it), then send it."""
+    def train_config(self, config: ConfigRecord, arrays: ArrayRecord) -> None:
+        """Tell clients what is shared (and how to encode it)."""
         self.resolve(arrays)
         config["partial-shared"] = json.dumps(self.shared_parts)
         config["partial-split-ways"] = self.split_ways
         config["partial-seed"] = self.seed
-        if self.quantize:
-            config.update(self.quant_config)
-        return super().configure_train(server_round, arrays, config, grid)
+        config.update(self.quant_config)
 
-    def downlink_payload(self, arrays: ArrayRecord) -> ArrayRecord:
+    def downlink(self, arrays: ArrayRecord) -> ArrayRecord:
         """The shared parts (USplit: the whole model)."""
         self.resolve(arrays)
         return ArrayRecord({name: arrays[name] for name in self.shared_names})
 
-    def address(self, messages: list[Message], arrays: ArrayRecord) -> list[Message]:
+    def address(self, messages: list[Message], arrays: ArrayRecord, arrays_key: str) -> list[Message]:
         """A node that holds no local parts yet gets the whole model (its local parts' start).
 
         A node holds them once it has answered a training message; a node whose
@@ -161,14 +171,14 @@ class FedDMPartial(RoundAccounting, FedAvg):
             if node not in self._initialized:
                 # Flower's messages share one RecordDict: give this one its own.
                 content = RecordDict(dict(message.content.items()))
-                content[self.arrayrecord_key] = arrays
+                content[arrays_key] = arrays
                 message = Message(
                     content=content, dst_node_id=node, message_type=message.metadata.message_type
                 )
             addressed.append(message)
         return addressed
 
-    def decode_train_reply(self, message: Message) -> ArrayRecord:
+    def decode(self, message: Message, global_arrays: ArrayRecord) -> ArrayRecord:
         """Validate the reply: whole shared parts only, as weights (or int8 update codes)."""
         record = single_array_record(message)
         names = [n for n in record.keys() if n != SCALES_KEY]
@@ -180,19 +190,19 @@ class FedDMPartial(RoundAccounting, FedAvg):
         if not sent_parts or partial:
             raise PayloadError(f"the reply must hold whole shared parts; incomplete: {partial or 'all'}")
         expected = names_in(sent_parts, self.shared_names)
-        reference = ArrayRecord({n: self._global_arrays[n] for n in expected})
+        reference = ArrayRecord({n: global_arrays[n] for n in expected})
         if self.quantize:
             return to_record(decode_arrays(record, reference_of(reference)))
         return check_full_weights(record, reference)
 
     def average(
-        self, server_round: int, errors: list[Message], accepted: list[Message]
+        self, strategy: Any, server_round: int, errors: list[Message], accepted: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Each part averaged over the replies that carry it, weighted by ``num-examples``."""
         # A node that trained keeps its local parts; one that failed may not.
         self._initialized |= {m.metadata.src_node_id for m in accepted}
         self._initialized -= {m.metadata.src_node_id for m in errors}
-        metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
+        metrics = strategy.train_metrics_aggr_fn([m.content for m in accepted], strategy.weighted_by_key)
         averaged: dict = {}
         for part in self.shared_parts:
             names = names_in([part], self.shared_names)
@@ -205,33 +215,29 @@ class FedDMPartial(RoundAccounting, FedAvg):
                 )
                 for c in carriers
             ]
-            averaged.update(aggregate_arrayrecords(restricted, self.weighted_by_key).items())
+            averaged.update(aggregate_arrayrecords(restricted, strategy.weighted_by_key).items())
         return ArrayRecord(averaged), metrics
 
-    def apply_aggregate(self, aggregated: ArrayRecord) -> ArrayRecord:
+    def apply(self, aggregated: ArrayRecord, global_arrays: ArrayRecord) -> ArrayRecord:
         """The global model with the averaged parts replaced (or, quantized, moved by the mean update)."""
-        global_arrays = to_numpy(self._global_arrays)
+        weights = to_numpy(global_arrays)
         for name, value in to_numpy(aggregated).items():
-            dtype = global_arrays[name].dtype
-            global_arrays[name] = (global_arrays[name] + value if self.quantize else value).astype(dtype)
-        return to_record(global_arrays)
+            dtype = weights[name].dtype
+            weights[name] = (weights[name] + value if self.quantize else value).astype(dtype)
+        return to_record(weights)
 
     # -- evaluation -------------------------------------------------------------
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def evaluate_config(self, config: ConfigRecord, arrays: ArrayRecord) -> ConfigRecord:
         """Clients with local parts evaluate their own model and, for FID, sample from it."""
         self.resolve(arrays)
         config = ConfigRecord(dict(config))
         config["partial-shared"] = json.dumps(self.shared_parts)
         if self.personalized and self.client_generation:
             config.update(self.client_generation)
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        return config
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Keep the clients' generated images of this round (checked), then aggregate the metrics."""
-        replies = list(replies)
-        true_round = server_round + self.round_offset
+    def evaluate_replies(self, server_round: int, replies: Iterable[Message]) -> None:
+        """Keep the clients' generated images of ``server_round`` (checked)."""
         samples = {}
         for message in replies:
             if (
@@ -246,13 +252,12 @@ class FedDMPartial(RoundAccounting, FedAvg):
                 log(
                     INFO,
                     "Round %d: left out the samples of node %d: %s",
-                    true_round,
+                    server_round,
                     message.metadata.src_node_id,
                     err,
                 )
         if samples and self.personalized:
-            self.client_samples[true_round] = dict(sorted(samples.items()))
-        return super().aggregate_evaluate(server_round, replies)
+            self.client_samples[server_round] = dict(sorted(samples.items()))
 
     def _checked_samples(self, record: ArrayRecord) -> np.ndarray:
         expected = (
@@ -270,4 +275,4 @@ class FedDMPartial(RoundAccounting, FedAvg):
         return images
 
 
-__all__ = ["FedDMPartial", "PARTIAL_PRESETS", "SAMPLES_KEY"]
+__all__ = ["PARTIAL_PRESETS", "SAMPLES_KEY", "PartialParts"]

@@ -33,9 +33,6 @@ from flwr.supercore.differential_privacy import (
 
 from strategies.codec import PayloadError
 
-# Strategies whose replies are full weights with the global model's names.
-DP_STRATEGIES = ("vanilla", "prox")
-
 
 @dataclass(frozen=True)
 class CentralDP:
@@ -90,4 +87,4 @@ class CentralDP:
         return ArrayRecord({n: Array(np.asarray(v)) for n, v in zip(names, values)})
 
 
-__all__ = ["CentralDP", "DP_STRATEGIES", "KEY_CLIPPING_NORM"]
+__all__ = ["CentralDP", "KEY_CLIPPING_NORM"]

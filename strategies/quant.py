@@ -1,4 +1,4 @@
-"""FedDM-quant: clients send int8-quantized updates; the server decodes, averages, applies.
+"""FedDM-quant's encoding: clients send int8-quantized updates; the server decodes, averages, applies.
 
 A round, with w the server's fp32 global model:
 
@@ -8,25 +8,23 @@ A round, with w the server's fp32 global model:
    fp32 scale per output channel (or per tensor), optionally with stochastic
    rounding and error feedback (the residual stays in the client's state);
 3. the server validates and decodes every reply, takes the example-weighted
-   mean Δ̄ with Flower's FedAvg, and sets w ← w' + Δ̄.
+   mean Δ̄ with the aggregator (Flower's FedAvg), and sets w ← w' + Δ̄.
 
 Flower's ``FedAvg`` averages raw array values, so decoding happens before the
-mean, in ``decode_train_reply``.
+mean, in ``Int8Updates.decode``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from logging import INFO
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
-from flwr.supercore import log
 
-from strategies.accounting import RoundAccounting, single_array_record
+from strategies.accounting import single_array_record
 from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS, decode_arrays, encode_arrays
+from strategies.encoding import Encoding
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -44,8 +42,8 @@ def reference_of(record: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
     return {name: (tuple(a.shape), str(a.dtype)) for name, a in record.items()}
 
 
-class FedDMQuant(RoundAccounting, FedAvg):
-    """FedAvg of int8-quantized client updates (FedDM-quant).
+class Int8Updates(Encoding):
+    """Clients send int8 codes of their update; the server decodes, averages, and applies the mean.
 
     Parameters
     ----------
@@ -60,9 +58,9 @@ class FedDMQuant(RoundAccounting, FedAvg):
         Clients add last round's quantization residual to the next update.
     quantize_downlink : bool (default: False)
         The server sends the global model as int8 codes too.
-    **kwargs
-        Passed to Flower's ``FedAvg``.
     """
+
+    name = "int8 updates"
 
     def __init__(
         self,
@@ -72,43 +70,42 @@ class FedDMQuant(RoundAccounting, FedAvg):
         stochastic_rounding: bool = False,
         error_feedback: bool = False,
         quantize_downlink: bool = False,
-        **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
-        if not MIN_BITS <= bits <= MAX_BITS:
-            raise ValueError(f"bits={bits} is not in {MIN_BITS}..{MAX_BITS}")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
-        self.bits = bits
+        self.client_keys = quant_client_keys(bits, granularity, stochastic_rounding, error_feedback)
         self.granularity = granularity
-        self.stochastic_rounding = stochastic_rounding
-        self.error_feedback = error_feedback
         self.quantize_downlink = quantize_downlink
         self._client_view: dict[str, np.ndarray] | None = None
 
-    def summary(self) -> None:
-        """Log the strategy's settings."""
-        log(INFO, "\t├──> FedDM-quant: %d-bit %s-wise updates", self.bits, self.granularity)
-        log(
-            INFO,
-            "\t│\t└── stochastic rounding %s | error feedback %s | quantized downlink %s",
-            self.stochastic_rounding,
-            self.error_feedback,
-            self.quantize_downlink,
+    @classmethod
+    def from_config(cls, strategy: Mapping[str, Any], **context: Any) -> Int8Updates:
+        """From the ``strategy=quant`` config (``conf/schema.py``)."""
+        return cls(
+            bits=int(strategy["bits"]),
+            granularity=str(strategy["granularity"]),
+            stochastic_rounding=bool(strategy["stochastic_rounding"]),
+            error_feedback=bool(strategy["error_feedback"]),
+            quantize_downlink=bool(strategy["quantize_downlink"]),
         )
-        super().summary()
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Tell clients how to encode their update, then send the model."""
-        config["quant-bits"] = self.bits
-        config["quant-granularity"] = self.granularity
-        config["quant-stochastic"] = self.stochastic_rounding
-        config["quant-error-feedback"] = self.error_feedback
-        return super().configure_train(server_round, arrays, config, grid)
+    def summary(self) -> list[str]:
+        """The codec's settings."""
+        keys = self.client_keys
+        return [
+            f"FedDM-quant: {keys['quant-bits']}-bit {self.granularity}-wise updates",
+            f"stochastic rounding {keys['quant-stochastic']} | error feedback "
+            f"{keys['quant-error-feedback']} | quantized downlink {self.quantize_downlink}",
+        ]
 
-    def downlink_payload(self, arrays: ArrayRecord) -> ArrayRecord:
+    @classmethod
+    def privacy_conflict(cls, mode: str) -> str | None:
+        """Int8 codes with per-client scales: neither clipping full weights nor the masked sum applies."""
+        return "it sends int8 codes of updates with per-client scales"
+
+    def train_config(self, config: ConfigRecord, arrays: ArrayRecord) -> None:
+        """Tell clients how to encode their update."""
+        config.update(self.client_keys)
+
+    def downlink(self, arrays: ArrayRecord) -> ArrayRecord:
         """int8 codes of the global model when the downlink is quantized."""
         weights = to_numpy(arrays)
         if not self.quantize_downlink:
@@ -120,18 +117,32 @@ class FedDMQuant(RoundAccounting, FedAvg):
         self._client_view = decode_arrays(record, reference_of(arrays))
         return record
 
-    def decode_train_reply(self, message: Message) -> ArrayRecord:
+    def decode(self, message: Message, global_arrays: ArrayRecord) -> ArrayRecord:
         """Validate and dequantize a client's update (raises ``PayloadError``)."""
-        update = decode_arrays(single_array_record(message), reference_of(self._global_arrays))
-        return to_record(update)
+        return to_record(decode_arrays(single_array_record(message), reference_of(global_arrays)))
 
-    def apply_aggregate(self, aggregated: ArrayRecord) -> ArrayRecord:
+    def apply(self, aggregated: ArrayRecord, global_arrays: ArrayRecord) -> ArrayRecord:
         """w ← w' + mean update."""
         mean_update = to_numpy(aggregated)
-        reference = reference_of(self._global_arrays)
         return to_record(
             {
                 name: (self._client_view[name] + mean_update[name]).astype(dtype)
-                for name, (_, dtype) in reference.items()
+                for name, (_, dtype) in reference_of(global_arrays).items()
             }
         )
+
+
+def quant_client_keys(
+    bits: int, granularity: str, stochastic_rounding: bool, error_feedback: bool
+) -> dict[str, int | str | bool]:
+    """The training ConfigRecord keys that tell clients how to quantize their update (checked)."""
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits={bits} is not in {MIN_BITS}..{MAX_BITS}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
+    return {
+        "quant-bits": int(bits),
+        "quant-granularity": str(granularity),
+        "quant-stochastic": bool(stochastic_rounding),
+        "quant-error-feedback": bool(error_feedback),
+    }

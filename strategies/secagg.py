@@ -66,7 +66,6 @@ from flwr.supercore import log
 from strategies.accounting import RoundFailedError, check_metrics, last_line
 from strategies.codec import PayloadError, payload_nbytes
 
-SECAGG_STRATEGIES = ("vanilla", "prox")
 # Settings the clients need to turn their trained weights into a SecAgg+ input.
 KEY_NAMES = "secagg-names"  # the global model's array names, in order (legacy Parameters have none)
 KEY_CLIPPING_RANGE = "secagg-clipping-range"
@@ -75,7 +74,7 @@ KEY_MAX_WEIGHT = "secagg-max-weight"
 
 @dataclass(frozen=True)
 class SecAggPlus:
-    """SecAgg+ settings of a run (``conf/privacy/secagg.yaml``).
+    """SecAgg+ settings of a run (``privacy=secagg`` in ``conf/schema.py``).
 
     ``num_shares`` and ``reconstruction_threshold`` are Flower's: a float is a
     fraction (of the round's nodes, of the shares), an int a count.
@@ -359,7 +358,6 @@ def _legacy_context(instructions: _Instructions, run_id: int) -> LegacyContext:
 
 
 __all__ = [
-    "SECAGG_STRATEGIES",
     "SecAggPlus",
     "SecAggPlusGrid",
     "to_fit_result",

@@ -31,10 +31,17 @@ def _checkpoint():
 def test_strategy_state_keeps_json_values_and_tensors_apart(tmp_path):
     from safetensors import safe_open
 
-    from strategies.fedddpm import FedDDPMPlus
+    from strategies import StallCalibration, build_strategy
 
-    strategy = FedDDPMPlus(signal="train_loss")
-    strategy._round, strategy.history = 4, [0.5, 0.25]
+    fedddpm_plus = {
+        "name": "fedddpm_plus",
+        "pretrain_steps": 1,
+        "aux_samples": 4,
+        "aux_allocation": "balanced",
+    }
+    fedddpm_plus |= {"signal": "train_loss", "window": 2, "threshold": 0.02}
+    strategy = build_strategy(fedddpm_plus, num_clients=1)
+    strategy._round, strategy.layer(StallCalibration).history = 4, [0.5, 0.25]
     state = {**strategy.state_dict(), "name": "fedddpm_plus", "momentum.conv.weight": torch.randn(2, 3)}
     save_checkpoint(tmp_path, Checkpoint(round=4, global_weights={"w": torch.zeros(1)}, strategy_state=state))
     with safe_open(
@@ -45,9 +52,9 @@ def test_strategy_state_keeps_json_values_and_tensors_apart(tmp_path):
     loaded, _ = load_checkpoint(tmp_path)
     assert loaded.strategy_state.keys() == state.keys()
     assert torch.equal(loaded.strategy_state["momentum.conv.weight"], state["momentum.conv.weight"])
-    restored = FedDDPMPlus(signal="train_loss")
+    restored = build_strategy(fedddpm_plus, num_clients=1)
     restored.load_state_dict(loaded.strategy_state)
-    assert restored.round_offset == 4 and restored.history == [0.5, 0.25]
+    assert restored.round_offset == 4 and restored.layer(StallCalibration).history == [0.5, 0.25]
 
 
 def test_round_trip_and_rng_states(tmp_path):

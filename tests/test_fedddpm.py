@@ -7,9 +7,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from models import build_scheduler
-from strategies import FedDDPM, FedDDPMPlus, RoundFailedError, build_strategy
+from server_app.auxiliary import server_calibration
+from strategies import Calibration, RoundFailedError, StallCalibration, build_strategy
 from strategies.codec import payload_nbytes
-from strategies.fedddpm import server_calibration
 from tests.conftest import reply
 from tests.test_partial import _unet
 from tests.test_strategies import FakeGrid
@@ -22,8 +22,9 @@ FEDDDPM = {"name": "fedddpm", "pretrain_steps": 7, "aux_samples": 10, "aux_alloc
 def test_pretraining_asks_every_node_to_train_its_own_model():
     strategy = build_strategy(FEDDDPM, num_clients=2)
     arrays = ArrayRecord(_unet().state_dict())
-    messages = strategy.configure_pretrain(
-        arrays, ConfigRecord({"lr": 0.1, "local-steps": 50}), FakeGrid([5, 3])
+    steps = strategy.layer(Calibration).pretrain_steps
+    messages = strategy.pretrain_messages(
+        arrays, ConfigRecord({"lr": 0.1, "local-steps": 50}), FakeGrid([5, 3]), steps
     )
     assert [m.metadata.dst_node_id for m in messages] == [3, 5]
     config = messages[0].content["config"]
@@ -59,7 +60,7 @@ def test_uploaded_local_models_are_checked():
     ("allocation", "expected"), [("balanced", {0: 4, 1: 3, 2: 3}), ("weighted", {0: 1, 1: 2, 2: 7})]
 )
 def test_auxiliary_images_are_allocated_balanced_or_by_examples(allocation, expected):
-    strategy = FedDDPM(aux_samples=10, aux_allocation=allocation)
+    strategy = Calibration(aux_samples=10, aux_allocation=allocation)
     counts = strategy.allocation({0: 100, 1: 200, 2: 700})
     assert sum(counts.values()) == 10
     assert counts == expected if allocation == "weighted" else sorted(counts.values()) == [3, 3, 4]
@@ -68,7 +69,7 @@ def test_auxiliary_images_are_allocated_balanced_or_by_examples(allocation, expe
 def test_fedddpm_calibrates_after_every_aggregation():
     strategy = build_strategy(FEDDDPM, num_clients=1)
     calls = []
-    strategy.calibrate = lambda arrays, rnd: calls.append(rnd) or arrays
+    strategy.layer(Calibration).calibrate = lambda arrays, rnd: calls.append(rnd) or arrays
     state = _unet().state_dict()
     for rnd in (1, 2):
         strategy.configure_train(rnd, ArrayRecord(state), ConfigRecord(), FakeGrid([1]))
@@ -77,7 +78,7 @@ def test_fedddpm_calibrates_after_every_aggregation():
 
 
 def test_fedddpm_plus_fires_once_per_stall():
-    strategy = FedDDPMPlus(signal="eval_loss", window=2, threshold=0.05)
+    strategy = StallCalibration(signal="eval_loss", window=2, threshold=0.05)
     decisions = []
     for rnd, loss in enumerate([1.0, 0.8, 0.6, 0.59, 0.585, 0.58, 0.579, 0.4], start=1):
         decisions.append(strategy.should_calibrate(rnd))
@@ -123,19 +124,19 @@ def test_server_calibration_trains_on_the_auxiliary_images_reproducibly():
 
 def test_fedddpm_strategy_rejects_bad_settings():
     with pytest.raises(ValueError, match="aux_allocation"):
-        FedDDPM(aux_allocation="random")
+        Calibration(aux_allocation="random")
     with pytest.raises(ValueError, match="signal"):
-        FedDDPMPlus(signal="accuracy")
+        StallCalibration(signal="accuracy")
     assert isinstance(
         build_strategy(
             FEDDDPM | {"name": "fedddpm_plus", "signal": "fid", "window": 2, "threshold": 0.0}, num_clients=1
-        ),
-        FedDDPMPlus,
+        ).layer(Calibration),
+        StallCalibration,
     )
 
 
 def test_fedddpm_plus_rebuilds_its_history_from_a_resumed_runs_rows():
-    live = FedDDPMPlus(signal="train_loss", window=1, threshold=0.5)
+    live = StallCalibration(signal="train_loss", window=1, threshold=0.5)
     rows = []
     for rnd, loss in enumerate([1.0, 0.9, 0.8, 0.3, 0.29], start=1):
         row = {"round": rnd, "train_loss": loss}
@@ -144,7 +145,7 @@ def test_fedddpm_plus_rebuilds_its_history_from_a_resumed_runs_rows():
         live.observe(rnd, row)
         rows.append(row)
     assert [r.get("calibrated", 0) for r in rows] == [0, 0, 1, 0, 0]
-    resumed = FedDDPMPlus(signal="train_loss", window=1, threshold=0.5)
+    resumed = StallCalibration(signal="train_loss", window=1, threshold=0.5)
     for row in rows:
         resumed.observe(row["round"], row)
     assert resumed.history == live.history

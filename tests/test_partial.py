@@ -19,7 +19,7 @@ from client_app.partial import (
 )
 from models import build_unet
 from models.parts import PRESETS, expand, names_in, parameter_fraction, part_of, parts_of, usplit_assignment
-from strategies import FedDMPartial, build_strategy
+from strategies import PartialParts, build_strategy
 from strategies.codec import SCALES_KEY, payload_nbytes
 from tests.conftest import reply
 from tests.test_strategies import FakeGrid
@@ -172,9 +172,9 @@ def test_bytes_sent_match_the_presets_parameter_fraction(preset, quantize):
     full_bytes = payload_nbytes(ArrayRecord(state))
     strategy = _strategy(preset, quantize=quantize)
     strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), FakeGrid([1, 2]))
-    strategy._initialized = {1, 2}  # both trained in round 1
+    strategy.encoding._initialized = {1, 2}  # both trained in round 1
     (message, _) = strategy.configure_train(2, ArrayRecord(state), ConfigRecord(), FakeGrid([1, 2]))
-    fraction = parameter_fraction(strategy.shared_parts, sizes)
+    fraction = parameter_fraction(strategy.encoding.shared_parts, sizes)
     assert payload_nbytes(message.content["arrays"]) == pytest.approx(fraction * full_bytes, rel=0.01)
     # uplink: both clients together
     config = dict(message.content["config"]) | {"server-round": 2}
@@ -197,7 +197,7 @@ def test_replies_with_local_parts_or_broken_parts_are_left_out():
     strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), FakeGrid([1]))
     local_leak = ArrayRecord(state)  # the whole model: local parts included
     broken = ArrayRecord({n: t for n, t in state.items() if n.startswith("up_blocks.0.resnets.0.conv1")})
-    good = ArrayRecord({n: t + 1 for n, t in state.items() if n in strategy.shared_names})
+    good = ArrayRecord({n: t + 1 for n, t in state.items() if n in strategy.encoding.shared_names})
     arrays, _ = strategy.aggregate_train(
         1,
         [
@@ -209,7 +209,7 @@ def test_replies_with_local_parts_or_broken_parts_are_left_out():
     assert strategy.round_log[1]["num_rejected"] == 2
     new = arrays.to_torch_state_dict()
     for name, tensor in state.items():
-        expected = tensor + 1 if name in strategy.shared_names else tensor
+        expected = tensor + 1 if name in strategy.encoding.shared_names else tensor
         assert torch.equal(new[name], expected), name
 
 
@@ -248,7 +248,7 @@ def test_quantized_partial_moves_the_shared_parts_by_the_mean_update():
     state = _state()
     (message,) = strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), FakeGrid([1]))
     assert message.content["config"]["quant-bits"] == 8
-    shared = strategy.shared_names
+    shared = strategy.encoding.shared_names
     local = {n: state[n] + 0.01 * torch.randn_like(state[n]) for n in shared}
     record = quantized_update(local, {n: state[n] for n in shared}, QUANT, RecordDict(), seed=0)
     assert set(record.keys()) == set(shared) | {SCALES_KEY}
@@ -306,16 +306,16 @@ def test_client_samples_are_checked_and_kept_per_round():
     wrong = np.zeros((4, 3, 28, 28), np.uint8)
     metrics = strategy.aggregate_evaluate(1, [evaluate_reply(good, 1, 0), evaluate_reply(wrong, 2, 1)])
     assert metrics["eval_loss"] == pytest.approx(0.1)
-    assert list(strategy.client_samples[1]) == [0]
+    assert list(strategy.encoding.client_samples[1]) == [0]
 
 
 def test_partial_strategy_rejects_inconsistent_settings():
     with pytest.raises(ValueError, match="shared"):
-        FedDMPartial(preset="custom")
+        PartialParts(preset="custom")
     with pytest.raises(ValueError, match="shared"):
-        FedDMPartial(preset="udec", shared=["mid_block"])
+        PartialParts(preset="udec", shared=["mid_block"])
     with pytest.raises(ValueError, match="preset"):
-        FedDMPartial(preset="decoder")
+        PartialParts(preset="decoder")
 
 
 # -- client side ----------------------------------------------------------------------

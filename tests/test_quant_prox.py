@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedProx
 from omegaconf import OmegaConf
 
 from client_app.task import proximal_term
 from client_app.updates import RESIDUAL_KEY, quantized_update, received_weights
 from models import build_unet
 from server_app.config import compose_config
-from strategies import FedDMProx, FedDMQuant, build_strategy
+from strategies import Int8Updates, build_strategy
 from strategies.codec import SCALES_KEY, payload_nbytes
 from tests.conftest import reply
 from tests.test_strategies import FakeGrid
@@ -60,7 +61,7 @@ def test_proximal_term_is_off_for_mu_zero_and_rejects_negative_mu():
 
 def test_prox_strategy_sends_mu_to_clients():
     strategy = build_strategy({"name": "prox", "mu": 0.05}, num_clients=1)
-    assert isinstance(strategy, FedDMProx)
+    assert isinstance(strategy, FedProx)
     weights = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
     (message,) = strategy.configure_train(1, weights, ConfigRecord(), FakeGrid([1]))
     assert message.content["config"]["proximal-mu"] == 0.05
@@ -154,12 +155,12 @@ def test_quantized_downlink_is_what_clients_decode():
     assert SCALES_KEY in payload.keys()
     received = received_weights(payload, _micro_state(1).state_dict())
     for name, tensor in received.items():
-        assert np.array_equal(tensor.numpy(), strategy._client_view[name])
+        assert np.array_equal(tensor.numpy(), strategy.encoding._client_view[name])
         assert (tensor - global_state[name]).abs().max() <= global_state[name].abs().max() / 127 + 1e-7
     # A client that did not train sends a zero update; the server keeps the client view.
     arrays, _ = strategy.aggregate_train(1, [_client_reply(received, received, 5, 1)])
     for name, tensor in arrays.to_torch_state_dict().items():
-        assert np.array_equal(tensor.numpy(), strategy._client_view[name])
+        assert np.array_equal(tensor.numpy(), strategy.encoding._client_view[name])
 
 
 def _corrupt(record: ArrayRecord, how: str) -> ArrayRecord:
@@ -198,9 +199,9 @@ def test_corrupted_quantized_update_is_left_out(how, caplog):
 
 def test_quant_strategy_rejects_bad_settings():
     with pytest.raises(ValueError, match="bits"):
-        FedDMQuant(bits=9)
+        Int8Updates(bits=9)
     with pytest.raises(ValueError, match="granularity"):
-        FedDMQuant(granularity="row")
+        Int8Updates(granularity="row")
 
 
 def test_error_feedback_keeps_the_residual_of_arrays_not_sent_this_round():

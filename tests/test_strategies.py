@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 
-from strategies import FedDMVanilla, RoundFailedError, build_strategy
+from strategies import (
+    RECIPES,
+    Encoding,
+    PartialParts,
+    RoundFailedError,
+    build_strategy,
+    combination_table,
+    composition_error,
+)
 from strategies.codec import payload_nbytes
 from tests.conftest import reply
 
@@ -127,7 +138,8 @@ def test_round_without_valid_replies_stops_the_run_with_the_reasons():
 def test_build_strategy_rejects_unknown_names():
     with pytest.raises(ValueError, match="vanilla"):
         build_strategy({"name": "fedsomething"}, num_clients=2)
-    assert isinstance(_strategy(), FedDMVanilla)
+    vanilla = _strategy()
+    assert isinstance(vanilla, FedAvg) and type(vanilla.encoding) is Encoding and vanilla.extras == ()
 
 
 @pytest.mark.parametrize(
@@ -209,3 +221,31 @@ def test_a_reply_without_info_is_known_by_its_node_id():
     with_info.content["info"] = ConfigRecord({"partition-id": 2})
     assert partition_of(with_info) == 2
     assert partition_of(_train_reply(GLOBAL, 10, node_id=7)) == 7
+
+
+def test_the_readmes_combination_table_is_the_generated_one():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("<!-- combinations:start -->\n")[1].split("\n<!-- combinations:end -->")[0]
+    assert table == combination_table()
+
+
+@pytest.mark.parametrize("privacy", ["dp_server", "dp_client", "secagg"])
+def test_a_combination_that_cannot_work_is_refused_naming_both_choices(privacy):
+    for name, recipe in RECIPES.items():
+        error = composition_error(name, privacy)
+        assert (error is None) == (recipe.privacy_conflict(privacy) is None)
+        if error:
+            assert f"privacy={privacy}" in error and f"strategy={name}" in error
+            with pytest.raises(ValueError, match=f"strategy={name}"):
+                build_strategy({"name": name}, num_clients=2, privacy={"name": privacy})
+    assert composition_error("quant", "none") is None
+
+
+def test_layers_are_composed_on_the_flower_class_and_log_their_summary(caplog):
+    partial = {"name": "partial", "preset": "udec", "shared": None, "split_ways": 2, "quantize": True}
+    partial |= {"bits": 4, "granularity": "tensor", "stochastic_rounding": False, "error_feedback": False}
+    strategy = build_strategy(partial, num_clients=2)
+    assert type(strategy).__name__ == "FedDMFedAvg" and isinstance(strategy.encoding, PartialParts)
+    assert type(strategy) is type(_strategy())  # one composed class per Flower class
+    strategy.summary()
+    assert "FedDM-partial (udec)" in caplog.text and "'quant-bits': 4" in caplog.text

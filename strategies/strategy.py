@@ -1,0 +1,334 @@
+"""A FedDM strategy: a Flower strategy with FedDM's layers on top.
+
+``FedDMStrategy`` is a mixin placed before the Flower strategy class that
+aggregates (``strategies.aggregators``); ``strategies.build_strategy`` makes
+the composed class. Its layers, each chosen by config:
+
+* the **encoding** (``strategies.encoding``): what travels and how a reply
+  becomes averageable arrays (full weights, int8 update codes, UNet parts);
+* **privacy**: central DP (``strategies.privacy.CentralDP``) or SecAgg+
+  (``strategies.secagg.SecAggPlus``), or neither;
+* server-side **extras**, e.g. FedDDPM's calibration (``strategies.fedddpm``).
+
+Around them it
+
+* counts the bytes of the arrays actually placed in the messages, both ways;
+* checks every training reply against the global model before it reaches the
+  average, and leaves out (with a logged reason) the ones that do not match;
+* keeps the aggregated metrics per round in ``round_log`` for the ServerApp,
+  with the wall time of each round's training phase (``train_time_s``);
+* asks clients to evaluate only on evaluation rounds (``evaluate_every``);
+* numbers rounds truly after a resume (``load_state_dict``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from strategies.accounting import (
+    RoundFailedError,
+    check_metrics,
+    last_line,
+    message_nbytes,
+    partition_of,
+    reply_order,
+)
+from strategies.codec import PayloadError
+from strategies.encoding import Encoding
+from strategies.privacy import KEY_CLIPPING_NORM, CentralDP
+
+
+def _errors_last(message: Message) -> tuple[bool, tuple[int, int]]:
+    """Sort key for evaluate replies: valid ones by ``reply_order``, errors after them."""
+    return message.has_error(), (0, 0) if message.has_error() else reply_order(message)
+
+
+def _with_content(message: Message, content: RecordDict) -> Message:
+    """A copy of a reply with other content (same sender and metadata)."""
+    return make_message(metadata=message.metadata, content=content)
+
+
+class FedDMStrategy:
+    """Mixin for a Flower strategy: FedDM's encoding, privacy and extras, reply checks, round log.
+
+    Parameters
+    ----------
+    encoding : Encoding (default: full weights)
+        What travels and how replies are decoded and applied.
+    privacy : CentralDP | None
+        Central DP with fixed clipping, for encodings whose replies are full weights.
+    secure_aggregation : SecAggPlus | None
+        Training rounds run Flower's SecAgg+ protocol.
+    extras : sequence
+        Server-side extras (``apply``, ``observe``, ``state_dict``), e.g. FedDDPM's calibration.
+    evaluate_every, last_round : int
+        Clients evaluate on rounds divisible by ``evaluate_every`` and on ``last_round``.
+    **kwargs
+        Passed to the Flower strategy.
+    """
+
+    def __init__(
+        self,
+        *,
+        encoding: Encoding | None = None,
+        privacy: CentralDP | None = None,
+        secure_aggregation: Any = None,
+        extras: Sequence[Any] = (),
+        evaluate_every: int = 1,
+        last_round: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.encoding = encoding or Encoding()
+        self.privacy = privacy
+        self.secure_aggregation = secure_aggregation
+        self.extras = tuple(extras)
+        self.evaluate_every, self.last_round = int(evaluate_every), int(last_round)
+        self.round_log: dict[int, dict[str, float]] = {}
+        # Rounds done before this start (a resumed run): Flower counts from 1 again,
+        # clients and logs see the true round.
+        self.round_offset = 0
+        self._global_arrays: ArrayRecord | None = None
+        self._secure_grid: Any = None
+        self._round = 0
+        self._train_started = 0.0
+
+    @property
+    def personalized(self) -> bool:
+        """Whether each client has a model of its own (parts kept on the clients)."""
+        return self.encoding.personalized
+
+    def layer(self, kind: type) -> Any:
+        """The extra of type ``kind``, or None."""
+        return next((extra for extra in self.extras if isinstance(extra, kind)), None)
+
+    def summary(self) -> None:
+        """Log the layers, then the Flower strategy's settings."""
+        for line in [*self.encoding.summary(), *(line for e in self.extras for line in e.summary())]:
+            log(INFO, "\t├──> %s", line)
+        if self.privacy is not None:
+            log(INFO, "\t├──> privacy: %s", self.privacy)
+        if self.secure_aggregation is not None:
+            log(INFO, "\t├──> privacy: %s", self.secure_aggregation)
+        super().summary()
+
+    def is_evaluation_round(self, server_round: int) -> bool:
+        """Whether clients evaluate after ``server_round`` (a true round number)."""
+        return server_round % self.evaluate_every == 0 or server_round == self.last_round
+
+    def _log_round(self, server_round: int, **values: float) -> None:
+        self.round_log.setdefault(server_round, {}).update(values)
+
+    def observe(self, server_round: int, row: dict[str, Any]) -> None:
+        """The round's finished metrics row (FID included), for extras that adapt to it."""
+        for extra in self.extras:
+            extra.observe(server_round, row)
+
+    # -- state kept in checkpoints -------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What the strategy needs to continue after the last round it ran.
+
+        The rounds done and each extra's state, in one flat dict (keys must not
+        clash). Values are JSON values or tensors: a checkpoint keeps tensors in
+        safetensors and the rest as JSON metadata; nothing is pickled.
+        """
+        state: dict[str, Any] = {"rounds_done": self._round}
+        for extra in self.extras:
+            state.update(extra.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: Flower counts rounds from 1 again, clients and logs see the true round."""
+        self.round_offset = int(state.get("rounds_done", 0))
+        for extra in self.extras:
+            extra.load_state_dict(state)
+
+    # -- the round loop ----------------------------------------------------------
+    def start(self, *, grid: Grid, timeout: float = 3600, **kwargs: Any) -> Any:
+        """Flower's round loop; with SecAgg+, over a grid that runs the protocol for training."""
+        if self.secure_aggregation is not None:
+            grid = self._secure_grid = self.secure_aggregation.wrap(grid)
+        return super().start(grid=grid, timeout=timeout, **kwargs)
+
+    # -- training --------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the global model, encode it, then count what Flower's strategy sends."""
+        server_round += self.round_offset
+        self._round = server_round  # the true round, for hooks that run later in it
+        self._train_started = time.monotonic()
+        self._global_arrays = arrays
+        self.encoding.train_config(config, arrays)
+        if self.privacy is not None and self.privacy.mode == "dp_client":
+            config[KEY_CLIPPING_NORM] = self.privacy.clipping_norm  # read by fixedclipping_mod
+        payload = self.encoding.downlink(arrays)
+        messages = super().configure_train(server_round, payload, config, grid)
+        messages = self.encoding.address(list(messages), arrays, self.arrayrecord_key)
+        self._log_round(
+            server_round,
+            downlink_bytes=sum(message_nbytes(m) for m in messages),
+            num_sampled=len(messages),
+        )
+        return messages
+
+    def accepted_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Count uplink bytes; return the valid replies with their decoded arrays."""
+        replies = list(replies)
+        accepted, rejected, reasons = [], 0, []
+        for message in replies:
+            if message.has_error():
+                # Flower logs error replies itself, traceback included; keep the last line.
+                reasons.append(f"node {message.metadata.src_node_id}: {last_line(message.error.reason)}")
+                continue
+            try:
+                accepted.append(self._checked(message))
+            except PayloadError as err:
+                rejected += 1
+                reasons.append(f"node {message.metadata.src_node_id}: {err}")
+                log(
+                    WARNING,
+                    "Round %d: left out the reply of node %d: %s",
+                    server_round,
+                    message.metadata.src_node_id,
+                    err,
+                )
+        self._log_round(
+            server_round,
+            uplink_bytes=sum(message_nbytes(m) for m in replies),
+            num_aggregated=len(accepted),
+            num_rejected=rejected,
+        )
+        accepted.sort(key=reply_order)
+        if not accepted:
+            raise RoundFailedError(
+                f"round {server_round}: none of the {len(replies)} training replies could "
+                "be aggregated, so the run stops with the last global model. "
+                + ("Reasons: " + "; ".join(reasons[:4]) if reasons else "No client replied.")
+            )
+        return accepted
+
+    def _checked(self, message: Message) -> Message:
+        """The reply with its metrics checked and its arrays decoded (``PayloadError`` if not valid)."""
+        metrics = check_metrics(message.content, "train_loss")
+        arrays = self.encoding.decode(message, self._global_arrays)
+        if self.privacy is not None:
+            self.privacy.check_clipped(arrays, self._global_arrays)
+        content = RecordDict({"arrays": arrays, "metrics": metrics})
+        if "info" in message.content.config_records:
+            content["info"] = message.content.config_records["info"]
+        return _with_content(message, content)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check, (clip,) average, (noise,) apply: the new global model from the valid replies."""
+        server_round += self.round_offset
+        replies = list(replies)
+        accepted = self.accepted_replies(server_round, replies)
+        if self._secure_grid is not None:  # the replies hold the unmasked mean; count what SecAgg+ sent
+            self._log_round(server_round, **self._secure_grid.round_bytes)
+        # Error replies go on to Flower, which logs them and leaves them out.
+        errors = [m for m in replies if m.has_error()]
+        if self.privacy is not None:  # checked replies are clipped (server-side DP), then averaged
+            for message in accepted:
+                message.content["arrays"] = self.privacy.clip(message.content["arrays"], self._global_arrays)
+        averaged = self.encoding.average(self, server_round, errors, accepted)
+        arrays, metrics = averaged or super().aggregate_train(server_round, errors + accepted)
+        if arrays is not None and self.privacy is not None:
+            arrays = self.privacy.add_noise(arrays, len(accepted))
+        if arrays is not None:
+            arrays = self._apply_extras(self.encoding.apply(arrays, self._global_arrays))
+        if metrics is not None:
+            self._log_round(server_round, **{k: float(v) for k, v in metrics.items()})
+        # Sending, client work, replies, checks and the average: the round's training phase.
+        self._log_round(server_round, train_time_s=round(time.monotonic() - self._train_started, 3))
+        return arrays, metrics
+
+    def _apply_extras(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The new global model after each extra's turn (e.g. FedDDPM's calibration)."""
+        for extra in self.extras:
+            changed = extra.apply(arrays, self._round)
+            if changed is not None:
+                self._log_round(self._round, calibrated=1)
+                arrays = changed
+        return arrays
+
+    # -- FedDDPM's round 0: every client's own model ------------------------------
+    def pretrain_messages(
+        self, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, steps: int
+    ) -> list[Message]:
+        """A training message to every connected node: train your own model for ``steps`` steps."""
+        config = ConfigRecord(dict(config))
+        config.update({"server-round": 0, "local-steps": steps, "local-epochs": 0})
+        messages = [
+            Message(
+                content=RecordDict({"arrays": arrays, "config": config}),
+                dst_node_id=node,
+                message_type="train",
+            )
+            for node in sorted(grid.get_node_ids())
+        ]
+        self._log_round(0, downlink_bytes=sum(message_nbytes(m) for m in messages), num_sampled=len(messages))
+        return messages
+
+    def local_models(
+        self, replies: list[Message], reference: ArrayRecord
+    ) -> dict[int, tuple[ArrayRecord, int]]:
+        """The valid uploaded local models by partition id, with their example counts.
+
+        Checked like training replies (and counted as round 0); ``RoundFailedError``
+        if none is usable.
+        """
+        self._global_arrays = reference
+        accepted = self.accepted_replies(0, replies)
+        return {
+            partition_of(m): (m.content["arrays"], int(m.content["metrics"]["num-examples"]))
+            for m in accepted
+        }
+
+    # -- evaluation ------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the evaluation model in the same form as the training model.
+
+        Nothing is sent on rounds that are not evaluation rounds.
+        """
+        server_round += self.round_offset
+        if not self.is_evaluation_round(server_round):
+            return []
+        payload = self.encoding.downlink(arrays)
+        config = self.encoding.evaluate_config(config, arrays)
+        messages = super().configure_evaluate(server_round, payload, config, grid)
+        messages = self.encoding.address(list(messages), arrays, self.arrayrecord_key)
+        self._log_round(server_round, eval_downlink_bytes=sum(message_nbytes(m) for m in messages))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Aggregate client evaluation metrics and keep them in the round log."""
+        server_round += self.round_offset
+        replies = list(replies)
+        self.encoding.evaluate_replies(server_round, replies)
+        valid = []
+        for message in replies:
+            if message.has_error():
+                valid.append(message)
+                continue
+            try:
+                check_metrics(message.content, "eval_loss")
+                valid.append(message)
+            except PayloadError as err:
+                log(WARNING, "Round %d: left out an evaluate reply: %s", server_round, err)
+        metrics = super().aggregate_evaluate(server_round, sorted(valid, key=_errors_last))
+        if metrics is not None:
+            self._log_round(server_round, **{k: float(v) for k, v in metrics.items()})
+        return metrics
