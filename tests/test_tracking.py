@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from omegaconf import OmegaConf
 from PIL import Image
 
+from server_app.config import compose_config, group_options
 from server_app.run_folder import RunFolder
 from server_app.tracking import GRID_TAG, Tracker, build_tracker, flatten_scalars, wandb_run_id
-
-CONF = Path(__file__).resolve().parents[1] / "conf" / "tracking"
 
 ROWS = [
     {
@@ -173,20 +172,19 @@ def test_close_twice_closes_each_sink_once(tmp_path):
     board.close()
 
 
-def test_group_files_name_themselves_and_build(tmp_path, monkeypatch):
+def test_group_options_name_themselves_and_build(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", FakeWandb())
-    files = sorted(CONF.glob("*.yaml"))
-    assert [f.stem for f in files] == ["none", "tensorboard", "wandb"]
-    for file in files:
-        cfg = yaml.safe_load(file.read_text(encoding="utf-8"))
-        assert cfg["name"] == file.stem
-        build_tracker(cfg, RunFolder(tmp_path / file.stem)).close()
-    assert yaml.safe_load((CONF / "wandb.yaml").read_text(encoding="utf-8")) == {
-        "name": "wandb",
-        "project": "feddm",
-        "entity": None,
-        "mode": "offline",
-    }
+    assert group_options("tracking") == ("none", "tensorboard", "wandb")
+    for option in group_options("tracking"):
+        cfg = OmegaConf.to_container(compose_config([f"tracking={option}"]).tracking)
+        assert cfg["name"] == option
+        build_tracker(cfg, RunFolder(tmp_path / option)).close()
+    assert _tracking("wandb") == {"name": "wandb", "project": "feddm", "entity": None, "mode": "offline"}
+
+
+def _tracking(option: str) -> dict:
+    """The ``tracking=option`` config as the run gets it."""
+    return OmegaConf.to_container(compose_config([f"tracking={option}"]).tracking)
 
 
 class FakeWandb(types.ModuleType):
@@ -307,7 +305,7 @@ def test_wandb_offline_run_for_real(tmp_path, monkeypatch):
     for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(var, str(tmp_path / var.lower()))  # nothing written to the home folder
     run = RunFolder(tmp_path / "2025-01-01_00-00-00_vanilla")
-    cfg = yaml.safe_load((CONF / "wandb.yaml").read_text(encoding="utf-8"))
+    cfg = _tracking("wandb")
     tracker = build_tracker(cfg, run, {"num_rounds": 2})
     tracker.log_grid(images(), server_round=1)
     tracker.log_round(ROWS[0])
