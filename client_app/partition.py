@@ -68,6 +68,21 @@ def partition_indices(
             f"partition-id {partition_id} is outside 0..{num_partitions - 1} "
             f"(num-partitions={num_partitions})"
         )
+    partitioner = _loaded_partitioner(labels, partition, num_partitions, seed)
+    return np.sort(np.asarray(partitioner.load_partition(partition_id)["index"]))
+
+
+def partition_sizes(
+    labels: np.ndarray, partition: Mapping[str, Any], *, num_partitions: int, seed: int
+) -> list[int]:
+    """The number of images of each partition, as ``partition_indices`` splits them (one partitioner for all)."""
+    partitioner = _loaded_partitioner(labels, partition, num_partitions, seed)
+    return [len(partitioner.load_partition(pid)) for pid in range(num_partitions)]
+
+
+def _loaded_partitioner(
+    labels: np.ndarray, partition: Mapping[str, Any], num_partitions: int, seed: int
+) -> Partitioner:
     if num_partitions > len(labels):
         raise ValueError(f"num-partitions={num_partitions} is more than the {len(labels)} images")
     # Shuffle in NumPy: a shuffled `datasets.Dataset` carries an index mapping that
@@ -76,7 +91,7 @@ def partition_indices(
     table = datasets.Dataset.from_dict({"label": np.asarray(labels, dtype=np.int64)[order], "index": order})
     partitioner = build_partitioner(partition, num_partitions, seed)
     partitioner.dataset = table
-    return np.sort(np.asarray(partitioner.load_partition(partition_id)["index"]))
+    return partitioner
 
 
 def split_train_holdout(

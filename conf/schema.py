@@ -29,6 +29,7 @@ from models.latent import AUTOENCODERS
 from models.parts import PRESETS
 from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS
 from strategies.fedddpm import AUX_ALLOCATIONS, SIGNALS
+from strategies.reply_checks import WEIGHTINGS
 
 CONF_DIR = Path(__file__).parent
 DEVICES = ("auto", "cpu", "cuda")
@@ -594,6 +595,103 @@ class WandB:
     )
 
 
+# Aggregators (``aggregator=...``): Flower's strategy classes (``strategies/aggregators.py``); each
+# key but ``name`` is a constructor argument of the class, under the same name.
+_SERVER_LR = "server learning rate: the step along the mean update (pseudo-gradient) per round"
+_ADAPTIVE = {
+    "eta": (1.0e-3, Number(gt=0), _SERVER_LR),
+    "beta_1": (0.9, Number(ge=0, lt=1), "decay of the first moment (momentum) of the mean update"),
+    "beta_2": (0.99, Number(ge=0, lt=1), "decay of the second moment of the mean update"),
+    "tau": (1.0e-3, Number(gt=0), "adaptivity: added to the root of the second moment"),
+}
+_BYZANTINE = (
+    0,
+    Int(min=0),
+    "replies assumed malicious (f); the rounds need >= 2f + 3 replies (Bulyan: 4f + 3)",
+)
+
+
+@dataclass
+class FedAvgAggregator:
+    """FedAvg: the example-weighted mean."""
+
+    name: Any = option("fedavg")
+
+
+@dataclass
+class FedAvgMAggregator:
+    """FedAvgM (Hsu et al. 2019): server momentum on the mean update."""
+
+    name: Any = option("fedavgm")
+    server_learning_rate: Any = setting(1.0, Number(gt=0), _SERVER_LR)
+    server_momentum: Any = setting(0.9, Number(ge=0, lt=1), "server momentum (0: plain server SGD)")
+
+
+@dataclass
+class FedAdamAggregator:
+    """FedAdam (Reddi et al., ICLR 2021): Adam on the mean update."""
+
+    name: Any = option("fedadam")
+    eta: Any = setting(*_ADAPTIVE["eta"])
+    beta_1: Any = setting(*_ADAPTIVE["beta_1"])
+    beta_2: Any = setting(*_ADAPTIVE["beta_2"])
+    tau: Any = setting(*_ADAPTIVE["tau"])
+
+
+@dataclass
+class FedYogiAggregator(FedAdamAggregator):
+    """FedYogi (Reddi et al., ICLR 2021): Yogi on the mean update."""
+
+    name: Any = option("fedyogi")
+
+
+@dataclass
+class FedAdagradAggregator:
+    """FedAdagrad (Reddi et al., ICLR 2021): Adagrad on the mean update."""
+
+    name: Any = option("fedadagrad")
+    eta: Any = setting(*_ADAPTIVE["eta"])
+    tau: Any = setting(*_ADAPTIVE["tau"])
+
+
+@dataclass
+class MedianAggregator:
+    """Coordinate-wise median of the replies (Yin et al. 2018)."""
+
+    name: Any = option("median")
+
+
+@dataclass
+class TrimmedMeanAggregator:
+    """Coordinate-wise trimmed mean (Yin et al. 2018)."""
+
+    name: Any = option("trimmed_mean")
+    beta: Any = setting(0.2, Number(ge=0, lt=0.5), "fraction cut from each end of every coordinate's values")
+
+
+@dataclass
+class KrumAggregator:
+    """Krum (Blanchard et al. 2017): the reply closest to its n - f - 2 nearest others."""
+
+    name: Any = option("krum")
+    num_malicious_nodes: Any = setting(*_BYZANTINE)
+
+
+@dataclass
+class MultiKrumAggregator(KrumAggregator):
+    """Multi-Krum: the mean of the m replies with the best Krum scores."""
+
+    name: Any = option("multikrum")
+    num_nodes_to_select: Any = setting(1, Int(min=1), "replies averaged (m; at most the round's replies)")
+
+
+@dataclass
+class BulyanAggregator(KrumAggregator):
+    """Bulyan (El Mhamdi et al. 2018): Multi-Krum selection, then a trimmed mean around the median."""
+
+    name: Any = option("bulyan")
+
+
 def _options(*classes: type) -> dict[str, type]:
     return {cls.name: cls for cls in classes}
 
@@ -602,7 +700,25 @@ STRATEGIES = _options(Vanilla, Prox, Quant, Partial, FedDDPM, FedDDPMPlus)
 PARTITIONS = _options(Iid, Dirichlet, Pathological)
 PRIVACY = _options(NoPrivacy, DPServer, DPClient, SecAgg)
 TRACKING = _options(NoTracking, TensorBoard, WandB)
-OPTIONS = {"strategy": STRATEGIES, "partition": PARTITIONS, "privacy": PRIVACY, "tracking": TRACKING}
+AGGREGATOR_OPTIONS = _options(
+    FedAvgAggregator,
+    FedAvgMAggregator,
+    FedAdamAggregator,
+    FedYogiAggregator,
+    FedAdagradAggregator,
+    MedianAggregator,
+    TrimmedMeanAggregator,
+    KrumAggregator,
+    MultiKrumAggregator,
+    BulyanAggregator,
+)
+OPTIONS = {
+    "strategy": STRATEGIES,
+    "aggregator": AGGREGATOR_OPTIONS,
+    "partition": PARTITIONS,
+    "privacy": PRIVACY,
+    "tracking": TRACKING,
+}
 # The presets' schema bases (Hydra's "extending configs": ``defaults: [base_model, _self_]``).
 BASES = {
     "dataset": {"base_dataset": Dataset, "base_celeba": CelebADataset},
@@ -625,6 +741,9 @@ class Config:
     )
     model: Any = group("model", lambda node: LatentModel if "autoencoder" in node else Model, "the UNet")
     strategy: Any = group("strategy", _option_of("strategy"), "the strategy")
+    aggregator: Any = group(
+        "aggregator", _option_of("aggregator"), "the Flower strategy class that aggregates the replies"
+    )
     partition: Any = group("partition", _option_of("partition"), "the partitioner")
     privacy: Any = group("privacy", _option_of("privacy"), "central DP or secure aggregation")
     tracking: Any = group(
@@ -693,6 +812,26 @@ class Config:
         Int(min=1),
         "at most this many held-out images per client evaluation",
         client=Client("eval-max-examples", int),
+    )
+    weighting: Any = setting(
+        "examples",
+        OneOf(WEIGHTINGS),
+        "how replies weigh in the mean: `examples` (by their `num-examples`, FedAvg) or `uniform` (each accepted "
+        "reply's `num-examples` is set to 1 before averaging: a client cannot weigh more by claiming more; "
+        "FedDDPM's `weighted` allocation becomes balanced)",
+    )
+    max_num_examples: Any = setting(
+        None,
+        Optional(Int(min=1), "null (in simulation the largest partition, else 10^9)"),
+        "the largest `num-examples` a reply may claim (more: left out, logged); null = in simulation the size of "
+        "the largest partition, computed by the server from the dataset and partitioner, in a deployment 10^9 "
+        "(the server cannot know the nodes' data: set it)",
+    )
+    max_update_norm_ratio: Any = setting(
+        10.0,
+        Optional(Number(gt=1), "null (no check)"),
+        "a training reply whose update w_client − w_global (RMS per value) is more than this times the median "
+        "of the round's replies is left out, once 3 or more replies came in; null = no check",
     )
     scheduler: Any = section(Scheduler)
     eval: Any = section(Eval)

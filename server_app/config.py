@@ -14,7 +14,7 @@ from conf.schema import DOWN_BLOCKS, UP_BLOCKS, is_int, is_number, not_allowed, 
 from conf.schema import group_options as group_options  # the choices of a group (tests, README)
 from models.data import IMAGE_FOLDER
 from models.parts import SIDES
-from strategies import composition_error
+from strategies import composition_errors
 
 # Image size and channels of the datasets that are used as stored.
 NATIVE_GEOMETRY = {"fashion_mnist": (28, 1), "cifar10": (32, 3)}
@@ -118,9 +118,31 @@ def _check_strategy(e: list[str], cfg: DictConfig) -> None:
 
 
 def _check_combinations(e: list[str], cfg: DictConfig) -> None:
-    """The layers of the strategy and privacy must work together (``strategies.composition_error``)."""
-    reason = composition_error(str(cfg.strategy.name), str(cfg.privacy.name))
-    _check(e, reason is None, "privacy", cfg.privacy.name, reason or "")
+    """The strategy, aggregator and privacy layers must work together (``strategies.composition_errors``)."""
+    aggregator = cfg.get("aggregator") or {"name": "fedavg"}
+    for reason in composition_errors(str(cfg.strategy.name), str(cfg.privacy.name), str(aggregator["name"])):
+        key = "privacy" if reason.startswith("privacy=") else "aggregator"
+        _check(e, False, key, cfg.privacy.name if key == "privacy" else aggregator["name"], reason)
+    _check_byzantine(e, cfg, aggregator)
+
+
+def _check_byzantine(e: list[str], cfg: DictConfig, aggregator: DictConfig) -> None:
+    """Krum needs n >= 2f + 3 replies a round, Bulyan n >= 4f + 3, Multi-Krum m <= n."""
+    f = aggregator.get("num_malicious_nodes")
+    nodes = cfg.get("min_clients") or cfg.num_clients
+    if not (is_int(f) and is_int(nodes)):
+        return  # their own rules say what is wrong
+    need = 4 * f + 3 if aggregator["name"] == "bulyan" else 2 * f + 3
+    _check(
+        e,
+        nodes >= need,
+        "aggregator.num_malicious_nodes",
+        f,
+        f"at most what the round's {nodes} clients allow: {aggregator['name']} needs >= {need} replies",
+    )
+    m = aggregator.get("num_nodes_to_select")
+    if is_int(m):
+        _check(e, m <= nodes, "aggregator.num_nodes_to_select", m, f"at most the round's {nodes} clients")
 
 
 def _check_secagg(e: list[str], cfg: DictConfig) -> None:
@@ -141,6 +163,14 @@ def _check_secagg(e: list[str], cfg: DictConfig) -> None:
             cfg.min_clients,
             "at least 2 with privacy=secagg",
         )
+    # The masked sum is weighted by num-examples inside the protocol, before the server sees any reply.
+    _check(
+        e,
+        cfg.get("weighting", "examples") == "examples",
+        "weighting",
+        cfg.get("weighting"),
+        "examples with privacy=secagg (SecAgg+ weighs inside the masked sum, bounded by privacy.max_weight)",
+    )
     shares, threshold = pv.num_shares, pv.reconstruction_threshold
     # Counts must fit the nodes of a round (at least min_clients); Flower's clients split a
     # secret into exactly num_shares parts, one per neighbour, so an even count breaks it.

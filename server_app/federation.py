@@ -23,6 +23,7 @@ from flwr.supercore import log
 from flwr.supercore.logger import LOGGER_NAME
 from omegaconf import DictConfig, OmegaConf
 
+from client_app.partition import partition_sizes
 from conf.schema import client_values
 from models import build_scheduler, build_unet, count_parameters, resolve_device
 from models.data import dataset_from_config
@@ -42,6 +43,7 @@ from server_app.global_model import GlobalModel
 from server_app.run_folder import RunFolder, new_run_dir
 from server_app.tracking import Tracker, build_tracker
 from strategies import Calibration, FedDMStrategy, build_strategy
+from strategies.reply_checks import ReplyChecks
 
 # Round-log keys copied to metrics.jsonl, besides round, wall_time_s and fid.
 METRIC_KEYS = (
@@ -175,6 +177,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
     try:
         recorder = RoundRecorder(run, watch)  # the evaluator's FID statistics come first
         wait_for_nodes(grid, cfg.num_clients, float(cfg.node_wait_timeout_s))
+        bound_num_examples(grid, run)
         calibration = run.strategy.layer(Calibration)
         if calibration is not None:  # FedDDPM: the clients' own models first
             calibration.calibrate = pretrain(grid, run)
@@ -238,12 +241,43 @@ def build_run(cfg: DictConfig, folder: RunFolder) -> Run:
         seed=int(cfg.seed),
         client_generation=client_generation(cfg),
         privacy=cfg.privacy,
+        aggregator=cfg.get("aggregator"),  # run folders from before the aggregator group: FedAvg
+        reply_checks=ReplyChecks.from_config(cfg),
         evaluate_every=int(cfg.eval.every),
         last_round=int(cfg.num_rounds),
     )
     settings = client_config(cfg, unet, scheduler)
     model = GlobalModel(unet.to(device), cfg.ema)
     return Run(cfg, folder, device, autoencoder, model, scheduler, strategy, settings)
+
+
+def in_simulation(grid: Grid) -> bool:
+    """Whether ``grid`` is Flower's simulation grid (every node reads this server's data and config)."""
+    return type(grid).__name__ == "InMemoryGrid"
+
+
+def bound_num_examples(grid: Grid, run: Run) -> None:
+    """``max_num_examples: null`` in simulation: the largest partition's image count bounds ``num-examples``.
+
+    The nodes split this server's training set with the same partitioner, seed and
+    ``num-partitions`` (the simulation's node count), so no honest reply claims
+    more (each trains on its partition less the held-out share). Elsewhere the
+    nodes' data is unknown here: the bound stays ``max_num_examples`` or 10^9.
+    """
+    cfg = run.cfg
+    if cfg.get("max_num_examples") is not None or not in_simulation(grid):
+        return
+    labels = dataset_from_config(cfg.dataset, train=True).labels
+    num_partitions = len(list(grid.get_node_ids()))
+    partition = OmegaConf.to_container(cfg.partition, resolve=True)
+    bound = max(partition_sizes(labels, partition, num_partitions=num_partitions, seed=int(cfg.seed)))
+    run.strategy.reply_checks.max_num_examples = bound
+    log(
+        INFO,
+        "FedDM: replies may claim at most %d examples (the largest of %d partitions)",
+        bound,
+        num_partitions,
+    )
 
 
 def restore_progress(run: Run, watch: DivergenceWatch) -> None:

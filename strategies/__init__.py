@@ -9,19 +9,32 @@ cannot work, naming both choices and why.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from strategies.accounting import RoundFailedError
-from strategies.aggregators import AGGREGATORS, composed_class
+from strategies.aggregators import AGGREGATORS
 from strategies.encoding import Encoding
+from strategies.extras import Extra, ProximalTerm
 from strategies.fedddpm import Calibration, StallCalibration
 from strategies.partial import PartialParts
 from strategies.privacy import CentralDP
 from strategies.quant import Int8Updates
+from strategies.reply_checks import ReplyChecks
 from strategies.secagg import SecAggPlus
 from strategies.strategy import FedDMStrategy
+
+
+@functools.cache
+def composed_class(flower_class: type) -> type:
+    """``FedDMStrategy`` on top of ``flower_class`` (one class per Flower strategy, made once)."""
+    return type(
+        f"FedDM{flower_class.__name__}",
+        (FedDMStrategy, flower_class),
+        {"__doc__": f"FedDM's layers on Flower's ``{flower_class.__name__}``.", "__module__": __name__},
+    )
 
 
 @dataclass(frozen=True)
@@ -29,7 +42,6 @@ class Recipe:
     """The layers of one ``strategy=`` choice (its settings: ``conf/schema.py``)."""
 
     encoding: type[Encoding] = Encoding
-    aggregator: str = "fedavg"
     extras: tuple[type, ...] = ()
 
     def privacy_conflict(self, mode: str) -> str | None:
@@ -43,7 +55,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "vanilla": Recipe(),
-    "prox": Recipe(aggregator="fedprox"),
+    "prox": Recipe(extras=(ProximalTerm,)),
     "quant": Recipe(encoding=Int8Updates),
     "partial": Recipe(encoding=PartialParts),
     "fedddpm": Recipe(extras=(Calibration,)),
@@ -52,27 +64,65 @@ RECIPES: dict[str, Recipe] = {
 PRIVACY_MODES = ("none", "dp_server", "dp_client", "secagg")
 
 
-def composition_error(strategy: str, privacy: str) -> str | None:
-    """Why ``strategy`` and ``privacy`` cannot be combined (naming both), or None if they can."""
-    if privacy == "none" or strategy not in RECIPES:
-        return None
-    reason = RECIPES[strategy].privacy_conflict(privacy)
-    if reason is None:
-        return None
-    works = [name for name, recipe in RECIPES.items() if recipe.privacy_conflict(privacy) is None]
-    return f"privacy={privacy} works with strategy {' | '.join(works)}, not strategy={strategy}: {reason}"
+def composition_errors(strategy: str, privacy: str = "none", aggregator: str = "fedavg") -> list[str]:
+    """Why the chosen layers cannot work together, one line per clash naming both choices; [] if they can."""
+    if strategy not in RECIPES or aggregator not in AGGREGATORS:
+        return []  # unknown names are reported by the config check
+    errors = []
+    recipe, agg = RECIPES[strategy], AGGREGATORS[aggregator]
+    if privacy != "none" and recipe.privacy_conflict(privacy):
+        works = [n for n, r in RECIPES.items() if r.privacy_conflict(privacy) is None]
+        errors.append(
+            f"privacy={privacy} works with strategy {' | '.join(works)}, not strategy={strategy}: "
+            + recipe.privacy_conflict(privacy)
+        )
+    if recipe.encoding.aggregator_conflict(agg):
+        works = [n for n, a in AGGREGATORS.items() if recipe.encoding.aggregator_conflict(a) is None]
+        errors.append(
+            f"strategy={strategy} works with aggregator {' | '.join(works)}, not aggregator={aggregator}: "
+            + recipe.encoding.aggregator_conflict(agg)
+        )
+    if privacy != "none" and agg.privacy_conflict(privacy):
+        works = [n for n, a in AGGREGATORS.items() if a.privacy_conflict(privacy) is None]
+        errors.append(
+            f"privacy={privacy} works with aggregator {' | '.join(works)}, not aggregator={aggregator}: "
+            + agg.privacy_conflict(privacy)
+        )
+    return errors
+
+
+def _cells(conflicts: list[str | None]) -> str:
+    return " | ".join(f"no: {reason}" if reason else "yes" for reason in conflicts)
 
 
 def combination_table() -> str:
-    """The README's strategy x privacy table (markdown), from the layers' own ``privacy_conflict``."""
+    """The README's tables (markdown) of which layers combine, from the layers' own conflicts.
+
+    Strategy x privacy (with ``aggregator=fedavg``), then aggregator x the
+    strategies and privacy modes that restrict it.
+    """
     modes = [m for m in PRIVACY_MODES if m != "none"]
     lines = [
         "| strategy | `privacy=none` | " + " | ".join(f"`{m}`" for m in modes) + " |",
         "|---|---|" + "---|" * len(modes),
     ]
     for name, recipe in RECIPES.items():
-        cells = [f"no: {recipe.privacy_conflict(m)}" if recipe.privacy_conflict(m) else "yes" for m in modes]
-        lines.append(f"| `{name}` | yes | " + " | ".join(cells) + " |")
+        lines.append(f"| `{name}` | yes | " + _cells([recipe.privacy_conflict(m) for m in modes]) + " |")
+    encodings: dict[type, list[str]] = {}  # one column per encoding, naming its strategies
+    for name, recipe in RECIPES.items():
+        encodings.setdefault(recipe.encoding, []).append(f"`{name}`")
+    lines += [
+        "",
+        "| aggregator | kind | "
+        + " | ".join(", ".join(names) for names in encodings.values())
+        + " | "
+        + " | ".join(f"`{m}`" for m in modes)
+        + " |",
+        "|---|---|" + "---|" * (len(encodings) + len(modes)),
+    ]
+    for name, agg in AGGREGATORS.items():
+        row = [e.aggregator_conflict(agg) for e in encodings] + [agg.privacy_conflict(m) for m in modes]
+        lines.append(f"| `{name}` | {agg.kind} | " + _cells(row) + " |")
     return "\n".join(lines)
 
 
@@ -103,10 +153,16 @@ def build_strategy(
     seed: int = 0,
     client_generation: dict[str, Any] | None = None,
     privacy: Mapping[str, Any] | None = None,
+    aggregator: Mapping[str, Any] | None = None,
+    reply_checks: ReplyChecks | None = None,
     evaluate_every: int = 1,
     last_round: int = 0,
 ) -> FedDMStrategy:
-    """The strategy ``strategy['name']`` (``strategy=`` in ``conf/schema.py``) with ``privacy``, sampling all clients.
+    """The strategy ``strategy['name']`` with ``privacy`` and ``aggregator``, sampling all clients.
+
+    The three are the ``strategy=``, ``privacy=`` and ``aggregator=`` configs
+    (``conf/schema.py``; no ``aggregator``: FedAvg). ``reply_checks`` bounds what
+    one reply may claim and send (default: ``ReplyChecks()``).
 
     Every connected client trains and evaluates each round; a round starts once
     ``min_clients`` (default ``num_clients``) nodes are connected, so it can go
@@ -118,13 +174,22 @@ def build_strategy(
     name = strategy.get("name")
     if name not in RECIPES:
         raise ValueError(f"strategy={name!r} is unknown; choose one of {sorted(RECIPES)}")
-    conflict = composition_error(name, (privacy or {}).get("name", "none"))
-    if conflict:
-        raise ValueError(conflict)
-    recipe, nodes = RECIPES[name], min_clients or num_clients
-    aggregator = AGGREGATORS[recipe.aggregator]
-    return composed_class(aggregator.flower_class)(
-        encoding=recipe.encoding.from_config(strategy, seed=seed, client_generation=client_generation),
+    aggregator = aggregator or {"name": "fedavg"}
+    if aggregator.get("name") not in AGGREGATORS:
+        raise ValueError(
+            f"aggregator={aggregator.get('name')!r} is unknown; choose one of {list(AGGREGATORS)}"
+        )
+    conflicts = composition_errors(name, (privacy or {}).get("name", "none"), aggregator["name"])
+    if conflicts:
+        raise ValueError("; ".join(conflicts))
+    recipe, nodes, agg = RECIPES[name], min_clients or num_clients, AGGREGATORS[aggregator["name"]]
+    encoding = recipe.encoding.from_config(
+        strategy, seed=seed, client_generation=client_generation, whole_models=agg.kind == "optimizer"
+    )
+    return composed_class(agg.flower_class)(
+        encoding=encoding,
+        aggregator=agg,
+        reply_checks=reply_checks,
         extras=tuple(extra.from_config(strategy) for extra in recipe.extras),
         **privacy_layers(privacy),
         evaluate_every=evaluate_every,
@@ -134,7 +199,7 @@ def build_strategy(
         min_train_nodes=nodes,
         min_evaluate_nodes=nodes,
         min_available_nodes=nodes,
-        **aggregator.options(strategy),
+        **agg.options(aggregator),
     )
 
 
@@ -144,6 +209,8 @@ __all__ = [
     "RECIPES",
     "Calibration",
     "Encoding",
+    "Extra",
+    "ProximalTerm",
     "FedDMStrategy",
     "Int8Updates",
     "PartialParts",
@@ -152,5 +219,6 @@ __all__ = [
     "StallCalibration",
     "build_strategy",
     "combination_table",
-    "composition_error",
+    "composition_errors",
+    "composed_class",
 ]

@@ -20,25 +20,36 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from strategies.accounting import check_full_weights, single_array_record
 
 
-class Encoding:
+class Layer:
+    """What every layer of a strategy has: built from config, a summary, and what it cannot work with."""
+
+    @classmethod
+    def from_config(cls, strategy: Mapping[str, Any], **context: Any) -> Layer:
+        """The layer from a ``strategy=`` config (``context``: e.g. ``seed``, ``client_generation``)."""
+        return cls()
+
+    def summary(self) -> list[str]:
+        """Lines for the strategy's start-up summary."""
+        return []
+
+    @classmethod
+    def privacy_conflict(cls, mode: str) -> str | None:
+        """Why privacy ``mode`` (dp_server, dp_client, secagg) cannot work with this layer; None if it can."""
+        return None
+
+
+class Encoding(Layer):
     """Full weights both ways; the new global model is the aggregator's result itself."""
 
     name = "full weights"
     # Whether each client ends up with a model of its own (parts kept locally).
     personalized = False
+    # Whether ``decode`` returns updates w_client − w_global (int8 codes) rather than weights.
+    decodes_updates = False
 
     @classmethod
-    def from_config(cls, strategy: Mapping[str, Any], **context: Any) -> Encoding:
-        """The encoding of a ``strategy=`` config (``context``: ``seed``, ``client_generation``)."""
-        return cls()
-
-    def summary(self) -> list[str]:
-        """Lines for the strategy's start-up summary (none for plain weights)."""
-        return []
-
-    @classmethod
-    def privacy_conflict(cls, mode: str) -> str | None:
-        """Why privacy ``mode`` (dp_server, dp_client, secagg) cannot carry these replies; None if it can."""
+    def aggregator_conflict(cls, aggregator: Any) -> str | None:
+        """Why ``aggregator`` (an ``Aggregator`` entry) cannot aggregate these replies; None if it can."""
         return None
 
     # -- training -----------------------------------------------------------------

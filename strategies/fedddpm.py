@@ -31,13 +31,15 @@ import numpy as np
 from flwr.app import ArrayRecord
 from flwr.supercore import log
 
+from strategies.extras import Extra
+
 SIGNALS = ("eval_loss", "train_loss", "fid")
 AUX_ALLOCATIONS = ("balanced", "weighted")
 
 Calibrate = Callable[[ArrayRecord, int], ArrayRecord]
 
 
-class Calibration:
+class Calibration(Extra):
     """FedDDPM: after every aggregation, fine-tune the aggregate on the auxiliary data.
 
     A server-side extra of a FedDM strategy (``FedDMStrategy(extras=...)``).
@@ -113,16 +115,6 @@ class Calibration:
         if not self.should_calibrate(server_round):
             return None
         return self.calibrate(arrays, server_round)
-
-    def observe(self, server_round: int, row: dict) -> None:
-        """FedDDPM calibrates every round: nothing to watch."""
-
-    def state_dict(self) -> dict:
-        """FedDDPM keeps no state between rounds."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Nothing to restore."""
 
 
 class StallCalibration(Calibration):

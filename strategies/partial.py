@@ -92,6 +92,7 @@ class PartialParts(Encoding):
         self.selection = list(shared) if preset == "custom" else list(PRESETS[preset])
         self.split_ways = split_ways if preset == "usplit" else 0
         self.quantize = quantize
+        self.decodes_updates = quantize  # int8 codes of the update of what is sent
         self.quant_config = (
             quant_client_keys(bits, granularity, stochastic_rounding, error_feedback) if quantize else {}
         )
@@ -105,7 +106,12 @@ class PartialParts(Encoding):
 
     @classmethod
     def from_config(
-        cls, strategy: Mapping[str, Any], *, seed: int = 0, client_generation: dict | None = None
+        cls,
+        strategy: Mapping[str, Any],
+        *,
+        seed: int = 0,
+        client_generation: dict | None = None,
+        **context: Any,
     ) -> PartialParts:
         """From the ``strategy=partial`` config, with the run's seed and what clients generate for FID."""
         return cls(
@@ -144,6 +150,14 @@ class PartialParts(Encoding):
     def privacy_conflict(cls, mode: str) -> str | None:
         """Replies hold parts that differ between clients (and local parts stay unprotected)."""
         return "its replies hold parts that differ between clients"
+
+    @classmethod
+    def aggregator_conflict(cls, aggregator: Any) -> str | None:
+        """Parts are averaged over the replies that carry them: only the plain mean does that."""
+        if aggregator.kind == "mean":
+            return None
+        name = aggregator.flower_class.__name__
+        return f"it averages each UNet part over the replies that carry it, and {name} needs whole models"
 
     # -- training ---------------------------------------------------------------
     def train_config(self, config: ConfigRecord, arrays: ArrayRecord) -> None:

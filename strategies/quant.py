@@ -58,9 +58,17 @@ class Int8Updates(Encoding):
         Clients add last round's quantization residual to the next update.
     quantize_downlink : bool (default: False)
         The server sends the global model as int8 codes too.
+    whole_models : bool (default: False)
+        Decode each reply to the client's weights w' + Δ (for aggregators that
+        need whole models, the server optimizers) instead of the update Δ.
     """
 
     name = "int8 updates"
+
+    @property
+    def decodes_updates(self) -> bool:
+        """``decode`` returns the update Δ (with ``whole_models``, the weights w' + Δ)."""
+        return not getattr(self, "whole_models", False)
 
     def __init__(
         self,
@@ -70,7 +78,9 @@ class Int8Updates(Encoding):
         stochastic_rounding: bool = False,
         error_feedback: bool = False,
         quantize_downlink: bool = False,
+        whole_models: bool = False,
     ) -> None:
+        self.whole_models = whole_models
         self.client_keys = quant_client_keys(bits, granularity, stochastic_rounding, error_feedback)
         self.granularity = granularity
         self.quantize_downlink = quantize_downlink
@@ -85,6 +95,7 @@ class Int8Updates(Encoding):
             stochastic_rounding=bool(strategy["stochastic_rounding"]),
             error_feedback=bool(strategy["error_feedback"]),
             quantize_downlink=bool(strategy["quantize_downlink"]),
+            whole_models=bool(context.get("whole_models", False)),
         )
 
     def summary(self) -> list[str]:
@@ -118,11 +129,18 @@ class Int8Updates(Encoding):
         return record
 
     def decode(self, message: Message, global_arrays: ArrayRecord) -> ArrayRecord:
-        """Validate and dequantize a client's update (raises ``PayloadError``)."""
-        return to_record(decode_arrays(single_array_record(message), reference_of(global_arrays)))
+        """Validate and dequantize a client's update Δ (raises ``PayloadError``); with ``whole_models``, w' + Δ."""
+        update = decode_arrays(single_array_record(message), reference_of(global_arrays))
+        if self.whole_models:
+            update = {
+                n: (self._client_view[n] + d).astype(self._client_view[n].dtype) for n, d in update.items()
+            }
+        return to_record(update)
 
     def apply(self, aggregated: ArrayRecord, global_arrays: ArrayRecord) -> ArrayRecord:
-        """w ← w' + mean update."""
+        """w ← w' + mean update (``whole_models``: the aggregate is the new model)."""
+        if self.whole_models:
+            return aggregated
         mean_update = to_numpy(aggregated)
         return to_record(
             {

@@ -41,9 +41,25 @@ from strategies.accounting import (
     partition_of,
     reply_order,
 )
+from strategies.aggregators import (
+    AGGREGATORS,
+    Aggregator,
+    like_global,
+    load_optimizer_state,
+    optimizer_state,
+    track_global_model,
+)
 from strategies.codec import PayloadError
 from strategies.encoding import Encoding
 from strategies.privacy import KEY_CLIPPING_NORM, CentralDP
+from strategies.reply_checks import (
+    ReplyChecks,
+    check_float32_range,
+    check_info,
+    check_num_examples,
+    non_finite_arrays,
+    reply_names,
+)
 
 
 def _errors_last(message: Message) -> tuple[bool, tuple[int, int]]:
@@ -63,6 +79,9 @@ class FedDMStrategy:
     ----------
     encoding : Encoding (default: full weights)
         What travels and how replies are decoded and applied.
+    aggregator : Aggregator (default: FedAvg's entry)
+        The registry entry of the Flower class this mixin sits on (its kind: mean,
+        optimizer or robust).
     privacy : CentralDP | None
         Central DP with fixed clipping, for encodings whose replies are full weights.
     secure_aggregation : SecAggPlus | None
@@ -71,6 +90,8 @@ class FedDMStrategy:
         Server-side extras (``apply``, ``observe``, ``state_dict``), e.g. FedDDPM's calibration.
     evaluate_every, last_round : int
         Clients evaluate on rounds divisible by ``evaluate_every`` and on ``last_round``.
+    reply_checks : ReplyChecks | None
+        What the strategy trusts in a reply (weighting, num-examples bound, update norms).
     **kwargs
         Passed to the Flower strategy.
     """
@@ -79,18 +100,22 @@ class FedDMStrategy:
         self,
         *,
         encoding: Encoding | None = None,
+        aggregator: Aggregator | None = None,
         privacy: CentralDP | None = None,
         secure_aggregation: Any = None,
         extras: Sequence[Any] = (),
         evaluate_every: int = 1,
         last_round: int = 0,
+        reply_checks: ReplyChecks | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.encoding = encoding or Encoding()
+        self.aggregator = aggregator or AGGREGATORS["fedavg"]
         self.privacy = privacy
         self.secure_aggregation = secure_aggregation
         self.extras = tuple(extras)
+        self.reply_checks = reply_checks or ReplyChecks()
         self.evaluate_every, self.last_round = int(evaluate_every), int(last_round)
         self.round_log: dict[int, dict[str, float]] = {}
         # Rounds done before this start (a resumed run): Flower counts from 1 again,
@@ -118,6 +143,7 @@ class FedDMStrategy:
             log(INFO, "\t├──> privacy: %s", self.privacy)
         if self.secure_aggregation is not None:
             log(INFO, "\t├──> privacy: %s", self.secure_aggregation)
+        log(INFO, "\t├──> %s", self.reply_checks.summary())
         super().summary()
 
     def is_evaluation_round(self, server_round: int) -> bool:
@@ -136,11 +162,11 @@ class FedDMStrategy:
     def state_dict(self) -> dict[str, Any]:
         """What the strategy needs to continue after the last round it ran.
 
-        The rounds done and each extra's state, in one flat dict (keys must not
-        clash). Values are JSON values or tensors: a checkpoint keeps tensors in
+        The rounds done, a server optimizer's state and each extra's state, in
+        one flat dict (keys must not clash). Values are JSON values or tensors: a checkpoint keeps tensors in
         safetensors and the rest as JSON metadata; nothing is pickled.
         """
-        state: dict[str, Any] = {"rounds_done": self._round}
+        state: dict[str, Any] = {"rounds_done": self._round, **optimizer_state(self)}
         for extra in self.extras:
             state.update(extra.state_dict())
         return state
@@ -148,6 +174,7 @@ class FedDMStrategy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`: Flower counts rounds from 1 again, clients and logs see the true round."""
         self.round_offset = int(state.get("rounds_done", 0))
+        load_optimizer_state(self, state)
         for extra in self.extras:
             extra.load_state_dict(state)
 
@@ -168,10 +195,13 @@ class FedDMStrategy:
         self._train_started = time.monotonic()
         self._global_arrays = arrays
         self.encoding.train_config(config, arrays)
+        for extra in self.extras:
+            extra.train_config(config)
         if self.privacy is not None and self.privacy.mode == "dp_client":
             config[KEY_CLIPPING_NORM] = self.privacy.clipping_norm  # read by fixedclipping_mod
         payload = self.encoding.downlink(arrays)
         messages = super().configure_train(server_round, payload, config, grid)
+        track_global_model(self, arrays)  # a server optimizer steps from the model, not its encoding
         messages = self.encoding.address(list(messages), arrays, self.arrayrecord_key)
         self._log_round(
             server_round,
@@ -183,31 +213,35 @@ class FedDMStrategy:
     def accepted_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Count uplink bytes; return the valid replies with their decoded arrays."""
         replies = list(replies)
-        accepted, rejected, reasons = [], 0, []
+        checked, failed, rejected, reasons = [], [], 0, []
         for message in replies:
             if message.has_error():
                 # Flower logs error replies itself, traceback included; keep the last line.
                 reasons.append(f"node {message.metadata.src_node_id}: {last_line(message.error.reason)}")
                 continue
             try:
-                accepted.append(self._checked(message))
+                checked.append(self._checked(message))
             except PayloadError as err:
-                rejected += 1
-                reasons.append(f"node {message.metadata.src_node_id}: {err}")
-                log(
-                    WARNING,
-                    "Round %d: left out the reply of node %d: %s",
-                    server_round,
-                    message.metadata.src_node_id,
-                    err,
-                )
+                failed.append((message, err))
+        # Updates far larger than the round's median (once enough replies came in) are left out too.
+        accepted, outliers = self.reply_checks.screen_norms(checked, self._global_arrays, self.encoding)
+        for message, err in failed + outliers:
+            rejected += 1
+            reasons.append(f"node {message.metadata.src_node_id}: {err}")
+            log(
+                WARNING,
+                "Round %d: left out the reply of node %d: %s",
+                server_round,
+                message.metadata.src_node_id,
+                err,
+            )
         self._log_round(
             server_round,
             uplink_bytes=sum(message_nbytes(m) for m in replies),
             num_aggregated=len(accepted),
             num_rejected=rejected,
         )
-        accepted.sort(key=reply_order)
+        accepted = self.reply_checks.weighted(sorted(accepted, key=reply_order))
         if not accepted:
             raise RoundFailedError(
                 f"round {server_round}: none of the {len(replies)} training replies could "
@@ -219,7 +253,10 @@ class FedDMStrategy:
     def _checked(self, message: Message) -> Message:
         """The reply with its metrics checked and its arrays decoded (``PayloadError`` if not valid)."""
         metrics = check_metrics(message.content, "train_loss")
+        check_info(message.content)
+        check_num_examples(metrics["num-examples"], self.reply_checks.max_num_examples)
         arrays = self.encoding.decode(message, self._global_arrays)
+        check_float32_range(arrays)
         if self.privacy is not None:
             self.privacy.check_clipped(arrays, self._global_arrays)
         content = RecordDict({"arrays": arrays, "metrics": metrics})
@@ -243,15 +280,35 @@ class FedDMStrategy:
                 message.content["arrays"] = self.privacy.clip(message.content["arrays"], self._global_arrays)
         averaged = self.encoding.average(self, server_round, errors, accepted)
         arrays, metrics = averaged or super().aggregate_train(server_round, errors + accepted)
-        if arrays is not None and self.privacy is not None:
+        if arrays is None:  # e.g. Bulyan with fewer than 4f + 3 replies: Flower skips the round
+            raise RoundFailedError(
+                f"round {server_round}: {self.aggregator.flower_class.__name__} made no model from the "
+                f"{len(accepted)} accepted replies (see its warning); the run stops with the last global model"
+            )
+        if self.aggregator.kind == "optimizer":
+            arrays = like_global(arrays, self._global_arrays)
+        if self.privacy is not None:
             arrays = self.privacy.add_noise(arrays, len(accepted))
-        if arrays is not None:
-            arrays = self._apply_extras(self.encoding.apply(arrays, self._global_arrays))
+        arrays = self._apply_extras(self.encoding.apply(arrays, self._global_arrays))
+        self._check_finite(server_round, arrays, accepted)
         if metrics is not None:
             self._log_round(server_round, **{k: float(v) for k, v in metrics.items()})
         # Sending, client work, replies, checks and the average: the round's training phase.
         self._log_round(server_round, train_time_s=round(time.monotonic() - self._train_started, 3))
         return arrays, metrics
+
+    def _check_finite(self, server_round: int, arrays: ArrayRecord, accepted: list[Message]) -> None:
+        """``RoundFailedError`` naming the round's replies if the new global model is not finite.
+
+        Raised from ``aggregate_train``, it stops Flower's loop before the evaluation
+        callback, so the round is neither recorded nor checkpointed.
+        """
+        bad = non_finite_arrays(arrays)
+        if bad:
+            raise RoundFailedError(
+                f"round {server_round}: the new global model holds NaN or inf (arrays {bad[:3]}), so the run "
+                f"stops with the last good checkpoint. The average was of the replies of {reply_names(accepted)}"
+            )
 
     def _apply_extras(self, arrays: ArrayRecord) -> ArrayRecord:
         """The new global model after each extra's turn (e.g. FedDDPM's calibration)."""
@@ -317,17 +374,19 @@ class FedDMStrategy:
         """Aggregate client evaluation metrics and keep them in the round log."""
         server_round += self.round_offset
         replies = list(replies)
-        self.encoding.evaluate_replies(server_round, replies)
         valid = []
         for message in replies:
             if message.has_error():
                 valid.append(message)
                 continue
             try:
-                check_metrics(message.content, "eval_loss")
+                metrics = check_metrics(message.content, "eval_loss")
+                check_info(message.content)
+                check_num_examples(metrics["num-examples"], self.reply_checks.max_num_examples)
                 valid.append(message)
             except PayloadError as err:
                 log(WARNING, "Round %d: left out an evaluate reply: %s", server_round, err)
+        self.encoding.evaluate_replies(server_round, valid)
         metrics = super().aggregate_evaluate(server_round, sorted(valid, key=_errors_last))
         if metrics is not None:
             self._log_round(server_round, **{k: float(v) for k, v in metrics.items()})

@@ -7,7 +7,10 @@
 * ``nan``: weights with NaN values;
 * ``shape``: a weight with a wrong shape; ``dtype``: weights as float64;
 * ``raise``, ``raise-all``: the train function raises;
-* ``slow``: the client replies after ``FEDDM_FAULT_SLEEP`` seconds.
+* ``slow``: the client replies after ``FEDDM_FAULT_SLEEP`` seconds;
+* ``claim-examples``: claims 1e300 examples and sends zeros (full weights);
+* ``scale-update``: sends w_global + 100·Δ; ``flip-update``: sends w_global − Δ
+  (Δ = w_local − w_global; full-weight strategies: vanilla, prox, fedddpm).
 
 It lives in its own importable module so Ray's workers can load it; Ray's
 workers inherit the environment of the process that starts the simulation.
@@ -19,7 +22,7 @@ import os
 import time
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.app import evaluate as feddm_evaluate
@@ -43,7 +46,14 @@ def _faulty(msg: Message, context: Context) -> str | None:
     return None
 
 
-def _corrupt(arrays: dict[str, np.ndarray], fault: str) -> dict[str, np.ndarray]:
+def _corrupt(arrays: dict[str, np.ndarray], fault: str, sent: ArrayRecord) -> dict[str, np.ndarray]:
+    if fault in ("scale-update", "flip-update"):
+        factor = 100.0 if fault == "scale-update" else -1.0
+        return {
+            n: (sent[n].numpy() + factor * (a - sent[n].numpy())).astype(a.dtype) for n, a in arrays.items()
+        }
+    if fault == "claim-examples":
+        return {n: np.zeros_like(a) for n, a in arrays.items()}
     if fault == "nan-scales":
         arrays[SCALES_KEY] = np.full_like(arrays[SCALES_KEY], np.nan)
     elif fault == "nan":
@@ -68,11 +78,16 @@ def train(msg: Message, context: Context) -> Message:
         time.sleep(float(os.environ.get("FEDDM_FAULT_SLEEP", "10")))
     if fault in (None, "slow"):
         return reply
-    arrays = _corrupt({n: a.numpy() for n, a in reply.content["arrays"].items()}, fault)
+    arrays = _corrupt(
+        {n: a.numpy() for n, a in reply.content["arrays"].items()}, fault, msg.content["arrays"]
+    )
+    metrics = reply.content["metrics"]
+    if fault == "claim-examples":
+        metrics = MetricRecord({**dict(metrics), "num-examples": 1e300})
     content = RecordDict(
         {
             "arrays": ArrayRecord({n: Array(a) for n, a in arrays.items()}),
-            "metrics": reply.content["metrics"],
+            "metrics": metrics,
             "info": reply.content["info"],
         }
     )

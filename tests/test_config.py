@@ -187,6 +187,9 @@ EVERY_KEY = [
     ("node_wait_timeout_s=0", "node_wait_timeout_s"),
     ("client_eval_fraction=0", "client_eval_fraction"),
     ("client_eval_max_examples=0", "client_eval_max_examples"),
+    ("weighting=equal", "weighting"),
+    ("max_num_examples=0", "max_num_examples"),
+    ("max_update_norm_ratio=1", "max_update_norm_ratio"),
     ("scheduler.num_train_timesteps=1", "scheduler.num_train_timesteps"),
     ("scheduler.beta_schedule=cosine", "scheduler.beta_schedule"),
     ("scheduler.beta_start=0.5", "scheduler.beta_start"),
@@ -203,6 +206,7 @@ EVERY_KEY = [
     ("checkpoint_every=-1", "checkpoint_every"),
     ("privacy.name=secret", "privacy.name"),
     ("tracking.name=mlflow", "tracking.name"),
+    ("aggregator.name=fedsgd", "aggregator.name"),
 ]
 
 
@@ -256,6 +260,7 @@ def test_every_config_key_has_a_bad_value_case():
         (["privacy=secagg", "strategy=partial"], "privacy"),
         (["privacy=secagg", "num_clients=1"], "num_clients"),
         (["privacy=secagg", "min_clients=1"], "min_clients"),
+        (["privacy=secagg", "weighting=uniform"], "weighting"),
         (["privacy=secagg", "privacy.num_shares=2"], "privacy.num_shares"),
         (["privacy=secagg", "num_clients=8", "privacy.num_shares=4"], "privacy.num_shares"),  # even
         (["privacy=secagg", "num_clients=4", "privacy.num_shares=5"], "privacy.num_shares"),  # > nodes

@@ -91,3 +91,20 @@ def test_more_clients_than_training_images_is_refused_before_training(tmp_path, 
     with pytest.raises(ConfigError, match="num_clients=60001 is not allowed: more partitions than the 60000"):
         simulate(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_client_claiming_1e300_examples_with_zeros_is_left_out(tmp_path, monkeypatch, caplog, data_root):
+    # 4 clients, 1 round; partition 1 claims 1e300 examples and sends zeros. The bound on num-examples
+    # (in simulation the largest partition: 15000 of 60000) leaves it out, and the run ends as without it.
+    cfg = compose_config([*MICRO_OVERRIDES, "num_clients=4", "num_rounds=1"])
+    monkeypatch.delenv("FEDDM_FAULT", raising=False)
+    honest = _rows(simulate(cfg, tmp_path / "honest", client_app=faulty_app))[-1]
+    monkeypatch.setenv("FEDDM_FAULT", "claim-examples")
+    with caplog.at_level("WARNING"):
+        run_dir = simulate(cfg, tmp_path / "attacked", client_app=faulty_app)
+    attacked = _rows(run_dir)[-1]
+    assert "num-examples 1e+300 is over max_num_examples=15000" in caplog.text
+    assert attacked["num_aggregated"] == 3 and attacked["num_rejected"] == 1
+    weights = UNet2DModel.from_pretrained(run_dir / "model" / "unet").state_dict()
+    assert all(torch.isfinite(t).all() and t.abs().max() > 0 for t in weights.values() if t.numel() > 1)
+    assert attacked["eval_loss"] == pytest.approx(honest["eval_loss"], rel=0.1)

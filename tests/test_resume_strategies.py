@@ -1,6 +1,7 @@
 """Resume equality beyond prox: a run stopped after round 2 and resumed ends as one that ran through.
 
-The runs drive the real ClientApp functions through an in-process grid
+Also server optimizers (fedavgm; fedadam with int8 updates), whose momentum
+and moments are part of the strategy's state. The runs drive the real ClientApp functions through an in-process grid
 (``feddm.local_grid``; no Ray start per run). Every client fails from round 3,
 so the run ends with ``RoundFailedError`` and the checkpoint of round 2; the
 resumed run, with fresh clients as after a restart, then trains round 3. The strategy's own state
@@ -52,11 +53,14 @@ CASES = {
     "quant": ["strategy=quant", "strategy.error_feedback=false", "strategy.stochastic_rounding=true"],
     "fedddpm_plus": FEDDDPM_PLUS,
     "partial_usplit": ["strategy=partial", "strategy.preset=usplit", "strategy.quantize=true"],
+    # server optimizers: momentum and moments come back from the checkpoint
+    "fedavgm": ["aggregator=fedavgm", "aggregator.server_momentum=0.9"],
+    "fedadam_quant": ["strategy=quant", "strategy.error_feedback=false", "aggregator=fedadam"],
 }
 
 
-def _run(cfg, run_dir, fail_from_round: int | None = None):
-    """``run_federation`` with 2 in-process clients; from ``fail_from_round`` on, their training raises."""
+def _run(cfg, run_dir, fail_from_round: int | None = None, clients: int = 2):
+    """``run_federation`` with in-process clients; from ``fail_from_round`` on, their training raises."""
 
     def client(msg, context):
         if msg.metadata.message_type == "evaluate":
@@ -65,9 +69,9 @@ def _run(cfg, run_dir, fail_from_round: int | None = None):
             raise RuntimeError("injected failure")
         return train(msg, context)
 
-    grid = LocalGrid([1, 2], client)
+    grid = LocalGrid(range(1, clients + 1), client)
     for partition, context in enumerate(grid.contexts.values()):
-        context.node_config.update({"partition-id": partition, "num-partitions": 2})
+        context.node_config.update({"partition-id": partition, "num-partitions": clients})
     return run_federation(grid, cfg, run_dir)
 
 
@@ -90,6 +94,9 @@ def test_stopped_after_round_2_and_resumed_equals_uninterrupted(
     assert checkpoint.round == 2 and checkpoint.strategy_state["rounds_done"] == 2
     if case == "fedddpm_plus":  # the progress signal since the last calibration, in the checkpoint
         assert isinstance(checkpoint.strategy_state["history"], list)
+    if case.startswith("fed"):  # a server optimizer's state is in the checkpoint as tensors
+        moments = [k for k in checkpoint.strategy_state if k.startswith("aggregator.")]
+        assert (len(moments) > 0) == (case != "fedddpm_plus")
 
     resumed = _run(compose_config([f"resume={stopped}"]), None)
     assert resumed == stopped.resolve()

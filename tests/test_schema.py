@@ -88,7 +88,16 @@ def test_readme_config_keys_table_is_the_generated_one():
 
 def test_readme_group_table_lists_each_groups_options():
     text = README.read_text()
-    for group in ("dataset", "model", "strategy", "partition", "privacy", "tracking", "experiment"):
+    for group in (
+        "dataset",
+        "model",
+        "strategy",
+        "aggregator",
+        "partition",
+        "privacy",
+        "tracking",
+        "experiment",
+    ):
         row = re.search(rf"^\| `{group}` \| (.*?) \|", text, re.M).group(1)
         assert set(re.findall(r"`(\w+)`", row)) == set(group_options(group)), group
 

@@ -16,7 +16,7 @@ from strategies import (
     RoundFailedError,
     build_strategy,
     combination_table,
-    composition_error,
+    composition_errors,
 )
 from strategies.codec import payload_nbytes
 from tests.conftest import reply
@@ -232,13 +232,13 @@ def test_the_readmes_combination_table_is_the_generated_one():
 @pytest.mark.parametrize("privacy", ["dp_server", "dp_client", "secagg"])
 def test_a_combination_that_cannot_work_is_refused_naming_both_choices(privacy):
     for name, recipe in RECIPES.items():
-        error = composition_error(name, privacy)
-        assert (error is None) == (recipe.privacy_conflict(privacy) is None)
-        if error:
+        errors = composition_errors(name, privacy)
+        assert (errors == []) == (recipe.privacy_conflict(privacy) is None)
+        for error in errors:
             assert f"privacy={privacy}" in error and f"strategy={name}" in error
             with pytest.raises(ValueError, match=f"strategy={name}"):
                 build_strategy({"name": name}, num_clients=2, privacy={"name": privacy})
-    assert composition_error("quant", "none") is None
+    assert composition_errors("quant", "none") == []
 
 
 def test_layers_are_composed_on_the_flower_class_and_log_their_summary(caplog):
