@@ -54,16 +54,7 @@ def auxiliary_images(
     """
     cache = Path(run_dir) / AUX_NAME
     calibration = strategy.layer(Calibration)
-    wanted = {
-        "aux_samples": calibration.aux_samples,
-        "aux_allocation": calibration.aux_allocation,
-        "pretrain_steps": calibration.pretrain_steps,
-        "aux_ddim_steps": ddim_steps,
-        "seed": seed,
-        "unet": settings["unet"],
-        "dataset": settings["dataset"],
-        "partition": settings["partition"],
-    }
+    wanted = _made_with(calibration, ddim_steps, seed, settings)
     cached = _load(cache, wanted)
     if cached is not None:
         log(INFO, "FedDDPM: %d auxiliary images from %s", len(cached), cache)
@@ -92,6 +83,20 @@ def auxiliary_images(
         "wall_time_s": round(time.monotonic() - started, 3),
     }
     return aux, row
+
+
+def _made_with(calibration: Calibration, ddim_steps: int | None, seed: int, settings: ConfigRecord) -> dict:
+    """The settings the auxiliary images depend on (a cache made with others is not reused)."""
+    return {
+        "aux_samples": calibration.aux_samples,
+        "aux_allocation": calibration.aux_allocation,
+        "pretrain_steps": calibration.pretrain_steps,
+        "aux_ddim_steps": ddim_steps,
+        "seed": seed,
+        "unet": settings["unet"],
+        "dataset": settings["dataset"],
+        "partition": settings["partition"],
+    }
 
 
 def _sample_local_models(
