@@ -182,3 +182,38 @@ def test_an_aggregator_that_makes_no_model_stops_the_run_instead_of_skipping_rou
     bulyan = _build({"name": "bulyan", "num_malicious_nodes": 1}, clients=5)
     with pytest.raises(RoundFailedError, match="round 1: Bulyan made no model from the 5 accepted replies"):
         _round(bulyan, 1, 0.0, [1.0, 1.1, 1.2, 1.3, 1.4])
+
+
+def _attacked_run(cfg, run_dir, attack: str | None, clients: int = 4):
+    """``run_federation`` over 4 in-process clients (the real ClientApp functions); partition 1 attacks."""
+    from client_app.app import evaluate, train
+    from feddm.attacks import attacking_client
+    from feddm.local_grid import LocalGrid
+    from server_app.federation import run_federation
+
+    def honest(msg, context):
+        return (evaluate if msg.metadata.message_type == "evaluate" else train)(msg, context)
+
+    grid = LocalGrid(range(1, clients + 1), attacking_client(honest, attack, [1]) if attack else honest)
+    for partition, context in enumerate(grid.contexts.values()):
+        context.node_config.update({"partition-id": partition, "num-partitions": clients})
+    run_federation(grid, cfg, run_dir)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("attack", "aggregator"), [("flip_update", "median"), ("scale_update", "krum")])
+def test_an_update_attack_under_a_robust_aggregator_leaves_the_run_as_without_it(
+    attack, aggregator, tmp_path, data_root
+):
+    # 4 clients, one flipping its update's sign (or scaling it 100x, with the norm check off so that
+    # only the aggregator stands in the way): the model stays finite, the held-out loss within 10 %.
+    from tests.conftest import MICRO_OVERRIDES
+
+    overrides = [*MICRO_OVERRIDES, "num_clients=4", f"aggregator={aggregator}", "max_update_norm_ratio=null"]
+    cfg = compose_config(overrides)
+    clean = _attacked_run(cfg, tmp_path / "clean", None)
+    attacked = _attacked_run(compose_config(overrides), tmp_path / "attacked", attack)
+    assert all(r["num_aggregated"] == 4 for r in attacked)  # nothing left out: the aggregator copes
+    assert attacked[-1]["eval_loss"] == pytest.approx(clean[-1]["eval_loss"], rel=0.1)
+    assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["eval_loss"]) for r in attacked)
