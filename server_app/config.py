@@ -119,10 +119,10 @@ def _check_strategy(e: list[str], cfg: DictConfig) -> None:
 
 def _check_combinations(e: list[str], cfg: DictConfig) -> None:
     """The strategy, aggregator and privacy layers must work together (``strategies.composition_errors``)."""
-    aggregator = cfg.get("aggregator") or {"name": "fedavg"}
-    for reason in composition_errors(str(cfg.strategy.name), str(cfg.privacy.name), str(aggregator["name"])):
+    aggregator = cfg.aggregator
+    for reason in composition_errors(str(cfg.strategy.name), str(cfg.privacy.name), str(aggregator.name)):
         key = "privacy" if reason.startswith("privacy=") else "aggregator"
-        _check(e, False, key, cfg.privacy.name if key == "privacy" else aggregator["name"], reason)
+        _check(e, False, key, cfg.privacy.name if key == "privacy" else aggregator.name, reason)
     _check_byzantine(e, cfg, aggregator)
 
 
@@ -166,9 +166,9 @@ def _check_secagg(e: list[str], cfg: DictConfig) -> None:
     # The masked sum is weighted by num-examples inside the protocol, before the server sees any reply.
     _check(
         e,
-        cfg.get("weighting", "examples") == "examples",
+        cfg.weighting == "examples",
         "weighting",
-        cfg.get("weighting"),
+        cfg.weighting,
         "examples with privacy=secagg (SecAgg+ weighs inside the masked sum, bounded by privacy.max_weight)",
     )
     shares, threshold = pv.num_shares, pv.reconstruction_threshold
@@ -290,6 +290,12 @@ def resumed_config(run_dir: str | Path) -> DictConfig:
     if not saved.is_file():
         raise FileNotFoundError(f"resume={run_dir}: no config.yaml there; is it a FedDM run folder?")
     cfg = OmegaConf.load(saved)
+    # Keys (and groups, e.g. aggregator) added since the folder was made: today's defaults, which
+    # leave such a run as it was (FedAvg, weighting by examples, ...).
+    defaults = compose_config()
+    for key in defaults:
+        if key not in cfg and key != "hydra":
+            cfg[key] = defaults[key]
     cfg.resume = str(run_dir)
     return cfg
 

@@ -241,7 +241,7 @@ def build_run(cfg: DictConfig, folder: RunFolder) -> Run:
         seed=int(cfg.seed),
         client_generation=client_generation(cfg),
         privacy=cfg.privacy,
-        aggregator=cfg.get("aggregator"),  # run folders from before the aggregator group: FedAvg
+        aggregator=cfg.aggregator,
         reply_checks=ReplyChecks.from_config(cfg),
         evaluate_every=int(cfg.eval.every),
         last_round=int(cfg.num_rounds),
@@ -265,7 +265,7 @@ def bound_num_examples(grid: Grid, run: Run) -> None:
     nodes' data is unknown here: the bound stays ``max_num_examples`` or 10^9.
     """
     cfg = run.cfg
-    if cfg.get("max_num_examples") is not None or not in_simulation(grid):
+    if cfg.max_num_examples is not None or not in_simulation(grid):
         return
     labels = dataset_from_config(cfg.dataset, train=True).labels
     num_partitions = len(list(grid.get_node_ids()))

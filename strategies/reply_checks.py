@@ -71,10 +71,9 @@ class ReplyChecks:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> ReplyChecks:
         """From the run config's ``weighting``, ``max_num_examples`` (null: the fallback) and ratio."""
-        bound = cfg.get("max_num_examples")
-        ratio = cfg.get("max_update_norm_ratio", 10.0)
+        bound, ratio = cfg["max_num_examples"], cfg["max_update_norm_ratio"]
         return cls(
-            weighting=str(cfg.get("weighting", "examples")),
+            weighting=str(cfg["weighting"]),
             max_num_examples=FALLBACK_MAX_NUM_EXAMPLES if bound is None else float(bound),
             max_update_norm_ratio=None if ratio is None else float(ratio),
         )

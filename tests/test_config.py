@@ -314,3 +314,20 @@ def test_tracking_sinks_and_wandb_mode_are_checked():
     validate_config(compose_config(["tracking=wandb"]))
     with pytest.raises(ConfigError, match="tracking.mode='live' is not allowed: online | offline | disabled"):
         validate_config(compose_config(["tracking=wandb", "tracking.mode=live"]))
+
+
+def test_a_run_folder_from_before_new_keys_resumes_with_their_defaults(tmp_path):
+    from omegaconf import OmegaConf
+
+    from server_app.config import resumed_config, to_yaml
+
+    old = OmegaConf.create(to_yaml(compose_config(["strategy=quant", "num_rounds=7"])))
+    for key in ("aggregator", "weighting", "max_num_examples", "max_update_norm_ratio"):
+        old.pop(key)
+    (tmp_path / "config.yaml").write_text(to_yaml(old))
+    cfg = resumed_config(tmp_path)
+    assert cfg.strategy.name == "quant" and cfg.num_rounds == 7  # the run's own settings
+    assert cfg.aggregator.name == "fedavg" and cfg.weighting == "examples"
+    assert cfg.max_update_norm_ratio == compose_config().max_update_norm_ratio
+    assert OmegaConf.select(cfg, "resume") == str(tmp_path.resolve())
+    validate_config(cfg)
