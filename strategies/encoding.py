@@ -41,7 +41,6 @@ class Layer:
 class Encoding(Layer):
     """Full weights both ways; the new global model is the aggregator's result itself."""
 
-    name = "full weights"
     # Whether each client ends up with a model of its own (parts kept locally).
     personalized = False
     # Whether ``decode`` returns updates w_client − w_global (int8 codes) rather than weights.

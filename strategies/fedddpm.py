@@ -55,8 +55,6 @@ class Calibration(Extra):
         each client's number of training examples).
     """
 
-    name = "fedddpm"
-
     def __init__(
         self, *, pretrain_steps: int = 200, aux_samples: int = 512, aux_allocation: str = "balanced"
     ) -> None:
@@ -131,8 +129,6 @@ class StallCalibration(Calibration):
     **kwargs
         As for ``Calibration``.
     """
-
-    name = "fedddpm_plus"
 
     def __init__(
         self, *, signal: str = "eval_loss", window: int = 2, threshold: float = 0.02, **kwargs

@@ -66,8 +66,6 @@ class PartialParts(Encoding):
         ``sample-batch-size``, ``sample-shape``), for FID of their own models.
     """
 
-    name = "UNet parts"
-
     def __init__(
         self,
         *,

@@ -63,12 +63,10 @@ class Int8Updates(Encoding):
         need whole models, the server optimizers) instead of the update Δ.
     """
 
-    name = "int8 updates"
-
     @property
     def decodes_updates(self) -> bool:
         """``decode`` returns the update Δ (with ``whole_models``, the weights w' + Δ)."""
-        return not getattr(self, "whole_models", False)
+        return not self.whole_models
 
     def __init__(
         self,

@@ -249,3 +249,12 @@ def test_layers_are_composed_on_the_flower_class_and_log_their_summary(caplog):
     assert type(strategy) is type(_strategy())  # one composed class per Flower class
     strategy.summary()
     assert "FedDM-partial (udec)" in caplog.text and "'quant-bits': 4" in caplog.text
+
+
+def test_the_layer_registries_are_the_configs_group_options():
+    from server_app.config import group_options
+    from strategies import AGGREGATORS, PRIVACY_MODES
+
+    assert set(RECIPES) == set(group_options("strategy"))
+    assert set(AGGREGATORS) == set(group_options("aggregator"))
+    assert set(PRIVACY_MODES) == set(group_options("privacy"))
