@@ -48,10 +48,14 @@ KINDS = ("mean", "optimizer", "robust")
 
 @dataclass(frozen=True)
 class Aggregator:
-    """A Flower strategy class, its kind, and the config keys that are not its arguments."""
+    """A Flower strategy class and its kind (``KINDS``: what it needs of the replies)."""
 
     flower_class: type
     kind: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r} is not one of {KINDS}")
 
     def options(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """Constructor arguments of ``flower_class`` from its ``aggregator=`` config (its keys but ``name``)."""
@@ -107,7 +111,7 @@ def like_global(aggregated: ArrayRecord, global_arrays: ArrayRecord) -> ArrayRec
     """``aggregated`` with the global model's dtypes (Flower's optimizers compute in float64)."""
     return ArrayRecord(
         {
-            name: Array(np.asarray(array.numpy(), dtype=global_arrays[name].numpy().dtype))
+            name: Array(np.asarray(array.numpy(), dtype=np.dtype(global_arrays[name].dtype)))
             for name, array in aggregated.items()
         }
     )
