@@ -1,7 +1,14 @@
-"""Image quality under non-IID data: centralized vs FedDM-vanilla, -prox, -quant.
+"""Image quality under non-IID data: centralized vs FedDM's strategies, or vs server aggregators.
 
     python benchmarks/quality.py --quick          # 2 CPU cores, under an hour
     python benchmarks/quality.py                  # full scale, for a GPU machine
+    python benchmarks/quality.py --quick --suite aggregators   # FedAvgM, FedAdam (+ int8)
+
+Two suites: ``strategies`` (FedDM-vanilla, -prox, -quant, partial exchange,
+FedDDPM) and ``aggregators`` (server optimizers: a small sweep of FedAvgM's and
+FedAdam's settings under IID, the chosen ones also under Dirichlet 0.1 and with
+int8 codes). Each suite runs its own centralized and vanilla baselines, so its
+ratios are measured side by side on one machine.
 
 Fashion-MNIST, 4 clients, IID and Dirichlet alpha = 0.1 partitions. Every run
 trains for the same total number of steps: the federated runs do R rounds of S
@@ -9,7 +16,8 @@ local steps on each of the 4 clients; the centralized run is the same app with
 one client that holds the whole training set and does 4 x S steps per round
 (same model, optimizer, EMA and evaluation code, no federation). FID is
 torchmetrics' with the standard Inception weights, on ``--num-samples``
-generated images against as many test images, at every evaluation round.
+generated images against as many test images, at every evaluation round, and
+KID (unbiased, so not inflated by the small sample as FID is) from the same features.
 
 Each run is a ``feddm-run`` process with its own run folder under ``--work``;
 the script collects their ``metrics.jsonl``, writes
@@ -59,6 +67,41 @@ METHODS = {
         NON_IID,
     ),
 }
+# Server optimizers (Reddi et al., ICLR 2021; Hsu et al. 2019). The sweep runs under IID;
+# the settings it chose (the schema's defaults since) also run under Dirichlet 0.1 and with int8.
+FEDAVGM_SWEEP = [(1.0, 0.9), (1.0, 0.7), (2.0, 0.5)]  # (server learning rate, server momentum)
+FEDADAM_SWEEP = [1e-3, 3e-3, 1e-2, 3e-2]  # eta (server learning rate); tau 1e-3, betas 0.9, 0.99
+TUNED_FEDAVGM, TUNED_FEDADAM = (1.0, 0.9), 1e-2
+
+
+def _fedavgm(lr: float, momentum: float) -> str:
+    return f"fedavgm lr={lr:g} m={momentum:g}"
+
+
+def _fedadam(eta: float) -> str:
+    return f"fedadam eta={eta:g}"
+
+
+AGGREGATOR_METHODS = {"vanilla": METHODS["vanilla"]}
+for lr, momentum in FEDAVGM_SWEEP:
+    overrides = [
+        "aggregator=fedavgm",
+        f"aggregator.server_learning_rate={lr}",
+        f"aggregator.server_momentum={momentum}",
+    ]
+    tuned = (lr, momentum) == TUNED_FEDAVGM
+    AGGREGATOR_METHODS[_fedavgm(lr, momentum)] = (overrides, BOTH if tuned else ("iid",))
+    if tuned:
+        AGGREGATOR_METHODS[_fedavgm(lr, momentum) + " +int8"] = (overrides + ["strategy=quant"], BOTH)
+for eta in FEDADAM_SWEEP:
+    overrides = ["aggregator=fedadam", f"aggregator.eta={eta}"]
+    tuned = eta == TUNED_FEDADAM
+    AGGREGATOR_METHODS[_fedadam(eta)] = (overrides, BOTH if tuned else ("iid",))
+    if tuned:
+        AGGREGATOR_METHODS[_fedadam(eta) + " +int8"] = (overrides + ["strategy=quant"], BOTH)
+SUITES = {"strategies": METHODS, "aggregators": AGGREGATOR_METHODS}
+SERVER_OPTIMIZERS = ("fedavgm", "fedadam")
+
 PERSONALIZED = ("udec", "udec+int8", "ulatdec", "ulatdec+int8")
 DEFAULT_FID_WEIGHTS = REPO.parent / "shared" / "weights" / "pt_inception-2015-12-05.torchscript.pt"
 
@@ -94,16 +137,20 @@ class Run:
 
     method: str
     partition: str  # "-" for centralized: one client holds every image
+    suite: str = "strategies"
 
     @property
     def name(self) -> str:
         return f"{self.method}_{self.partition}" if self.method != "centralized" else "centralized"
 
 
-def plan(scale: dict, only: list[str] | None = None) -> list[Run]:
-    """The runs: centralized once, each method under each of its partitions."""
-    runs = [Run("centralized", "-")]
-    runs += [Run(m, p) for p in PARTITIONS for m, (_, partitions) in METHODS.items() if p in partitions]
+def plan(scale: dict, only: list[str] | None = None, suite: str = "strategies") -> list[Run]:
+    """The runs: centralized once, each method of the suite under each of its partitions."""
+    methods = SUITES[suite]
+    runs = [Run("centralized", "-", suite)]
+    runs += [
+        Run(m, p, suite) for p in PARTITIONS for m, (_, partitions) in methods.items() if p in partitions
+    ]
     unknown = set(only or ()) - {r.name for r in runs}
     if unknown:
         raise SystemExit(f"--only: unknown runs {sorted(unknown)}; choose from {[r.name for r in runs]}")
@@ -138,7 +185,7 @@ def run_overrides(
             "partition=iid",
             f"local_steps={NUM_CLIENTS * scale['local_steps']}",
         ]
-    method = [o.format(**scale) for o in METHODS[run.method][0]]
+    method = [o.format(**scale) for o in SUITES[run.suite][run.method][0]]
     return common + [
         f"num_clients={NUM_CLIENTS}",
         *method,
@@ -149,10 +196,10 @@ def run_overrides(
 
 def execute(run: Run, overrides: list[str], work: Path) -> dict:
     """Run ``feddm-run`` (a fresh process) and return its metrics rows and wall time."""
-    run_dir = work / run.name
+    run_dir = work / run.name.replace(" ", "_")
     if (run_dir / "metrics.jsonl").is_file():
         raise FileExistsError(f"{run_dir} holds a finished run; pick an empty --work folder")
-    log = work / f"{run.name}.log"
+    log = work / f"{run.name.replace(' ', '_')}.log"
     command = [str(Path(sys.executable).parent / "feddm-run"), *overrides, f"hydra.run.dir={run_dir}"]
     print(f"[{time.strftime('%H:%M:%S')}] {run.name}: {' '.join(overrides)}", flush=True)
     started = time.perf_counter()
@@ -163,11 +210,11 @@ def execute(run: Run, overrides: list[str], work: Path) -> dict:
         raise RuntimeError(f"{run.name} failed; see {log}:\n{log.read_text()[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     print(
-        f"    done in {wall_s:.0f} s: FID "
-        + ", ".join(f"r{r['round']} {r['fid']:.1f}" for r in rows if "fid" in r),
+        f"    done in {wall_s:.0f} s: FID, KID "
+        + ", ".join(f"r{r['round']} {r['fid']:.1f}, {r['kid']:.4f}" for r in rows if "fid" in r),
         flush=True,
     )
-    return {"wall_s": round(wall_s, 1), "rows": rows, "run_dir": str(run_dir)}
+    return {"wall_s": round(wall_s, 1), "rows": rows, "run_dir": str(run_dir), "overrides": overrides}
 
 
 def summarize(run: Run, outcome: dict) -> dict:
@@ -181,6 +228,7 @@ def summarize(run: Run, outcome: dict) -> dict:
             point = {
                 "round": row["round"],
                 "fid": row.get("fid_mixture", row["fid"]),
+                "kid": row.get("kid_mixture", row.get("kid")),
                 "cumulative_uplink_bytes": cumulative,
             }
             if "fid_mixture" in row:
@@ -191,12 +239,14 @@ def summarize(run: Run, outcome: dict) -> dict:
         "partition": run.partition,
         "fid": points,
         "final_fid": points[-1]["fid"],
+        "final_kid": points[-1]["kid"],
+        "overrides": outcome["overrides"],
         "total_uplink_bytes": cumulative if run.method != "centralized" else 0,
         "wall_s": outcome["wall_s"],
     }
 
 
-def merged_with_earlier(name: str, scale: dict, results: dict) -> dict:
+def merged_with_earlier(name: str, scale: dict, results: dict, suite: str) -> dict:
     """Earlier runs of the same scale (from ``results/NAME.json``) with this invocation's on top.
 
     So a comparison can be extended by ``--only`` without rerunning every method.
@@ -211,7 +261,7 @@ def merged_with_earlier(name: str, scale: dict, results: dict) -> dict:
         return results
     merged = {k: v for k, v in earlier["runs"].items() if k not in results}
     merged.update(results)
-    order = [r.name for r in plan(scale)]
+    order = [r.name for r in plan(scale, suite=suite)]
     return dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
@@ -282,9 +332,30 @@ def plot(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def report(results: dict, scale_name: str, scale: dict) -> tuple[str, str]:
+def aggregator_target(results: dict) -> str:
+    """Whether a server optimizer reaches FID <= 1.15x centralized (IID) and beats vanilla (Dirichlet 0.1)."""
+    central, vanilla = results.get("centralized"), results.get("vanilla_dirichlet-0.1")
+    optimizers = [r for r in results.values() if r["method"].startswith(SERVER_OPTIMIZERS)]
+    iid = [r for r in optimizers if r["partition"] == "iid"]
+    non_iid = [r for r in optimizers if r["partition"] == "dirichlet-0.1"]
+    if not (central and vanilla and iid and non_iid):
+        return "not measured yet (needs centralized, vanilla and server-optimizer runs under both partitions)"
+    best_iid = min(iid, key=lambda r: r["final_fid"])
+    best_non_iid = min(non_iid, key=lambda r: r["final_fid"])
+    iid_ratio = best_iid["final_fid"] / central["final_fid"]
+    beats = best_non_iid["final_fid"] < vanilla["final_fid"]
+    return (
+        f"FID <= 1.15x centralized under IID: {'met' if iid_ratio <= 1.15 else 'missed'} (best: "
+        f"{best_iid['method']}, {iid_ratio:.2f}x); beats vanilla under Dirichlet 0.1: "
+        f"{'met' if beats else 'missed'} (best: {best_non_iid['method']}, FID {best_non_iid['final_fid']:.1f} "
+        f"vs {vanilla['final_fid']:.1f})"
+    )
+
+
+def report(results: dict, scale_name: str, scale: dict, suite: str = "strategies") -> tuple[str, str]:
     """The Markdown table and notes."""
     central = results.get("centralized", {}).get("final_fid")
+    central_kid = results.get("centralized", {}).get("final_kid")
     rows, frontier_hits = [], []
     for r in results.values():
         vanilla = results.get(f"vanilla_{r['partition']}")
@@ -310,6 +381,10 @@ def report(results: dict, scale_name: str, scale: dict) -> tuple[str, str]:
                 ),
                 f"{r['final_fid'] / central:.2f}" if central else "-",
                 f"{fid_vs_vanilla:.2f}" if fid_vs_vanilla else "-",
+                f"{r['final_kid'] * 1e3:.1f}" if r.get("final_kid") is not None else "-",
+                f"{r['final_kid'] / central_kid:.2f}"
+                if central_kid and r.get("final_kid") is not None
+                else "-",
                 f"{r['total_uplink_bytes'] / 1e6:.1f}" if r["total_uplink_bytes"] else "0 (no federation)",
                 f"{byte_ratio:.2f}x" if byte_ratio else "-",
                 f"{r['wall_s']:.0f}",
@@ -323,6 +398,8 @@ def report(results: dict, scale_name: str, scale: dict) -> tuple[str, str]:
             f"FID at rounds {evals}",
             "final FID / centralized",
             "final FID / vanilla",
+            "final KID x 1000",
+            "final KID / centralized",
             "uplink MB (all clients)",
             "uplink saved vs vanilla",
             "wall s",
@@ -336,7 +413,19 @@ def report(results: dict, scale_name: str, scale: dict) -> tuple[str, str]:
         f"steps per round), {steps} training steps per run at batch {scale['batch_size']}; FID of the EMA model on "
         f"{scale['num_samples']} DDIM-{scale['ddim_steps']} samples against {scale['num_samples']} test images "
         "(standard Inception weights) every "
-        f"{scale['eval_every']} rounds. Plot: `quality{'_quick' if scale_name == 'quick' else ''}.png`.\n\n"
+        f"{scale['eval_every']} rounds, and KID from the same features. "
+        f"Plot: `{result_name(suite, scale_name)}.png`.\n\n"
+    )
+    if suite == "aggregators":
+        notes += (
+            "Server optimizers aggregate the clients' mean update (pseudo-gradient) with Flower's FedAvgM and "
+            f"FedAdam; the sweep ran under IID (FedAvgM (server learning rate, momentum) in {FEDAVGM_SWEEP}, "
+            f"FedAdam eta in {FEDADAM_SWEEP}, tau 1e-3, betas 0.9 and 0.99); the chosen settings "
+            f"({_fedavgm(*TUNED_FEDAVGM)}, {_fedadam(TUNED_FEDADAM)}) also ran under Dirichlet 0.1 and with int8 "
+            "codes (+int8: strategy=quant). Target (server optimizers): " + aggregator_target(results) + "."
+        )
+        return table, notes
+    notes += (
         "Clients that keep parts of the model (udec, ulatdec) have a model each: their FID is that of the "
         f"images of all clients pooled ({scale['num_samples'] // NUM_CLIENTS} from each), with the mean of the "
         "clients' own FIDs (on their share of the images, so biased upwards) in brackets. FedDDPM and FedDDPM+ "
@@ -348,6 +437,15 @@ def report(results: dict, scale_name: str, scale: dict) -> tuple[str, str]:
         + "."
     )
     return table, notes
+
+
+def result_name(suite: str, scale_name: str) -> str:
+    """``quality[_aggregators][_quick]``: the results file of a suite and scale."""
+    return (
+        "quality"
+        + ("" if suite == "strategies" else f"_{suite}")
+        + ("_quick" if scale_name == "quick" else "")
+    )
 
 
 def main() -> None:
@@ -366,6 +464,9 @@ def main() -> None:
         default=DEFAULT_FID_WEIGHTS if DEFAULT_FID_WEIGHTS.is_file() else None,
         help="TorchScript FID Inception network; without it torchmetrics downloads the standard one",
     )
+    parser.add_argument(
+        "--suite", choices=list(SUITES), default="strategies", help="which methods to compare"
+    )
     parser.add_argument("--only", nargs="+", help="run only these (e.g. centralized vanilla_iid)")
     for key in SCALES["quick"]:
         parser.add_argument(
@@ -380,7 +481,7 @@ def main() -> None:
     work.mkdir(parents=True)
     fid_cache = args.work.resolve() / "fid_cache"  # real statistics, shared by invocations
     results, started = {}, time.perf_counter()
-    for run in plan(scale, args.only):
+    for run in plan(scale, args.only, args.suite):
         overrides = run_overrides(
             run,
             scale,
@@ -391,12 +492,12 @@ def main() -> None:
         results[run.name] = summarize(run, execute(run, overrides, work))
     total_s = time.perf_counter() - started
 
-    name = "quality_quick" if args.quick else "quality"
-    results = merged_with_earlier(name, scale, results)
+    name = result_name(args.suite, scale_name)
+    results = merged_with_earlier(name, scale, results, args.suite)
     plot(results, RESULTS / f"{name}.png")
-    table, notes = report(results, scale_name, scale)
+    table, notes = report(results, scale_name, scale, args.suite)
     notes += (
-        f"\n\nThis invocation ran {len(plan(scale, args.only))} of the {len(results)} runs in "
+        f"\n\nThis invocation ran {len(plan(scale, args.only, args.suite))} of the {len(results)} runs in "
         f"{total_s / 60:.1f} minutes on this machine (run folders: `{work}`)."
     )
     print(

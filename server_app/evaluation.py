@@ -1,4 +1,4 @@
-"""Server-side evaluation of the global (or EMA) model: sample grids and FID."""
+"""Server-side evaluation of the global (or EMA) model: sample grids, FID and KID."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from server_app.tracking import Tracker
 
 
 class GlobalEvaluator:
-    """Draws the sample grid of a round and, if ``eval.num_samples > 0``, its FID.
+    """Draws the sample grid of a round and, if ``eval.num_samples > 0``, its FID and KID.
 
     ``clients`` does the same for images that clients generated with their own
     models, when parts of the model stay on the clients.
@@ -54,7 +54,7 @@ class GlobalEvaluator:
             self._reference_count = count
 
     def __call__(self, unet: UNet2DModel, scheduler: DDPMScheduler, server_round: int) -> dict[str, float]:
-        """Save ``samples/round_NNNN.png``; return ``{"fid": ...}`` when FID is on."""
+        """Save ``samples/round_NNNN.png``; return ``{"fid": ..., "kid": ...}`` when FID is on."""
 
         def draw(count: int, show_progress: bool = False) -> torch.Tensor:
             return generate_images(
@@ -72,14 +72,15 @@ class GlobalEvaluator:
         if self.fid is None:
             return {}
         self._reference(self.cfg.num_samples)
-        return {"fid": self.fid.score(draw(self.cfg.num_samples, show_progress=True))}
+        return self.fid.score(draw(self.cfg.num_samples, show_progress=True))
 
     def clients(self, samples: dict[int, np.ndarray], server_round: int) -> dict:
-        """Grid and FID of images the clients generated with their own models (partial exchange).
+        """Grid, FID and KID of images the clients generated with their own models (partial exchange).
 
         The grid has a row per client; ``fid`` is the mean of the clients' FIDs (as
         in FedDiffuse), ``fid_clients`` each client's, and ``fid_mixture`` the FID
-        of all clients' images pooled (the federation as one generator).
+        of all clients' images pooled (the federation as one generator); ``kid``,
+        ``kid_clients`` and ``kid_mixture`` likewise.
         """
         if not samples:
             log(INFO, "Round %d: no client sent samples; no grid or FID", server_round)
@@ -95,8 +96,9 @@ class GlobalEvaluator:
         scores, pooled = self.fid.score_groups(
             [torch.from_numpy(images[: self.cfg.num_samples]) for images in samples.values()]
         )
-        return {
-            "fid": float(np.mean(scores)),
-            "fid_mixture": pooled,
-            "fid_clients": {str(pid): score for pid, score in zip(samples, scores)},
-        }
+        out = {}
+        for metric in ("fid", "kid"):
+            out[metric] = float(np.mean([score[metric] for score in scores]))
+            out[f"{metric}_mixture"] = pooled[metric]
+            out[f"{metric}_clients"] = {str(pid): score[metric] for pid, score in zip(samples, scores)}
+        return out

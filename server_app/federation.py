@@ -101,7 +101,7 @@ def _seed_everything(seed: int) -> None:
 
 def _format_round(row: dict) -> str:
     parts = [f"round {row['round']}"]
-    for key in ("train_loss", "eval_loss", "fid"):
+    for key in ("train_loss", "eval_loss", "fid", "kid"):
         if key in row:
             parts.append(f"{key} {row[key]:.4f}")
     for key in ("uplink_bytes", "downlink_bytes"):
