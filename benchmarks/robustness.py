@@ -17,10 +17,12 @@ so the table shows what the aggregator alone does.
 Runs are in-process: ``server_app.federation.run_federation`` over a
 ``feddm.local_grid.LocalGrid`` that calls the real ClientApp functions, wrapped
 by ``feddm.attacks.attacking_client``. Per run: the clients' final held-out loss
-(``eval_loss`` in metrics.jsonl), the FID of the final global model (EMA off:
-the model the clients evaluated) from the run's own evaluation, whether the
+(``eval_loss`` in metrics.jsonl), the FID and KID of the final global model (EMA
+off: the model the clients evaluated) from the run's own evaluation, whether the
 saved global model is finite, and the replies the checks left out. Ratios are
-to the clean FedAvg run. Writes ``benchmarks/results/robustness.{json,md,png}``.
+to the clean FedAvg run. Writes ``benchmarks/results/robustness.{json,md,png}``;
+runs of the same scale recorded earlier are kept unless this invocation redid them
+(so ``--only`` fills in or redoes single rows).
 """
 
 from __future__ import annotations
@@ -194,6 +196,7 @@ def execute(run: dict, cfg_overrides: list[str], run_dir: Path) -> dict:
     last = rows[-1] if rows else {}
     out["eval_loss"] = last.get("eval_loss")
     out["fid"] = last.get("fid")
+    out["kid"] = last.get("kid")
     weights = next((run_dir / "model").rglob("*.safetensors"), None) if (run_dir / "model").is_dir() else None
     if weights is not None:
         out["finite"] = bool(all(np.isfinite(v).all() for v in load_file(str(weights)).values()))
@@ -207,12 +210,13 @@ def _num(value) -> float | None:
 
 
 def ratios(results: dict) -> dict:
-    """eval-loss and FID ratios to the clean FedAvg run (checks on)."""
+    """eval-loss, FID and KID ratios to the clean FedAvg run (checks on)."""
     clean = results.get("fedavg_none_0", {})
     for r in results.values():
-        for key in ("eval_loss", "fid"):
+        for key in ("eval_loss", "fid", "kid"):
             base, value = _num(clean.get(key)), r.get(key)
-            r[f"{key}_ratio"] = value / base if base and value is not None and math.isfinite(value) else None
+            value = _num(value)
+            r[f"{key}_ratio"] = value / base if base and value is not None else None
     return results
 
 
@@ -264,6 +268,8 @@ def table(results: dict) -> str:
                 _fmt(r["eval_loss_ratio"], 3),
                 _fmt(r["fid"], 1),
                 _fmt(r["fid_ratio"], 2),
+                _fmt(r.get("kid"), 3),
+                _fmt(r.get("kid_ratio"), 2),
                 {True: "yes", False: "**no**", None: "-"}[r["finite"]],
                 sum(r["num_rejected"]),
                 "/".join(str(n) for n in r["num_aggregated"]) or "-",
@@ -281,6 +287,8 @@ def table(results: dict) -> str:
             "eval loss / clean FedAvg",
             "FID",
             "FID / clean FedAvg",
+            "KID",
+            "KID / clean FedAvg",
             "global finite",
             "replies rejected (all rounds)",
             "replies aggregated per round",
@@ -343,8 +351,8 @@ def notes(scale_name: str, scale: dict, met: bool, lines: list[str], minutes: fl
         f"{scale['local_steps']} local steps at batch {scale['batch_size']}, FedDM-vanilla, EMA off. After the "
         f"last round: clients' held-out loss (up to {scale['client_eval_max_examples']} images each) and FID of "
         f"the global model on {scale['num_samples']} DDIM-{scale['ddim_steps']} samples against as many test "
-        "images (standard Inception weights; biased upwards at this count, it compares runs only). The "
-        "project's evaluator computes FID only, no KID, so there is no KID column.\n\n"
+        "images (standard Inception weights; FID is biased upwards at this count and compares runs only; "
+        "KID, from the same features, is unbiased; rows run before KID existed have none).\n\n"
         "Attackers are partitions 0 (1 of 8) or 0 and 1 (2 of 8), in every round (`feddm.attacks`). Krum and "
         "Multi-Krum assume f = 2 (Multi-Krum averages m = 4); Bulyan needs n >= 4f + 3, 11 clients for f = 2, "
         "so it runs with f = 1 (and fails a round that keeps fewer than 7 replies). Trimmed mean cuts 25 % "
@@ -353,8 +361,20 @@ def notes(scale_name: str, scale: dict, met: bool, lines: list[str], minutes: fl
         "`max_update_norm_ratio=null` and `max_num_examples` 10^301. Plot: `robustness.png`.\n\n"
         "Target: with 1-2 of 8 attackers some robust aggregator keeps eval loss within 10 % of clean FedAvg "
         f"for every attack: {'met' if met else 'missed'} ({'; '.join(lines)}).\n\n"
-        f"This invocation took {minutes:.1f} minutes."
+        f"The last invocation took {minutes:.1f} minutes."
     )
+
+
+def earlier_runs(scale: dict) -> dict:
+    """The runs of ``results/robustness.json`` if it was measured at the same scale, else none."""
+    path = RESULTS / "robustness.json"
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())["results"]
+    if earlier.get("settings") != scale:
+        print(f"{path} holds another scale's results; they are replaced", flush=True)
+        return {}
+    return earlier["runs"]
 
 
 def main() -> None:
@@ -390,7 +410,13 @@ def main() -> None:
     # Messages built outside a running Flower app need run, node and task ids (Flower reads them globally).
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     runs = [r for r in plan() if not args.only or run_name(r) in args.only]
-    results, started = {}, time.perf_counter()
+    unknown = set(args.only or ()) - {run_name(r) for r in plan()}
+    if unknown:
+        raise SystemExit(
+            f"--only: unknown runs {sorted(unknown)}; choose from {[run_name(r) for r in plan()]}"
+        )
+    order = [run_name(r) for r in plan()]
+    results, started = earlier_runs(scale), time.perf_counter()
     for run in runs:
         name = run_name(run)
         cfg_overrides = overrides(
@@ -402,6 +428,7 @@ def main() -> None:
         )
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
         results[name] = execute(run, cfg_overrides, work / name)
+        results = {k: results[k] for k in sorted(results, key=order.index)}
         r = results[name]
         print(
             f"    {r['wall_s']:.0f} s: eval_loss {r['eval_loss']}, fid {r['fid']}, finite {r['finite']}, "
