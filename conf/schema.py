@@ -251,7 +251,7 @@ class Eval:
     num_samples: Any = setting(
         0,
         AnyOf((Exactly(0, "0 (no FID)"), Int(min=2))),
-        "generated images for FID, against as many test images; 0 = no FID",
+        "generated images for FID and KID, against as many test images; 0 = neither",
     )
     ddim_steps: Any = setting(
         50,
@@ -267,7 +267,7 @@ class Eval:
     fid_cache: Any = setting(
         "${output_dir}/fid_cache",
         Anything("a folder"),
-        "real-image FID statistics, one file per dataset, sample count and network",
+        "real-image FID statistics and KID features, one file per dataset, sample count and network",
     )
     seed: Any = setting(
         1234, Int(min=0), "noise seed of grids and FID samples, fixed so they compare across rounds"
