@@ -159,3 +159,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         )
         content["samples"] = samples_record(images)
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Report this client's partition id: a server that samples clients draws them in partition order."""
+    info = ConfigRecord({"partition-id": int(context.node_config["partition-id"])})
+    return Message(content=RecordDict({"info": info}), reply_to=msg)

@@ -753,12 +753,25 @@ class Config:
     num_clients: Any = setting(
         2,
         Int(min=1),
-        "clients that must be connected before training starts; all connected clients train and evaluate each round",
+        "clients that must be connected before training starts (the population); `clients_per_round` of them "
+        "train each round",
     )
     min_clients: Any = setting(
         None,
         Optional(Int(min=1)),
         "fewest connected clients a round may run with (after a SuperNode fails); null = `num_clients`",
+    )
+    clients_per_round: Any = setting(
+        None,
+        Optional(Int(min=1), "null (every connected client)"),
+        "clients drawn to train each round (at most `min_clients`), the same for the same `seed` and round, "
+        "also after a resume; null = every connected client",
+    )
+    eval_clients_per_round: Any = setting(
+        None,
+        Optional(Int(min=1), "null (as `clients_per_round`)"),
+        "clients drawn to evaluate at evaluation rounds (at most `min_clients`), drawn apart from the trainers; "
+        "null = as many as `clients_per_round`",
     )
     local_steps: Any = setting(
         50,

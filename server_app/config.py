@@ -61,9 +61,33 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def _check_clients(e: list[str], cfg: DictConfig) -> None:
-    """A round's fewest clients are at most the clients training starts with."""
+    """A round's fewest clients are at most the clients training starts with; a round samples at most those."""
     if is_int(cfg.min_clients) and is_int(cfg.num_clients) and cfg.min_clients > cfg.num_clients:
         _check(e, False, "min_clients", cfg.min_clients, "null or an integer in 1..num_clients")
+    fewest = cfg.min_clients if cfg.min_clients is not None else cfg.num_clients
+    if not is_int(fewest):
+        return  # its own rule says what is wrong
+    for key in ("clients_per_round", "eval_clients_per_round"):
+        # Flower waits until a round's sample is connected: more than the run may run with could hang it.
+        value = cfg.get(key)
+        _check(
+            e,
+            not is_int(value) or value <= fewest,
+            key,
+            value,
+            f"null or an integer in 1..{fewest} (min_clients, else num_clients: the clients a round may run with)",
+        )
+
+
+def round_clients(cfg: DictConfig) -> tuple[object, str]:
+    """The clients a training round runs with, and the key that says so.
+
+    ``clients_per_round`` when clients are sampled, else ``min_clients``, else ``num_clients``.
+    """
+    for key in ("clients_per_round", "min_clients"):
+        if cfg.get(key) is not None:
+            return cfg[key], key
+    return cfg.num_clients, "num_clients"
 
 
 def _check_dataset(e: list[str], ds: DictConfig) -> None:
@@ -129,20 +153,36 @@ def _check_combinations(e: list[str], cfg: DictConfig) -> None:
 def _check_byzantine(e: list[str], cfg: DictConfig, aggregator: DictConfig) -> None:
     """Krum needs n >= 2f + 3 replies a round, Bulyan n >= 4f + 3, Multi-Krum m <= n."""
     f = aggregator.get("num_malicious_nodes")
-    nodes = cfg.get("min_clients") or cfg.num_clients
+    nodes, source = round_clients(cfg)
     if not (is_int(f) and is_int(nodes)):
         return  # their own rules say what is wrong
     need = 4 * f + 3 if aggregator["name"] == "bulyan" else 2 * f + 3
-    _check(
-        e,
-        nodes >= need,
-        "aggregator.num_malicious_nodes",
-        f,
-        f"at most what the round's {nodes} clients allow: {aggregator['name']} needs >= {need} replies",
-    )
+    if source == "clients_per_round":  # the sample is too small for the aggregator: name both
+        _check(
+            e,
+            nodes >= need,
+            "clients_per_round",
+            nodes,
+            f">= {need} with aggregator={aggregator['name']} and aggregator.num_malicious_nodes={f} "
+            f"({aggregator['name']} needs >= {need} replies a round)",
+        )
+    else:
+        _check(
+            e,
+            nodes >= need,
+            "aggregator.num_malicious_nodes",
+            f,
+            f"at most what the round's {nodes} clients allow: {aggregator['name']} needs >= {need} replies",
+        )
     m = aggregator.get("num_nodes_to_select")
     if is_int(m):
-        _check(e, m <= nodes, "aggregator.num_nodes_to_select", m, f"at most the round's {nodes} clients")
+        _check(
+            e,
+            m <= nodes,
+            "aggregator.num_nodes_to_select",
+            m,
+            f"at most the round's {nodes} clients ({source}={nodes})",
+        )
 
 
 def _check_secagg(e: list[str], cfg: DictConfig) -> None:
@@ -155,14 +195,9 @@ def _check_secagg(e: list[str], cfg: DictConfig) -> None:
         cfg.num_clients,
         "at least 2 with privacy=secagg",
     )
-    if cfg.get("min_clients") is not None:
-        _check(
-            e,
-            is_int(cfg.min_clients) and cfg.min_clients >= 2,
-            "min_clients",
-            cfg.min_clients,
-            "at least 2 with privacy=secagg",
-        )
+    for key in ("min_clients", "clients_per_round"):  # SecAgg+ masks among the round's nodes
+        if cfg.get(key) is not None:
+            _check(e, is_int(cfg[key]) and cfg[key] >= 2, key, cfg[key], "at least 2 with privacy=secagg")
     # The masked sum is weighted by num-examples inside the protocol, before the server sees any reply.
     _check(
         e,
@@ -172,9 +207,9 @@ def _check_secagg(e: list[str], cfg: DictConfig) -> None:
         "examples with privacy=secagg (SecAgg+ weighs inside the masked sum, bounded by privacy.max_weight)",
     )
     shares, threshold = pv.num_shares, pv.reconstruction_threshold
-    # Counts must fit the nodes of a round (at least min_clients); Flower's clients split a
-    # secret into exactly num_shares parts, one per neighbour, so an even count breaks it.
-    nodes = cfg.get("min_clients") or cfg.num_clients
+    # Counts must fit the nodes of a round (the sample, else at least min_clients); Flower's clients
+    # split a secret into exactly num_shares parts, one per neighbour, so an even count breaks it.
+    nodes, source = round_clients(cfg)
     nodes = nodes if is_int(nodes) else 0
     _check(
         e,
@@ -182,7 +217,7 @@ def _check_secagg(e: list[str], cfg: DictConfig) -> None:
         or (is_int(shares) and shares >= 3 and shares % 2 == 1 and shares <= nodes),
         "privacy.num_shares",
         shares,
-        f"a fraction in (0, 1] or an odd integer in 3..{nodes} (the nodes of a round)",
+        f"a fraction in (0, 1] or an odd integer in 3..{nodes} (the nodes of a round, {source}={nodes})",
     )
     ok = (isinstance(threshold, float) and 0 < threshold <= 1) or (
         is_int(threshold) and 2 <= threshold < nodes

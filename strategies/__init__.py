@@ -23,6 +23,7 @@ from strategies.partial import PartialParts
 from strategies.privacy import CentralDP
 from strategies.quant import Int8Updates
 from strategies.reply_checks import ReplyChecks
+from strategies.sampling import Sampling
 from strategies.secagg import SecAggPlus
 from strategies.strategy import FedDMStrategy
 
@@ -157,17 +158,22 @@ def build_strategy(
     reply_checks: ReplyChecks | None = None,
     evaluate_every: int = 1,
     last_round: int = 0,
+    clients_per_round: int | None = None,
+    eval_clients_per_round: int | None = None,
 ) -> FedDMStrategy:
-    """The strategy ``strategy['name']`` with ``privacy`` and ``aggregator``, sampling all clients.
+    """The strategy ``strategy['name']`` with ``privacy`` and ``aggregator``, and its client sampling.
 
     The three are the ``strategy=``, ``privacy=`` and ``aggregator=`` configs
     (``conf/schema.py``; no ``aggregator``: FedAvg). ``reply_checks`` bounds what
     one reply may claim and send (default: ``ReplyChecks()``).
 
-    Every connected client trains and evaluates each round; a round starts once
-    ``min_clients`` (default ``num_clients``) nodes are connected, so it can go
-    on after a node has failed. ``seed`` and ``client_generation`` (what clients
-    that keep parts of the model generate for FID) go to the partial encoding.
+    ``clients_per_round`` of the connected clients train each round and
+    ``eval_clients_per_round`` (None: as many as train) evaluate, drawn with
+    ``seed`` and the round (``strategies.sampling``); None: every connected
+    client. A round starts once ``min_clients`` (default ``num_clients``) nodes
+    are connected, so it can go on after a node has failed. ``seed`` and
+    ``client_generation`` (what clients that keep parts of the model generate
+    for FID) go to the partial encoding.
     Clients evaluate on rounds divisible by ``evaluate_every`` and on ``last_round``.
     ``ValueError`` for an unknown name or a combination that cannot work.
     """
@@ -183,6 +189,7 @@ def build_strategy(
     if conflicts:
         raise ValueError("; ".join(conflicts))
     recipe, nodes, agg = RECIPES[name], min_clients or num_clients, AGGREGATORS[aggregator["name"]]
+    sampling = Sampling(clients_per_round, eval_clients_per_round, seed=seed)
     encoding = recipe.encoding.from_config(
         strategy, seed=seed, client_generation=client_generation, whole_models=agg.kind == "optimizer"
     )
@@ -194,11 +201,8 @@ def build_strategy(
         **privacy_layers(privacy),
         evaluate_every=evaluate_every,
         last_round=last_round,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
-        min_train_nodes=nodes,
-        min_evaluate_nodes=nodes,
-        min_available_nodes=nodes,
+        sampling=sampling,
+        **sampling.flower_options(nodes),
         **agg.options(aggregator),
     )
 
@@ -216,6 +220,7 @@ __all__ = [
     "PartialParts",
     "Recipe",
     "RoundFailedError",
+    "Sampling",
     "StallCalibration",
     "build_strategy",
     "combination_table",

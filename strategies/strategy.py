@@ -18,13 +18,17 @@ Around them it
 * keeps the aggregated metrics per round in ``round_log`` for the ServerApp,
   with the wall time of each round's training phase (``train_time_s``);
 * asks clients to evaluate only on evaluation rounds (``evaluate_every``);
+* with ``sampling``, lets Flower draw the round's clients reproducibly and logs
+  their partitions (``strategies.sampling``);
 * numbers rounds truly after a resume (``load_state_dict``).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
@@ -60,6 +64,7 @@ from strategies.reply_checks import (
     non_finite_arrays,
     reply_names,
 )
+from strategies.sampling import SAMPLED_PARTITIONS_KEY, Sampling
 
 
 def _errors_last(message: Message) -> tuple[bool, tuple[int, int]]:
@@ -92,6 +97,9 @@ class FedDMStrategy:
         Clients evaluate on rounds divisible by ``evaluate_every`` and on ``last_round``.
     reply_checks : ReplyChecks | None
         What the strategy trusts in a reply (weighting, num-examples bound, update norms).
+    sampling : Sampling | None (default: every connected client)
+        How many clients train and evaluate per round; the Flower strategy's
+        ``fraction_*``/``min_*_nodes`` must match it (``Sampling.flower_options``).
     **kwargs
         Passed to the Flower strategy.
     """
@@ -107,6 +115,7 @@ class FedDMStrategy:
         evaluate_every: int = 1,
         last_round: int = 0,
         reply_checks: ReplyChecks | None = None,
+        sampling: Sampling | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -116,8 +125,10 @@ class FedDMStrategy:
         self.secure_aggregation = secure_aggregation
         self.extras = tuple(extras)
         self.reply_checks = reply_checks or ReplyChecks()
+        self.sampling = sampling or Sampling()
         self.evaluate_every, self.last_round = int(evaluate_every), int(last_round)
-        self.round_log: dict[int, dict[str, float]] = {}
+        # Per round: numbers, and the sampled partitions (lists) when clients are sampled.
+        self.round_log: dict[int, dict[str, Any]] = {}
         # Rounds done before this start (a resumed run): Flower counts from 1 again,
         # clients and logs see the true round.
         self.round_offset = 0
@@ -125,6 +136,7 @@ class FedDMStrategy:
         self._secure_grid: Any = None
         self._round = 0
         self._train_started = 0.0
+        self._timeout: float | None = None  # the round timeout (``start``), also for the partition query
 
     @property
     def personalized(self) -> bool:
@@ -137,7 +149,8 @@ class FedDMStrategy:
 
     def summary(self) -> None:
         """Log the layers, then the Flower strategy's settings."""
-        for line in [*self.encoding.summary(), *(line for e in self.extras for line in e.summary())]:
+        lines = [*self.encoding.summary(), *(line for e in self.extras for line in e.summary())]
+        for line in [*lines, *self.sampling.summary()]:
             log(INFO, "\t├──> %s", line)
         if self.privacy is not None:
             log(INFO, "\t├──> privacy: %s", self.privacy)
@@ -150,7 +163,7 @@ class FedDMStrategy:
         """Whether clients evaluate after ``server_round`` (a true round number)."""
         return server_round % self.evaluate_every == 0 or server_round == self.last_round
 
-    def _log_round(self, server_round: int, **values: float) -> None:
+    def _log_round(self, server_round: int, **values: Any) -> None:
         self.round_log.setdefault(server_round, {}).update(values)
 
     def observe(self, server_round: int, row: dict[str, Any]) -> None:
@@ -183,7 +196,26 @@ class FedDMStrategy:
         """Flower's round loop; with SecAgg+, over a grid that runs the protocol for training."""
         if self.secure_aggregation is not None:
             grid = self._secure_grid = self.secure_aggregation.wrap(grid)
+        self._timeout = timeout
         return super().start(grid=grid, timeout=timeout, **kwargs)
+
+    def _sample(
+        self, phase: str, server_round: int, grid: Grid, configure: Callable[[Grid], Iterable[Message]]
+    ) -> list[Message]:
+        """Flower's messages of ``phase`` (``configure(grid)``); with sampling, to a seeded draw of nodes.
+
+        The draw depends only on ``seed``, the true round and the partitions
+        connected (``strategies.sampling``); the round log gets the sampled
+        partitions (``sampled_partitions``, ``eval_partitions``).
+        """
+        if self.sampling.per_round(phase) is None:
+            return list(configure(grid))
+        self.sampling.learn_partitions(grid, self._timeout)
+        with self.sampling.draw(phase, server_round, grid) as ordered:
+            messages = list(configure(ordered))
+        key = "sampled_partitions" if phase == "train" else "eval_partitions"
+        self._log_round(server_round, **{key: self.sampling.partitions_of(messages)})
+        return messages
 
     # -- training --------------------------------------------------------------
     def configure_train(
@@ -200,7 +232,12 @@ class FedDMStrategy:
         if self.privacy is not None and self.privacy.mode == "dp_client":
             config[KEY_CLIPPING_NORM] = self.privacy.clipping_norm  # read by fixedclipping_mod
         payload = self.encoding.downlink(arrays)
-        messages = super().configure_train(server_round, payload, config, grid)
+        configure = functools.partial(super().configure_train, server_round, payload, config)
+        messages = self._sample("train", server_round, grid, configure)
+        if "sampled_partitions" in self.round_log.get(server_round, {}):
+            # The round's partitions, for clients that split work among them (USplit groups);
+            # every message holds this same config.
+            config[SAMPLED_PARTITIONS_KEY] = json.dumps(self.round_log[server_round]["sampled_partitions"])
         track_global_model(self, arrays)  # a server optimizer steps from the model, not its encoding
         messages = self.encoding.address(list(messages), arrays, self.arrayrecord_key)
         self._log_round(
@@ -270,6 +307,7 @@ class FedDMStrategy:
         """Check, (clip,) average, (noise,) apply: the new global model from the valid replies."""
         server_round += self.round_offset
         replies = list(replies)
+        self.sampling.observe(replies)  # partitions of nodes that joined since the last draw
         accepted = self.accepted_replies(server_round, replies)
         if self._secure_grid is not None:  # the replies hold the unmasked mean; count what SecAgg+ sent
             self._log_round(server_round, **self._secure_grid.round_bytes)
@@ -365,7 +403,8 @@ class FedDMStrategy:
             return []
         payload = self.encoding.downlink(arrays)
         config = self.encoding.evaluate_config(config, arrays)
-        messages = super().configure_evaluate(server_round, payload, config, grid)
+        configure = functools.partial(super().configure_evaluate, server_round, payload, config)
+        messages = self._sample("evaluate", server_round, grid, configure)
         messages = self.encoding.address(list(messages), arrays, self.arrayrecord_key)
         self._log_round(server_round, eval_downlink_bytes=sum(message_nbytes(m) for m in messages))
         return messages
