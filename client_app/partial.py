@@ -22,6 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from client_app.updates import quantized_update, wants_quantized_update
 from models.parts import names_in, usplit_assignment
+from strategies.sampling import SAMPLED_PARTITIONS_KEY
 
 LOCAL_KEY = "feddm-partial-local"  # the client's local parts
 EMA_KEY = "feddm-partial-ema"  # EMA of the client's own model (parameters)
@@ -89,6 +90,8 @@ def reply_arrays(
             ways=ways,
             seed=int(config["partial-seed"]),
             server_round=int(config["server-round"]),
+            # A sampled round: groups are formed among the sampled partitions only.
+            members=json.loads(config[SAMPLED_PARTITIONS_KEY]) if SAMPLED_PARTITIONS_KEY in config else None,
         )
         names = names_in(assignment[partition_id], names)
     if wants_quantized_update(config):

@@ -74,11 +74,19 @@ def parameter_fraction(parts: Iterable[str], sizes: Mapping[str, int]) -> float:
 
 
 def usplit_assignment(
-    sizes: Mapping[str, int], *, num_partitions: int, ways: int, seed: int, server_round: int
+    sizes: Mapping[str, int],
+    *,
+    num_partitions: int,
+    ways: int,
+    seed: int,
+    server_round: int,
+    members: Sequence[int] | None = None,
 ) -> dict[int, list[str]]:
     """The parts each client (by partition id) sends back in a USplit round.
 
-    Clients are shuffled (``seed``, ``server_round``) into groups of ``ways``;
+    The round's clients are partitions ``0..num_partitions-1``, or, when the
+    server samples clients, the sampled partitions ``members``. They are
+    shuffled (``seed``, ``server_round``) into groups of ``ways``;
     within a group every part is sent by exactly one member, so the group sends
     one model's worth of parameters. ``ways = 2`` is the paper's USplit: one
     member sends the down side, the other the up side, and the mid block goes
@@ -90,28 +98,30 @@ def usplit_assignment(
     if ways < 2:
         raise ValueError(f"split_ways={ways} must be >= 2")
     names = list(sizes)
+    members = list(range(num_partitions)) if members is None else sorted(int(m) for m in members)
     rng = np.random.default_rng([seed, server_round])
-    order = [int(p) for p in rng.permutation(num_partitions)]
-    if num_partitions == 1:
-        return {0: parts_of(names)}
+    # Without sampling the members are 0..n-1 and this is the permutation itself.
+    order = [members[int(i)] for i in rng.permutation(len(members))]
+    if len(members) == 1:
+        return {members[0]: parts_of(names)}
     side = {k: expand(v, names) for k, v in SIDES.items()}
     part_size = {p: sum(sizes[n] for n in names_in([p], names)) for p in parts_of(names)}
     assignment: dict[int, list[str]] = {}
-    for start in range(0, num_partitions, ways):
-        members = order[start : start + ways]
-        if ways == 2 and len(members) == 2:
-            down_member, up_member = members
-            mid_member = members[int(rng.integers(2))]
+    for start in range(0, len(order), ways):
+        group = order[start : start + ways]
+        if ways == 2 and len(group) == 2:
+            down_member, up_member = group
+            mid_member = group[int(rng.integers(2))]
             assignment[down_member] = side["down"] + (side["mid"] if mid_member == down_member else [])
             assignment[up_member] = (side["mid"] if mid_member == up_member else []) + side["up"]
         elif ways == 2:
-            assignment[members[0]] = side["mid"] + side[("down", "up")[int(rng.integers(2))]]
+            assignment[group[0]] = side["mid"] + side[("down", "up")[int(rng.integers(2))]]
         else:
-            load = {m: 0 for m in members}
-            chosen: dict[int, list[str]] = {m: [] for m in members}
+            load = {m: 0 for m in group}
+            chosen: dict[int, list[str]] = {m: [] for m in group}
             for part in sorted(part_size, key=lambda p: -part_size[p]):
-                lightest = min(members, key=lambda m: load[m])
+                lightest = min(group, key=lambda m: load[m])
                 chosen[lightest].append(part)
                 load[lightest] += part_size[part]
-            assignment.update({m: [p for p in part_size if p in chosen[m]] for m in members})
+            assignment.update({m: [p for p in part_size if p in chosen[m]] for m in group})
     return assignment
