@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from strategies.accounting import partition_of
+from strategies.reply_checks import PayloadError, check_info
 
 # Flower samples max(int(fraction x connected), min_nodes) nodes. A fraction just above 0
 # (0 would switch training off) leaves min_nodes: exactly the configured count, however
@@ -148,9 +149,17 @@ class Sampling:
             )
 
     def observe(self, replies: Iterable[Message]) -> None:
-        """Remember the partition id of each reply that names one."""
+        """Remember the partition id of each reply that names a valid one.
+
+        A malformed ``info`` record is skipped here, never raised: the reply checks
+        leave such a reply out, with the reason, where its content matters.
+        """
         for message in replies:
             if message.has_error() or "info" not in message.content.config_records:
+                continue
+            try:
+                check_info(message.content)
+            except PayloadError:
                 continue
             self.partitions[int(message.metadata.src_node_id)] = partition_of(message)
 

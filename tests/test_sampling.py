@@ -124,6 +124,19 @@ def test_the_client_app_answers_the_partition_query(flower_task_identity):
     assert strategy.sampling.partitions == {3: 0, 2: 1, 1: 2}
 
 
+def test_a_malformed_partition_id_in_a_reply_is_skipped_not_raised(flower_task_identity):
+    def liar(msg, context):
+        reply = _client(msg, context)
+        reply.content["info"] = ConfigRecord({"partition-id": "zero"})
+        return reply
+
+    grid = _grid(3, client=liar)
+    strategy = build_strategy({"name": "vanilla"}, num_clients=3, clients_per_round=1)
+    strategy.sampling.learn_partitions(grid, timeout=10)  # the query replies lie
+    assert strategy.sampling.partitions == {}
+    assert len(_drawn(strategy, grid, [1])[0]) == 1  # nodes without a partition id are still drawn
+
+
 def test_sampling_refuses_counts_below_one():
     with pytest.raises(ValueError, match="clients_per_round=0"):
         Sampling(clients_per_round=0)
