@@ -16,6 +16,7 @@ server sends to clients and their typed settings (``CLIENT_SETTINGS``).
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -190,6 +191,22 @@ class ExistingFile:
         return Path(str(value)).expanduser().is_file()
 
 
+@dataclass(frozen=True)
+class RayAddress:
+    """``auto`` or ``HOST:PORT``: a running Ray cluster, as ``ray.init(address=...)`` takes it."""
+
+    allowed: str = "auto | HOST:PORT (the head of a cluster started with `ray start --head`; port 1..65535)"
+
+    # A host name, an IPv4 address or a bracketed IPv6 address, then the port.
+    PATTERN = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):([0-9]{1,5})")
+
+    def ok(self, value: object) -> bool:
+        if value == "auto":
+            return True
+        match = self.PATTERN.fullmatch(value) if isinstance(value, str) else None
+        return match is not None and 1 <= int(match.group(1)) <= 65535
+
+
 def Optional(rule, null: str = "null") -> AnyOf:  # noqa: N802 (reads like the other rules)
     """Null (described by ``null``) or what ``rule`` allows."""
     return AnyOf((Exactly(None, null), rule))
@@ -288,6 +305,43 @@ class Ema:
         "per-round EMA decay; diffusers warms it up as min(decay, (1+k)/(10+k)) at EMA step k, so the first "
         "rounds weigh the newest model heavily (decays 0, 0.18, 0.25, ...)",
         client=Client("ema-decay", float),
+    )
+
+
+# Simulated clients that share one GPU at most when ``simulation.client_resources.num_gpus`` is null.
+CLIENTS_PER_GPU = 4
+_SIM = "(`feddm-run` only; see [Simulation resources](#simulation-resources-and-a-ray-cluster))"
+
+
+@dataclass
+class ClientResources:
+    """Ray resources each simulated client reserves (Flower's backend config ``client_resources``)."""
+
+    num_cpus: Any = setting(
+        None,
+        Optional(Number(gt=0), "null (automatic)"),
+        f"CPUs Ray reserves for each simulated client {_SIM}; null = 2 (Flower's default), 1 when clients "
+        "get a GPU share",
+    )
+    num_gpus: Any = setting(
+        None,
+        Optional(AnyOf((Number(ge=0, le=1), Int(min=1))), "null (automatic)"),
+        f"GPUs Ray reserves for each simulated client {_SIM}: 0.25 lets 4 clients train on one GPU at once; "
+        f"null = 0 without a CUDA GPU or with `device=cpu`, else 1/min({CLIENTS_PER_GPU}, num_clients)",
+    )
+
+
+@dataclass
+class Simulation:
+    """``feddm-run``'s in-process simulation: Flower's Ray backend."""
+
+    client_resources: Any = section(ClientResources)
+    ray_address: Any = setting(
+        None,
+        Optional(RayAddress(), "null (Ray's default)"),
+        f"the Ray cluster simulated clients run on {_SIM}: `HOST:PORT` of its head (`auto`: the one started on "
+        "this machine); null = Ray's default, a new local instance unless `RAY_ADDRESS` is set or `ray start` "
+        "runs here",
     )
 
 
@@ -849,6 +903,7 @@ class Config:
     scheduler: Any = section(Scheduler)
     eval: Any = section(Eval)
     ema: Any = section(Ema)
+    simulation: Any = section(Simulation)
     checkpoint_every: Any = setting(
         1, Int(min=0, note="0: no checkpoints"), "rounds between checkpoints in the run folder; 0 = none"
     )
