@@ -23,7 +23,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 import conf
 from feddm.simulation import simulate
-from server_app.config import ConfigError, compose_config, resolve_paths, resumed_config, validate_config
+from server_app.config import (
+    ConfigError,
+    compose_config,
+    refuse_simulation_overrides,
+    resolve_paths,
+    resumed_config,
+    validate_config,
+)
 
 # Exit status of a config error (as argparse uses for bad arguments).
 CONFIG_ERROR_STATUS = 2
@@ -46,6 +53,7 @@ def submit(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     Returns the run folder (a path on the SuperLink's machine).
     """
     app_overrides = [o for o in overrides if not o.lstrip("+~").startswith("superlink=")]
+    refuse_simulation_overrides(app_overrides)
     if cfg.resume:
         app_overrides = [f"resume={cfg.resume}"]
     # Paths must be absolute: the SuperLink runs the app in its own directory.

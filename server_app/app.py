@@ -11,7 +11,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server_app.config import compose_config
+from server_app.config import compose_config, refuse_simulation_overrides
 from server_app.federation import run_federation
 
 app = ServerApp()
@@ -20,5 +20,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Compose the config from the run config's overrides and train."""
-    cfg = compose_config(str(context.run_config.get("overrides", "")))
+    overrides = str(context.run_config.get("overrides", ""))
+    refuse_simulation_overrides(overrides)
+    cfg = compose_config(overrides)
     run_federation(grid, cfg, str(context.run_config.get("run-dir", "")) or None)

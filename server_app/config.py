@@ -318,6 +318,25 @@ def _check_partial(e: list[str], st: DictConfig, num_levels: int) -> None:
         _check(e, st.shared is None, "strategy.shared", st.shared, "null unless strategy.preset=custom")
 
 
+def refuse_simulation_overrides(overrides: Sequence[str] | str) -> None:
+    """Raise ``ConfigError`` for ``simulation.*`` overrides where they would be ignored: under ``flwr run``.
+
+    They configure ``feddm-run``'s in-process simulation. A SuperLink's simulation runtime starts
+    Ray before the app reads its config, from its federation config and its environment.
+    """
+    if isinstance(overrides, str):
+        overrides = shlex.split(overrides)
+    given = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] == "simulation"]
+    if given:
+        raise ConfigError(
+            f"{' '.join(given)} is not allowed with flwr run (feddm-run superlink=... or plain flwr run): "
+            "simulation.* keys set up feddm-run's in-process simulation. A SuperLink's simulation runtime "
+            "takes its clients' resources from flwr run --federation-config \"client-resources-num-cpus=1 "
+            "client-resources-num-gpus=0.25\" and a Ray cluster from RAY_ADDRESS=HEAD:PORT in the SuperLink's "
+            "environment"
+        )
+
+
 def resumed_config(run_dir: str | Path) -> DictConfig:
     """The saved config of the run folder ``run_dir``, set to resume there."""
     run_dir = Path(run_dir).expanduser().resolve()
