@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -194,12 +195,38 @@ def run_overrides(
     ]
 
 
-def execute(run: Run, overrides: list[str], work: Path) -> dict:
-    """Run ``feddm-run`` (a fresh process) and return its metrics rows and wall time."""
-    run_dir = work / run.name.replace(" ", "_")
+def folder_name(run: Run) -> str:
+    """``run.name`` as a folder name Hydra's override grammar accepts (no spaces, no ``=``)."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", run.name)
+
+
+def finished_outcome(run_dir: Path, overrides: list[str], rounds: int) -> dict | None:
+    """The outcome of a run that an earlier, interrupted invocation finished in ``run_dir``, if any."""
+    outcome = run_dir / "outcome.json"
+    if outcome.is_file():
+        return json.loads(outcome.read_text())
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    if not rows or rows[-1].get("round") != rounds or "fid" not in rows[-1]:
+        return None
+    # Finished before outcome.json existed: the run's own clock (training and evaluation, no start-up).
+    wall_s = rows[-1]["wall_time_s"]
+    return {"wall_s": wall_s, "rows": rows, "run_dir": str(run_dir), "overrides": overrides}
+
+
+def execute(run: Run, overrides: list[str], work: Path, rounds: int) -> dict:
+    """Run ``feddm-run`` (a fresh process) and return its metrics rows and wall time.
+
+    A run that an earlier invocation finished in the same ``--work-dir`` is reused.
+    """
+    run_dir = work / folder_name(run)
+    earlier = finished_outcome(run_dir, overrides, rounds)
+    if earlier is not None:
+        print(f"[{time.strftime('%H:%M:%S')}] {run.name}: finished earlier in {run_dir}", flush=True)
+        return earlier
     if (run_dir / "metrics.jsonl").is_file():
-        raise FileExistsError(f"{run_dir} holds a finished run; pick an empty --work folder")
-    log = work / f"{run.name.replace(' ', '_')}.log"
+        raise FileExistsError(f"{run_dir} holds an unfinished run; remove it or pick another --work-dir")
+    log = work / f"{folder_name(run)}.log"
     command = [str(Path(sys.executable).parent / "feddm-run"), *overrides, f"hydra.run.dir={run_dir}"]
     print(f"[{time.strftime('%H:%M:%S')}] {run.name}: {' '.join(overrides)}", flush=True)
     started = time.perf_counter()
@@ -214,7 +241,9 @@ def execute(run: Run, overrides: list[str], work: Path) -> dict:
         + ", ".join(f"r{r['round']} {r['fid']:.1f}, {r['kid']:.4f}" for r in rows if "fid" in r),
         flush=True,
     )
-    return {"wall_s": round(wall_s, 1), "rows": rows, "run_dir": str(run_dir), "overrides": overrides}
+    outcome = {"wall_s": round(wall_s, 1), "rows": rows, "run_dir": str(run_dir), "overrides": overrides}
+    (run_dir / "outcome.json").write_text(json.dumps(outcome))
+    return outcome
 
 
 def summarize(run: Run, outcome: dict) -> dict:
@@ -457,6 +486,11 @@ def main() -> None:
         default=REPO / "outputs" / "benchmarks" / "quality",
         help="folder for the run folders and logs (a new subfolder per invocation)",
     )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="an earlier invocation's folder: its finished runs are reused, the others run there",
+    )
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument(
         "--fid-weights",
@@ -477,8 +511,8 @@ def main() -> None:
     scale = dict(SCALES[scale_name])
     scale.update({k: v for k, v in vars(args).items() if k in scale and v is not None})
 
-    work = (args.work / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
-    work.mkdir(parents=True)
+    work = (args.work_dir or args.work / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
     fid_cache = args.work.resolve() / "fid_cache"  # real statistics, shared by invocations
     results, started = {}, time.perf_counter()
     for run in plan(scale, args.only, args.suite):
@@ -489,7 +523,7 @@ def main() -> None:
             args.fid_weights.resolve() if args.fid_weights else None,
             fid_cache,
         )
-        results[run.name] = summarize(run, execute(run, overrides, work))
+        results[run.name] = summarize(run, execute(run, overrides, work, scale["rounds"]))
     total_s = time.perf_counter() - started
 
     name = result_name(args.suite, scale_name)
