@@ -827,6 +827,19 @@ class Config:
         "clients drawn to evaluate at evaluation rounds (at most `min_clients`), drawn apart from the trainers; "
         "null = as many as `clients_per_round`",
     )
+    over_select: Any = setting(
+        0,
+        Number(ge=0),
+        "extra share of clients drawn to train: ceil(`clients_per_round` x (1 + over_select)), at most "
+        "`min_clients`, so that `clients_per_round` replies still arrive by `round_timeout_s` when some are "
+        "late; every reply in time is aggregated; needs `clients_per_round`",
+    )
+    min_replies: Any = setting(
+        None,
+        Optional(Int(min=1), "null (1)"),
+        "fewest training replies a round aggregates (at most `clients_per_round`, else `min_clients`); with "
+        "fewer (late, failed or left out) the run stops with the last good round; null = 1",
+    )
     local_steps: Any = setting(
         50,
         Int(min=1),
@@ -862,7 +875,12 @@ class Config:
         "`auto` (CUDA if present), `cpu` or `cuda`, for server and clients; a SuperNode's node config `device` wins",
         client=Client("device", str),
     )
-    round_timeout_s: Any = setting(3600, Number(gt=0), "seconds the server waits for the replies of a round")
+    round_timeout_s: Any = setting(
+        3600,
+        Number(gt=0),
+        "the round's deadline: seconds the server waits for a round's replies (each of SecAgg+'s stages, "
+        "evaluation); later replies are discarded and counted in `num_late`",
+    )
     node_wait_timeout_s: Any = setting(
         120,
         Number(gt=0),

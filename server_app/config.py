@@ -77,6 +77,31 @@ def _check_clients(e: list[str], cfg: DictConfig) -> None:
             value,
             f"null or an integer in 1..{fewest} (min_clients, else num_clients: the clients a round may run with)",
         )
+    _check_stragglers(e, cfg)
+
+
+def _check_stragglers(e: list[str], cfg: DictConfig) -> None:
+    """Over-selection draws beyond ``clients_per_round``; ``min_replies`` fits the clients a round runs with."""
+    over = cfg.get("over_select")
+    if is_number(over) and over > 0 and cfg.get("clients_per_round") is None:
+        _check(
+            e,
+            False,
+            "over_select",
+            over,
+            "0 with clients_per_round=null (every connected client trains: there is no one extra to draw); "
+            "set clients_per_round to over-select",
+        )
+    nodes, source = round_clients(cfg)
+    wanted = cfg.get("min_replies")
+    if is_int(wanted) and is_int(nodes):
+        _check(
+            e,
+            wanted <= nodes,
+            "min_replies",
+            wanted,
+            f"null or an integer in 1..{nodes} (the replies a round expects, {source}={nodes})",
+        )
 
 
 def round_clients(cfg: DictConfig) -> tuple[object, str]:
@@ -164,7 +189,9 @@ def _check_byzantine(e: list[str], cfg: DictConfig, aggregator: DictConfig) -> N
             "clients_per_round",
             nodes,
             f">= {need} with aggregator={aggregator['name']} and aggregator.num_malicious_nodes={f} "
-            f"({aggregator['name']} needs >= {need} replies a round)",
+            f"({aggregator['name']} needs >= {need} replies a round"
+            # The extra clients may all be late: the minimum must hold without them.
+            + ("; over-selected clients do not count: they may be late)" if _over_selects(cfg) else ")"),
         )
     else:
         _check(
@@ -183,6 +210,12 @@ def _check_byzantine(e: list[str], cfg: DictConfig, aggregator: DictConfig) -> N
             m,
             f"at most the round's {nodes} clients ({source}={nodes})",
         )
+
+
+def _over_selects(cfg: DictConfig) -> bool:
+    """Whether training rounds draw clients beyond ``clients_per_round``."""
+    over = cfg.get("over_select")
+    return is_number(over) and over > 0 and cfg.get("clients_per_round") is not None
 
 
 def _check_secagg(e: list[str], cfg: DictConfig) -> None:

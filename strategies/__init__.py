@@ -160,6 +160,8 @@ def build_strategy(
     last_round: int = 0,
     clients_per_round: int | None = None,
     eval_clients_per_round: int | None = None,
+    over_select: float = 0.0,
+    min_replies: int | None = None,
 ) -> FedDMStrategy:
     """The strategy ``strategy['name']`` with ``privacy`` and ``aggregator``, and its client sampling.
 
@@ -171,7 +173,10 @@ def build_strategy(
     ``eval_clients_per_round`` (None: as many as train) evaluate, drawn with
     ``seed`` and the round (``strategies.sampling``); None: every connected
     client. A round starts once ``min_clients`` (default ``num_clients``) nodes
-    are connected, so it can go on after a node has failed. ``seed`` and
+    are connected, so it can go on after a node has failed. ``over_select``
+    draws ceil(clients_per_round x (1 + over_select)) clients to train, at most
+    ``min_clients``, and every reply that arrives by the deadline is aggregated;
+    a round with fewer than ``min_replies`` (None: 1) aggregatable replies fails. ``seed`` and
     ``client_generation`` (what clients that keep parts of the model generate
     for FID) go to the partial encoding.
     Clients evaluate on rounds divisible by ``evaluate_every`` and on ``last_round``.
@@ -189,7 +194,11 @@ def build_strategy(
     if conflicts:
         raise ValueError("; ".join(conflicts))
     recipe, nodes, agg = RECIPES[name], min_clients or num_clients, AGGREGATORS[aggregator["name"]]
-    sampling = Sampling(clients_per_round, eval_clients_per_round, seed=seed)
+    if min_replies is not None and (
+        isinstance(min_replies, bool) or not isinstance(min_replies, int) or min_replies < 1
+    ):
+        raise ValueError(f"min_replies={min_replies!r} must be null or an integer >= 1")
+    sampling = Sampling(clients_per_round, eval_clients_per_round, seed=seed, over_select=over_select)
     encoding = recipe.encoding.from_config(
         strategy, seed=seed, client_generation=client_generation, whole_models=agg.kind == "optimizer"
     )
@@ -202,6 +211,7 @@ def build_strategy(
         evaluate_every=evaluate_every,
         last_round=last_round,
         sampling=sampling,
+        min_replies=min_replies or 1,
         **sampling.flower_options(nodes),
         **agg.options(aggregator),
     )

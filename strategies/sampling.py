@@ -15,11 +15,20 @@ existed). The draw is Flower's own: ``FedAvg.configure_train`` and
   ordered by their partition id, which each client reports once, before the
   first sampled round, in answer to a ``query`` message. The same seed then
   picks the same partitions in every process.
+
+Over-selection (``over_select``, a fraction) draws ceil(k x (1 + over_select))
+clients for training instead of k = ``clients_per_round``, at most the fewest
+clients a round runs with, so that k replies still arrive by the round's
+deadline on average when some clients are late. Every reply that arrives by the
+deadline is aggregated (Flower's ``send_and_receive`` returns them all); the
+round does not close early at k. Evaluation draws ``eval_clients_per_round``
+without over-selection.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -91,6 +100,7 @@ class Sampling:
     clients_per_round: int | None = None
     eval_clients_per_round: int | None = None
     seed: int = 0
+    over_select: float = 0.0
     partitions: dict[int, int] = field(default_factory=dict)
     _asked: set[int] = field(default_factory=set)
 
@@ -99,12 +109,32 @@ class Sampling:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} must be null or an integer >= 1")
+        number = not isinstance(self.over_select, bool) and isinstance(self.over_select, (int, float))
+        if not (number and self.over_select >= 0):  # NaN fails the comparison too
+            raise ValueError(f"over_select={self.over_select!r} must be a number >= 0")
+        if self.over_select > 0 and self.clients_per_round is None:
+            raise ValueError(
+                f"over_select={self.over_select:g} needs clients_per_round: it draws extra clients "
+                "beyond clients_per_round, and with clients_per_round=null every connected client trains"
+            )
 
     def per_round(self, phase: str) -> int | None:
         """Clients sampled in ``phase`` (``train`` or ``evaluate``); None: all connected."""
         if phase == "evaluate" and self.eval_clients_per_round is not None:
             return self.eval_clients_per_round
         return self.clients_per_round  # evaluation follows training unless set
+
+    def drawn(self, phase: str, nodes: int) -> int | None:
+        """Clients drawn in ``phase``: ``per_round`` plus the over-selected ones, at most ``nodes``.
+
+        ``nodes`` is the fewest connected clients a round runs with: Flower waits
+        until as many as it draws are connected, so a larger draw could stall a round.
+        """
+        count = self.per_round(phase)
+        if count is None or phase != "train" or not self.over_select:
+            return count
+        # The epsilon keeps 10 x 1.3 (13.000000000000002 in floating point) at 13.
+        return min(max(math.ceil(count * (1 + self.over_select) - 1e-9), count), max(nodes, count))
 
     @property
     def enabled(self) -> bool:
@@ -115,7 +145,7 @@ class Sampling:
         """``FedAvg``'s sampling arguments; ``nodes``: the fewest connected clients a round runs with."""
         options: dict[str, Any] = {"min_available_nodes": nodes}
         for phase, suffix in (("train", "train"), ("evaluate", "evaluate")):
-            count = self.per_round(phase)
+            count = self.drawn(phase, nodes)
             options[f"fraction_{suffix}"] = 1.0 if count is None else ONLY_MIN_NODES
             options[f"min_{suffix}_nodes"] = nodes if count is None else count
         return options
@@ -125,8 +155,11 @@ class Sampling:
         if not self.enabled:
             return []
         train, evaluate = self.per_round("train"), self.per_round("evaluate")
+        extra = ""
+        if self.over_select:  # the cap (the fewest clients a round runs with) is Flower's min_train_nodes
+            extra = f" (over_select={self.over_select:g}: up to {self.drawn('train', 2**31)} drawn)"
         return [
-            f"sampling: {train or 'all'} clients train, {evaluate or 'all'} evaluate per round "
+            f"sampling: {train or 'all'} clients train{extra}, {evaluate or 'all'} evaluate per round "
             f"(seeded by seed {self.seed} and the round)"
         ]
 

@@ -341,8 +341,11 @@ class SecAggPlusGrid:
                 content["info"] = ConfigRecord({"partition-id": int(fitres.metrics["partition-id"])})
             replies.append(Message(content=content, reply_to=by_node.pop(proxy.node_id)))
         for nid, message in by_node.items():  # nodes that dropped out of the protocol
+            if nid not in errors:  # silent past a stage's timeout: late, no reply (as Flower's grids give)
+                log(WARNING, "SecAgg+: node %d dropped out of the round: no reply in time", nid)
+                continue
             log(WARNING, "SecAgg+: node %d dropped out of the round", nid)
-            reason = f"dropped out of the SecAgg+ round: {errors.get(nid, 'no reply in time')}"
+            reason = f"dropped out of the SecAgg+ round: {errors[nid]}"
             replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=reason), reply_to=message))
         return replies
 

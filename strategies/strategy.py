@@ -15,6 +15,10 @@ Around them it
 * counts the bytes of the arrays actually placed in the messages, both ways;
 * checks every training reply against the global model before it reaches the
   average, and leaves out (with a logged reason) the ones that do not match;
+* aggregates the replies that arrived by the round's deadline (Flower's
+  ``timeout``, ``round_timeout_s``), counting the messages that got no reply by
+  then (``num_late``) and the error replies (``num_failed``), and fails the
+  round when fewer than ``min_replies`` replies can be aggregated;
 * keeps the aggregated metrics per round in ``round_log`` for the ServerApp,
   with the wall time of each round's training phase (``train_time_s``);
 * asks clients to evaluate only on evaluation rounds (``evaluate_every``);
@@ -100,6 +104,9 @@ class FedDMStrategy:
     sampling : Sampling | None (default: every connected client)
         How many clients train and evaluate per round; the Flower strategy's
         ``fraction_*``/``min_*_nodes`` must match it (``Sampling.flower_options``).
+    min_replies : int (default: 1)
+        Fewest training replies a round aggregates; with fewer (late, failed or
+        left out) the round fails with ``RoundFailedError``.
     **kwargs
         Passed to the Flower strategy.
     """
@@ -116,6 +123,7 @@ class FedDMStrategy:
         last_round: int = 0,
         reply_checks: ReplyChecks | None = None,
         sampling: Sampling | None = None,
+        min_replies: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -126,6 +134,7 @@ class FedDMStrategy:
         self.extras = tuple(extras)
         self.reply_checks = reply_checks or ReplyChecks()
         self.sampling = sampling or Sampling()
+        self.min_replies = int(min_replies)
         self.evaluate_every, self.last_round = int(evaluate_every), int(last_round)
         # Per round: numbers, and the sampled partitions (lists) when clients are sampled.
         self.round_log: dict[int, dict[str, Any]] = {}
@@ -272,11 +281,13 @@ class FedDMStrategy:
                 message.metadata.src_node_id,
                 err,
             )
+        counts = self._reply_counts(server_round, replies)
         self._log_round(
             server_round,
             uplink_bytes=sum(message_nbytes(m) for m in replies),
             num_aggregated=len(accepted),
             num_rejected=rejected,
+            **counts,
         )
         accepted = self.reply_checks.weighted(sorted(accepted, key=reply_order))
         if not accepted:
@@ -284,8 +295,51 @@ class FedDMStrategy:
                 f"round {server_round}: none of the {len(replies)} training replies could "
                 "be aggregated, so the run stops with the last global model. "
                 + ("Reasons: " + "; ".join(reasons[:4]) if reasons else "No client replied.")
+                + self._late_note(counts)
+            )
+        if len(accepted) < self.min_replies:
+            raise RoundFailedError(
+                f"round {server_round}: {len(accepted)} training replies could be aggregated, fewer than "
+                f"min_replies={self.min_replies}, so the run stops with the last global model "
+                f"({counts['num_late']} late, {counts['num_failed']} failed, {rejected} left out)."
+                + (" Reasons: " + "; ".join(reasons[:4]) if reasons else "")
+                + self._late_note(counts)
             )
         return accepted
+
+    def _reply_counts(self, server_round: int, replies: list[Message]) -> dict[str, int]:
+        """``num_failed`` (error replies) and ``num_late`` (messages with no reply by the deadline).
+
+        Flower's grids return only the replies that arrived before the timeout;
+        the rest are dropped without a trace, so the late ones are the messages
+        sent (``num_sampled``) less the replies.
+        """
+        sent = self.round_log.get(server_round, {}).get("num_sampled", len(replies))
+        late = max(sent - len(replies), 0)
+        if late:
+            log(
+                WARNING,
+                "Round %d: %d of the %d training messages got no reply within %s; "
+                "the round goes on without them",
+                server_round,
+                late,
+                sent,
+                self._deadline(),
+            )
+        return {"num_late": late, "num_failed": sum(m.has_error() for m in replies)}
+
+    def _late_note(self, counts: dict[str, int]) -> str:
+        """A hint for a failed round that lost replies to the deadline."""
+        if not counts["num_late"]:
+            return ""
+        return (
+            f" {counts['num_late']} clients sent no reply within {self._deadline()}: "
+            "raise it, or draw extra clients with over_select."
+        )
+
+    def _deadline(self) -> str:
+        """The round's deadline as its config key says it (unknown before ``start``, e.g. pretraining)."""
+        return "round_timeout_s" + (f"={self._timeout:g}" if self._timeout is not None else "")
 
     def _checked(self, message: Message) -> Message:
         """The reply with its metrics checked and its arrays decoded (``PayloadError`` if not valid)."""

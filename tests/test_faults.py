@@ -71,6 +71,7 @@ def test_a_client_slower_than_the_round_timeout_is_left_out(tmp_path, monkeypatc
     rows = _rows(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
     assert rows[1]["num_aggregated"] == 1 and rows[1]["num_sampled"] == 2
+    assert rows[1]["num_late"] == 1 and rows[1]["num_failed"] == 0 and rows[0]["num_late"] == 0
 
 
 def test_every_client_failing_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, data_root):
