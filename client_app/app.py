@@ -26,6 +26,7 @@ from client_app.partial import (
     shared_names,
     wants_partial,
 )
+from client_app.state import client_state
 from client_app.task import (
     ClientSettings,
     build_model,
@@ -50,10 +51,10 @@ def _device(settings: ClientSettings, context: Context) -> torch.device:
     return resolve_device(str(context.node_config.get("device", settings.device)))
 
 
-def _weights(msg: Message, model_state: dict, context: Context) -> dict[str, torch.Tensor]:
+def _weights(msg: Message, model_state: dict, state: RecordDict) -> dict[str, torch.Tensor]:
     """The weights to start from: the global model, or (partial exchange) shared + local parts."""
     if wants_partial(msg.content["config"]):
-        return assemble(msg.content["arrays"], model_state, context.state)
+        return assemble(msg.content["arrays"], model_state, state)
     return received_weights(msg.content["arrays"], model_state)
 
 
@@ -88,13 +89,19 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 @app.train(mods=[secagg_mod, dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's data."""
+    settings = read_settings(msg.content["config"])
+    with client_state(context, settings.client_state, settings.client_state_dir, save=True) as state:
+        return _train(msg, context, settings, state)
+
+
+def _train(msg: Message, context: Context, settings: ClientSettings, state: RecordDict) -> Message:
+    """``train`` with the client's state between rounds (``state``: in memory or loaded from disk)."""
     config = msg.content["config"]
-    settings = read_settings(config)
     unet, scheduler = build_model(settings, _device(settings, context))
-    received = _weights(msg, unet.state_dict(), context)
+    received = _weights(msg, unet.state_dict(), state)
     unet.load_state_dict(received)
     if settings.ema_enabled and _keeps_local_parts(config, list(received)):
-        personal_ema(unet, context.state, settings.ema_decay, persist=True)
+        personal_ema(unet, state, settings.ema_decay, persist=True)
     dataset, train_idx, _ = client_data(settings, context.node_config)
 
     partition_id = int(context.node_config["partition-id"])
@@ -105,18 +112,18 @@ def train(msg: Message, context: Context) -> Message:
     )
 
     if wants_partial(config):
-        keep_local_parts(unet.state_dict(), shared_names(config, list(received)), context.state)
+        keep_local_parts(unet.state_dict(), shared_names(config, list(received)), state)
         arrays = reply_arrays(
             unet.state_dict(),
             received,
             config,
-            context.state,
+            state,
             partition_id=partition_id,
             num_partitions=int(context.node_config["num-partitions"]),
             seed=seed,
         )
     elif wants_quantized_update(config):
-        arrays = quantized_update(unet.state_dict(), received, config, context.state, seed)
+        arrays = quantized_update(unet.state_dict(), received, config, state, seed)
     else:
         arrays = ArrayRecord(unet.state_dict())
     metrics = MetricRecord({"train_loss": train_loss, "num-examples": len(train_idx)})
@@ -135,8 +142,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     """
     config = msg.content["config"]
     settings = read_settings(config)
+    with client_state(context, settings.client_state, settings.client_state_dir, save=False) as state:
+        return _evaluate(msg, context, settings, state)
+
+
+def _evaluate(msg: Message, context: Context, settings: ClientSettings, state: RecordDict) -> Message:
+    """``evaluate`` with the client's state (read only: evaluation changes nothing a client keeps)."""
+    config = msg.content["config"]
     unet, scheduler = build_model(settings, _device(settings, context))
-    unet.load_state_dict(_weights(msg, unet.state_dict(), context))
+    unet.load_state_dict(_weights(msg, unet.state_dict(), state))
     dataset, _, holdout_idx = client_data(settings, context.node_config)
 
     # The same noise every round, so the loss is comparable across rounds.
@@ -147,7 +161,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     content = RecordDict({"metrics": metrics, "info": info})
     if "sample-count" in config:
         if settings.ema_enabled:
-            personal_ema(unet, context.state, settings.ema_decay, persist=False).copy_to(unet.parameters())
+            personal_ema(unet, state, settings.ema_decay, persist=False).copy_to(unet.parameters())
         images = generate_images(
             unet,
             scheduler,

@@ -63,12 +63,17 @@ def partition_indices(
     does, so IID shards do not follow the file order. Every client computes the
     same split from the same labels and seed; the partitions are disjoint.
     """
+    return indices_of(loaded_partitioner(labels, partition, num_partitions, seed), partition_id)
+
+
+def indices_of(partitioner: Partitioner, partition_id: int) -> np.ndarray:
+    """The sorted image indices of one partition of a :func:`loaded_partitioner`."""
+    num_partitions = partitioner.num_partitions
     if not 0 <= partition_id < num_partitions:
         raise ValueError(
             f"partition-id {partition_id} is outside 0..{num_partitions - 1} "
             f"(num-partitions={num_partitions})"
         )
-    partitioner = _loaded_partitioner(labels, partition, num_partitions, seed)
     return np.sort(np.asarray(partitioner.load_partition(partition_id)["index"]))
 
 
@@ -76,13 +81,18 @@ def partition_sizes(
     labels: np.ndarray, partition: Mapping[str, Any], *, num_partitions: int, seed: int
 ) -> list[int]:
     """The number of images of each partition, as ``partition_indices`` splits them (one partitioner for all)."""
-    partitioner = _loaded_partitioner(labels, partition, num_partitions, seed)
+    partitioner = loaded_partitioner(labels, partition, num_partitions, seed)
     return [len(partitioner.load_partition(pid)) for pid in range(num_partitions)]
 
 
-def _loaded_partitioner(
+def loaded_partitioner(
     labels: np.ndarray, partition: Mapping[str, Any], num_partitions: int, seed: int
 ) -> Partitioner:
+    """The partitioner over a seeded shuffle of ``labels``; it splits all partitions at its first load.
+
+    Keep it to read several partitions: with 1000 Dirichlet partitions the split
+    itself costs far more than reading one partition.
+    """
     if num_partitions > len(labels):
         raise ValueError(f"num-partitions={num_partitions} is more than the {len(labels)} images")
     # Shuffle in NumPy: a shuffled `datasets.Dataset` carries an index mapping that

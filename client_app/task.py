@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from flwr_datasets.partitioner import Partitioner
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from client_app.partition import partition_indices, split_train_holdout
+from client_app.partition import indices_of, loaded_partitioner, split_train_holdout
 from conf.schema import CLIENT_JSON_KEYS, CLIENT_SETTINGS
 from models import (
     LabeledImages,
@@ -72,6 +73,15 @@ def _dataset(spec_json: str, root: str) -> LabeledImages:
     return dataset_from_config(json.loads(spec_json), train=True, root=root)
 
 
+@functools.lru_cache(maxsize=2)
+def _partitioner(dataset_key: tuple, partition_json: str, num_partitions: int, seed: int) -> Partitioner:
+    # One split of the whole dataset per process, shared by every client it serves: a simulation
+    # worker serves many partitions, and recomputing 1000 Dirichlet partitions per client would
+    # make a round's cost grow with the population.
+    labels = _dataset(*dataset_key).labels
+    return loaded_partitioner(labels, json.loads(partition_json), num_partitions, seed)
+
+
 @functools.lru_cache(maxsize=16)
 def _split(
     dataset_key: tuple,
@@ -81,14 +91,7 @@ def _split(
     seed: int,
     eval_fraction: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    labels = _dataset(*dataset_key).labels
-    indices = partition_indices(
-        labels,
-        json.loads(partition_json),
-        partition_id=partition_id,
-        num_partitions=num_partitions,
-        seed=seed,
-    )
+    indices = indices_of(_partitioner(dataset_key, partition_json, num_partitions, seed), partition_id)
     return split_train_holdout(indices, eval_fraction, seed=round_seed(seed, partition_id))
 
 

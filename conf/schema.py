@@ -840,6 +840,22 @@ class Config:
         "fewest training replies a round aggregates (at most `clients_per_round`, else `min_clients`); with "
         "fewer (late, failed or left out) the run stops with the last good round; null = 1",
     )
+    client_state: Any = setting(
+        "memory",
+        OneOf(("memory", "disk")),
+        "where each client keeps what it carries between rounds (quant's error-feedback residual, partial "
+        "exchange's local parts and own EMA; about one model copy each): `memory` (Flower's `Context.state`) or "
+        "`disk` (a safetensors file per client, loaded when it is sampled; for many clients or large models)",
+        client=Client("client-state", str),
+    )
+    client_state_dir: Any = setting(
+        None,
+        Optional(Anything("a folder"), "null (automatic)"),
+        "with `client_state=disk`: the folder of the clients' state files (a SuperNode's node config "
+        "`client-state-dir` wins); null = the run folder's `client_state/` in simulation (removed when the run "
+        "finishes), `~/.cache/feddm/client_state` on a SuperNode",
+        client=Client("client-state-dir", str),
+    )
     local_steps: Any = setting(
         50,
         Int(min=1),

@@ -182,6 +182,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
         recorder = RoundRecorder(run, watch)  # the evaluator's FID statistics come first
         wait_for_nodes(grid, cfg.num_clients, float(cfg.node_wait_timeout_s))
         bound_num_examples(grid, run)
+        place_client_state(grid, run)
         calibration = run.strategy.layer(Calibration)
         if calibration is not None:  # FedDDPM: the clients' own models first
             calibration.calibrate = pretrain(grid, run)
@@ -262,6 +263,19 @@ def build_run(cfg: DictConfig, folder: RunFolder) -> Run:
 def in_simulation(grid: Grid) -> bool:
     """Whether ``grid`` is Flower's simulation grid (every node reads this server's data and config)."""
     return type(grid).__name__ == "InMemoryGrid"
+
+
+def place_client_state(grid: Grid, run: Run) -> None:
+    """``client_state=disk`` with no folder set: in simulation, the run folder's ``client_state/``.
+
+    Simulated clients share this machine's disk, so their state sits beside the
+    run's other files (and is removed when the run finishes). On SuperNodes each
+    node chooses its own folder (``client_state.default_state_dir``).
+    """
+    cfg = run.cfg
+    if cfg.client_state == "disk" and cfg.client_state_dir is None and in_simulation(grid):
+        run.settings["client-state-dir"] = str(run.folder.client_state)
+        log(INFO, "FedDM: clients keep their state between rounds in %s", run.folder.client_state)
 
 
 def bound_num_examples(grid: Grid, run: Run) -> None:
@@ -454,6 +468,8 @@ def finish(run: Run) -> None:
             run.folder.save_model(
                 weights.cpu(), run.scheduler, run.autoencoder.cpu() if run.autoencoder else None
             )
+    if run.settings["client-state-dir"] == str(run.folder.client_state):
+        run.folder.remove_client_state()  # only the run needed it
     log(INFO, "FedDM run finished; results in %s", run.folder.path)
 
 

@@ -8,12 +8,14 @@ Layout::
       samples/round_NNNN.png
       checkpoint.safetensors   the last checkpoint (weights, EMA, round, RNG states)
       model/             diffusers DDPMPipeline (save_pretrained)
+      client_state/      simulated clients' state files while the run lasts (client_state=disk)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ class RunFolder:
         self.samples.mkdir(parents=True, exist_ok=True)
         self.metrics_file = self.path / "metrics.jsonl"
         self.model_dir = self.path / "model"
+        self.client_state = self.path / "client_state"  # simulated clients' state files (client_state=disk)
 
     def write_config(self, yaml_text: str) -> None:
         """Keep the resolved config beside the results."""
@@ -74,6 +77,10 @@ class RunFolder:
         rows = [r for r in self.read_metrics() if r["round"] <= last_round]
         self._write_atomic(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         return rows
+
+    def remove_client_state(self) -> None:
+        """Delete the simulated clients' state files (a finished run does not need them)."""
+        shutil.rmtree(self.client_state, ignore_errors=True)
 
     def save_grid(self, images: torch.Tensor, server_round: int, nrow: int | None = None) -> Path:
         """Save uint8 N x C x H x W images as ``samples/round_NNNN.png`` (``nrow`` per row; default square)."""

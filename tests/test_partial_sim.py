@@ -36,10 +36,14 @@ def _run(tmp_path, monkeypatch, overrides):
 
 
 def test_udec_with_int8_keeps_local_parts_on_the_clients(tmp_path, monkeypatch, data_root):
+    # The clients keep their local parts and EMA on disk (client_state=disk): in the run folder, in
+    # simulation; round 2 needs round 1's local parts, and evaluation the client's own EMA.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where a SuperNode would keep them
     cfg, run_dir, replies, names = _run(
         tmp_path,
         monkeypatch,
         [
+            "client_state=disk",
             "strategy.preset=udec",
             "strategy.quantize=true",
             "eval.num_samples=6",
@@ -65,6 +69,8 @@ def test_udec_with_int8_keeps_local_parts_on_the_clients(tmp_path, monkeypatch, 
         assert row["fid_mixture"] > 0 and row["num_aggregated"] == 2
     assert (run_dir / "samples" / "round_0002.png").is_file()
     assert not (run_dir / "model").exists()  # no single model: each client keeps its own
+    assert not (run_dir / "client_state").exists()  # the clients' state files, removed at the end
+    assert not (tmp_path / "cache" / "feddm" / "client_state").exists()  # not a SuperNode's folder
     # round 2 downlink carries only the shared parts, so it is smaller than round 1's whole model
     assert rows[1]["downlink_bytes"] < rows[0]["downlink_bytes"]
 
