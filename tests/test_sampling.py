@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -35,10 +36,10 @@ def _client(msg, context):
     return secagg_mod(msg, context, lambda m, c: dp_clipping_mod(m, c, train))
 
 
-def _grid(partitions: int, client=_client, first_node: int = 1) -> LocalGrid:
+def _grid(partitions: int, client=_client, first_node: int = 1, grid_class=LocalGrid) -> LocalGrid:
     """A grid of ``partitions`` nodes; node ids start at ``first_node`` and run backwards to the partitions."""
     nodes = range(first_node, first_node + partitions)
-    grid = LocalGrid(nodes, client)
+    grid = grid_class(nodes, client)
     for partition, context in enumerate(reversed(list(grid.contexts.values()))):
         context.node_config.update({"partition-id": partition, "num-partitions": partitions})
     return grid
@@ -213,7 +214,7 @@ def test_sample_sizes_that_fit_are_accepted():
 FEDDDPM = [
     "strategy=fedddpm",
     "strategy.pretrain_steps=2",
-    "strategy.aux_samples=6",
+    "strategy.aux_samples=12",
     "strategy.aux_ddim_steps=2",
     "strategy.calibration_steps=2",
     "strategy.calibration_batch_size=4",
@@ -248,21 +249,24 @@ def _sampled_run(overrides, run_dir, grid=None, clients=6):
 def test_every_accepted_combination_trains_two_sampled_rounds(
     case, tmp_path, flower_task_identity, data_root
 ):
-    grid = _grid(6)
-    rows = [r for r in _rows(_sampled_run(RUNS[case], tmp_path / "run", grid)) if r["round"] > 0]
-    per_round = 3 if "clients_per_round=3" in RUNS[case] else 2
+    # A population of 12, 3 a round (USplit: 4, two groups of 2, each sending one model between them).
+    per_round = 4 if case == "partial_usplit" else 3
+    grid = _grid(12)
+    overrides = [*RUNS[case], f"clients_per_round={per_round}"]
+    rows = [r for r in _rows(_sampled_run(overrides, tmp_path / "run", grid, clients=12)) if r["round"] > 0]
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
         assert row["num_sampled"] == row["num_aggregated"] == per_round
         assert len(set(row["sampled_partitions"])) == per_round
         assert len(row["eval_partitions"]) == per_round and np.isfinite(row["eval_loss"])
     trained = {m.metadata.src_node_id for m in grid.received if m.metadata.message_type == "train"}
-    if case == "partial_usplit":  # the sampled pair is one group: together they send the whole model
-        model = grid.sent[-1].content["arrays"].keys()  # (an evaluate message holds the whole model)
+    if case == "partial_usplit":  # each round, every array of the model comes from exactly 2 clients
+        model = sorted(grid.sent[-1].content["arrays"].keys())  # (an evaluate message holds the whole model)
         replies = [m for m in grid.received if m.metadata.message_type == "train"]
-        assert len(replies) == 4  # two rounds of two, in order
-        for pair in (replies[:2], replies[2:]):
-            assert sorted(n for reply in pair for n in reply.content["arrays"].keys()) == sorted(model)
+        assert len(replies) == 2 * per_round  # two rounds, in order
+        for group in (replies[:per_round], replies[per_round:]):
+            sent = Counter(n for reply in group for n in reply.content["arrays"].keys())
+            assert sorted(sent) == model and set(sent.values()) == {2}
     if case != "fedddpm":  # FedDDPM's pretraining is every client's
         assert len(trained) <= 2 * per_round
 
@@ -330,3 +334,35 @@ def test_a_quant_clients_residual_waits_for_its_next_turn(tmp_path, flower_task_
             assert before.keys() == after.keys()
             assert all(np.array_equal(before[n], after[n]) for n in after)  # kept while not sampled
     assert gaps > 0  # some client sat out a round between two turns
+
+
+class _JoinsAfterRoundOne(LocalGrid):
+    """A grid whose first node (the last partition) connects only after round 1's training replies."""
+
+    def get_node_ids(self) -> list[int]:
+        nodes = super().get_node_ids()
+        if not any(m.metadata.message_type == "train" for m in self.received):
+            return nodes[1:]
+        return nodes
+
+
+@pytest.mark.slow
+def test_a_client_joining_after_round_one_is_asked_its_partition_and_gets_the_whole_model(
+    tmp_path, flower_task_identity, data_root
+):
+    # Partial udec: a newcomer has no local parts, so its first message must carry the whole model.
+    grid = _grid(5, grid_class=_JoinsAfterRoundOne)
+    joiner = next(iter(grid.contexts))
+    assert grid.contexts[joiner].node_config["partition-id"] == 4
+    overrides = ["num_rounds=4", "clients_per_round=4", "strategy=partial", "strategy.preset=udec"]
+    rows = [r for r in _rows(_sampled_run(overrides, tmp_path / "run", grid, clients=4)) if r["round"] > 0]
+    assert 4 not in rows[0]["sampled_partitions"]
+    joined = [r["round"] for r in rows if 4 in r["sampled_partitions"]]
+    assert joined and joined[0] >= 2  # drawn once connected (seeded: the same rounds every run)
+    assert all(r["num_aggregated"] == 4 for r in rows)  # its replies were used, nobody's was lost
+    to_joiner = [m for m in grid.sent if m.metadata.dst_node_id == joiner]
+    assert [m.metadata.message_type for m in to_joiner].count("query") == 1  # asked its partition once
+    first_train = next(m for m in to_joiner if m.metadata.message_type == "train")
+    # Round 1's training messages carry the whole model to every node (all newcomers then).
+    whole = next(m for m in grid.sent if m.metadata.message_type == "train").content["arrays"].keys()
+    assert sorted(first_train.content["arrays"].keys()) == sorted(whole)
