@@ -82,6 +82,9 @@ EVAL_CLIENTS_PER_ROUND = 2
 DIRICHLET_ALPHA = 0.3
 MIN_PARTITION_SIZES = (10, 5, 2, 1)  # the schema's default first, then lower until a split exists
 SAMPLE_INTERVAL_S = 0.5
+# Reading smaps_rollup walks each process's page tables (about 10 ms of kernel time per GiB-sized Ray
+# worker here): the sampler waits longer between samples to stay under this share of one core.
+SAMPLER_MAX_CPU_SHARE = 0.05
 PROJECTED_CLIENTS = 1000
 
 STRATEGIES = {
@@ -177,8 +180,11 @@ def command_line(pid: int, limit: int = 80) -> str:
 class TreeMemorySampler(threading.Thread):
     """Sums PSS and RSS over the process tree of ``root`` every ``interval_s``; keeps the peaks.
 
-    ``seen`` maps every pid ever found in the tree to its start time, so the run's
-    processes can be stopped afterwards even if they left its process group.
+    A sample that costs more than ``SAMPLER_MAX_CPU_SHARE`` of the interval in CPU time
+    stretches the wait before the next one, so the sampler never takes more than that
+    share of a core from the run it measures. ``seen`` maps every pid ever found in the tree
+    to its start time, so the run's processes can be stopped afterwards even if they left
+    its process group.
     """
 
     def __init__(self, root: int, interval_s: float = SAMPLE_INTERVAL_S) -> None:
@@ -187,12 +193,18 @@ class TreeMemorySampler(threading.Thread):
         self.peak_pss_kib = self.peak_rss_kib = self.peak_processes = self.samples = 0
         self.peak_pss_top: list[tuple[str, int]] = []  # the largest processes at the PSS peak
         self.seen: dict[int, int] = {}
+        self.cpu_s = 0.0  # this thread's CPU time spent sampling
+        self.started = time.monotonic()
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        self.started = time.monotonic()
         while not self._stop_event.is_set():
+            cpu_before = time.thread_time()
             self.sample_once()
-            self._stop_event.wait(self.interval_s)
+            cost = time.thread_time() - cpu_before
+            self.cpu_s += cost
+            self._stop_event.wait(max(self.interval_s, cost / SAMPLER_MAX_CPU_SHARE))
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -221,6 +233,8 @@ class TreeMemorySampler(threading.Thread):
             "peak_rss_gib": self.peak_rss_kib / 2**20,
             "peak_processes": self.peak_processes,
             "memory_samples": self.samples,
+            "mean_sample_interval_s": (time.monotonic() - self.started) / max(self.samples, 1),
+            "sampler_cpu_s": self.cpu_s,
             "largest_at_peak_pss_mib": [[cmd, round(kib / 1024, 1)] for cmd, kib in self.peak_pss_top],
         }
 
