@@ -12,7 +12,8 @@ UNet on Fashion-MNIST split with Dirichlet alpha 0.3, 10 clients drawn per round
 (``clients_per_round``), 2 drawn to evaluate in the last round, no checkpoints,
 no FID, a 4-image DDIM-5 grid. The benchmark measures, from outside:
 
-* **peak memory of the process tree**: a thread here walks ``/proc`` every 0.5 s,
+* **peak memory of the process tree**: a thread here walks ``/proc`` every 0.5 s
+  (less often if a sample would take more than 5 % of a core),
   finds the run's process and all its descendants (Ray's gcs_server, raylet,
   dashboard and workers are started under the driver; processes in its session
   are counted too) and sums their PSS and RSS from ``/proc/PID/smaps_rollup``.
@@ -508,7 +509,8 @@ def summary_line(r: dict[str, Any]) -> str:
     return (
         f"start-up {fmt(r['startup_s'])} s, round 1 {fmt(r['first_round_s'])} s, later rounds "
         f"{fmt(r['later_rounds_mean_s'])} s, wall {fmt(r['wall_s'])} s, peak PSS {fmt(r['peak_pss_gib'], 2)} "
-        f"GiB, peak RSS {fmt(r['peak_rss_gib'], 2)} GiB, {r['peak_processes']} processes"
+        f"GiB, peak RSS {fmt(r['peak_rss_gib'], 2)} GiB, {r['peak_processes']} processes; memory sampled every "
+        f"{fmt(r['mean_sample_interval_s'], 2)} s on average ({fmt(r['sampler_cpu_s'])} s of CPU)"
     )
 
 
@@ -700,7 +702,9 @@ def scale_notes(settings: dict[str, int], client_state: str, goal: dict[str, Any
         f"({EVAL_CLIENTS_PER_ROUND} evaluate in the last round), {settings['local_steps']} local steps, "
         f"{settings['rounds']} rounds, no FID; client state in {client_state}. Seconds per round from the "
         "run's Flower log lines as they arrived; peak memory summed over the run's whole process tree "
-        f"(sampled every {SAMPLE_INTERVAL_S} s). `train_time_s` is the training phase from metrics.jsonl.",
+        f"(sampled every {SAMPLE_INTERVAL_S} s, less often when a sample costs more than "
+        f"{SAMPLER_MAX_CPU_SHARE:.0%} of a core: see `mean_sample_interval_s`). `train_time_s` is the "
+        "training phase from metrics.jsonl.",
         "",
         "Dirichlet `partition.min_partition_size` used (population: size): "
         + ", ".join(f"{p}: {s}" for p, s in lowered)
