@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from benchmarks import quality
+from benchmarks import quality, scale
 from server_app.config import compose_config, validate_config
 
 
@@ -81,3 +84,104 @@ def test_only_names_unknown_runs():
 def test_pareto_frontier_keeps_the_points_nothing_beats():
     points = [(10, 200), (1, 250), (5, 190), (2, 260)]
     assert quality.pareto_frontier(points) == [(1, 250), (5, 190)]
+
+
+def test_the_tree_sampler_finds_a_grandchild_and_stops_the_whole_tree():
+    # `; true` keeps sh from exec'ing sleep: sleep is the child of the shell, a grandchild here.
+    shell = subprocess.Popen(["sh", "-c", "sleep 30; true"], start_new_session=True)
+    sampler = scale.TreeMemorySampler(shell.pid)
+    try:
+        deadline = time.monotonic() + 10
+        sleepers: list[int] = []
+        while not sleepers and time.monotonic() < deadline:
+            sampler.sample_once()
+            table = scale.process_table()
+            sleepers = [pid for pid in sampler.seen if table.get(pid) and table[pid].ppid == shell.pid]
+            time.sleep(0.05)
+        assert sleepers and shell.pid in sampler.seen
+        assert sampler.peak_processes >= 2 and sampler.peak_pss_kib > 0
+        assert sampler.peak_rss_kib >= sampler.peak_pss_kib
+        report = sampler.report()
+        assert report["peak_pss_gib"] > 0 and report["largest_at_peak_pss_mib"]
+    finally:
+        scale.stop_run(shell, sampler.seen, timeout_s=5)
+    assert shell.poll() is not None
+    assert not any(scale._same_process(pid, start) for pid, start in sampler.seen.items())
+
+
+def test_tree_pids_follows_parents_and_the_session():
+    info = scale.ProcInfo
+    table = {
+        1: info("S", 0, 1, 0),
+        10: info("S", 1, 10, 5),  # the run, leading its session
+        11: info("S", 10, 10, 6),
+        12: info("S", 11, 10, 7),  # a grandchild
+        13: info("S", 1, 10, 8),  # reparented to init, still in the run's session
+        20: info("S", 1, 20, 9),  # someone else's
+    }
+    assert scale.tree_pids(10, table) == {10, 11, 12, 13}
+    assert scale.tree_pids(99, table) == set()
+
+
+def test_round_timings_read_flowers_round_lines():
+    lines = [
+        (1.0, "\x1b[92mINFO \x1b[0m:      FedDM run folder: /x"),
+        (20.0, "\x1b[92mINFO \x1b[0m:      [ROUND 1/3]"),
+        (26.5, "INFO :      Sampling: 1000 nodes reported their partition id"),
+        (50.0, "INFO :      [ROUND 2/3]"),
+        (60.0, "INFO :      [ROUND 3/3]"),
+        (74.0, "INFO :      Strategy execution finished in 54.00s"),
+        (80.0, "FedDM run folder: /x"),
+    ]
+    timings = scale.round_timings(lines)
+    assert timings["startup_s"] == 20.0
+    assert timings["round_s"] == [30.0, 10.0, 14.0]
+    assert timings["first_round_s"] == 30.0 and timings["later_rounds_mean_s"] == 12.0
+    assert timings["partition_query_s"] == 6.5
+    unfinished = scale.round_timings(lines[:4])  # the run died in round 2
+    assert unfinished["round_s"] == [30.0] and unfinished["later_rounds_mean_s"] is None
+    assert scale.round_timings([])["startup_s"] is None
+
+
+def test_round_ratios_compare_later_rounds_with_the_smallest_population():
+    runs = {
+        "vanilla_10": {"later_rounds_mean_s": 10.0},
+        "vanilla_1000": {"later_rounds_mean_s": 13.0},
+        "quant_10": {"later_rounds_mean_s": None},
+    }
+    ratios = scale.round_ratios(runs, [10, 1000], ["vanilla", "quant"])
+    assert ratios["vanilla"] == {"10": 1.0, "1000": 1.3}
+    assert ratios["quant"] == {"10": None, "1000": None}
+
+
+@pytest.mark.parametrize("strategy", list(scale.STRATEGIES))
+def test_every_scale_run_is_a_valid_config(strategy, tmp_path):
+    settings = scale.SCALES["quick"]
+    overrides = scale.scale_overrides(1000, strategy, settings, Path("/data"), tmp_path / "run", 5, "memory")
+    hydra = [o for o in overrides if o.startswith("hydra.")]
+    assert hydra == [f"hydra.run.dir={tmp_path / 'run'}"]
+    cfg = compose_config([o for o in overrides if o not in hydra])
+    validate_config(cfg)
+    assert (cfg.num_clients, cfg.clients_per_round, cfg.partition.min_partition_size) == (1000, 10, 5)
+    assert cfg.eval.num_samples == 0 and cfg.num_rounds == settings["rounds"]
+    assert not any(o.startswith("client_state") for o in overrides)  # memory: the key is not sent
+    disk = scale.scale_overrides(10, strategy, settings, Path("/data"), tmp_path / "run", 10, "disk")
+    assert "client_state=disk" in disk
+
+
+def test_state_files_are_found_and_measured(tmp_path):
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "run-123"
+    folder.mkdir()
+    save_file(
+        {"a": np.zeros((4, 8), np.float32), "b": np.zeros(3, np.float32)}, folder / "partition-0.safetensors"
+    )
+    save_file({"a": np.zeros((4, 8), np.float32)}, folder / "partition-1.safetensors")
+    (tmp_path / "run-123" / "other.txt").write_text("not state")
+    paths = scale.client_state_files(tmp_path)
+    assert [p.name for p in paths] == ["partition-0.safetensors", "partition-1.safetensors"]
+    cost = scale.describe_state_files(paths)
+    assert cost["clients_with_state"] == 2 and cost["mean_tensors"] == 1.5 and cost["mean_values"] == 33.5
+    assert cost["mean_bytes"] == sum(p.stat().st_size for p in paths) / 2
+    assert cost["projected_gib_1000_clients"] == pytest.approx(cost["mean_bytes"] * 1000 / 2**30)
