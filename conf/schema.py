@@ -431,7 +431,12 @@ class LatentModel:
 
 # Strategies (``strategy=...``); quant and partial share the codec's settings.
 _CODEC = {
-    "bits": (8, Int(min=MIN_BITS, max=MAX_BITS), "bits per value, sent as int8"),
+    "bits": (
+        8,
+        Int(min=MIN_BITS, max=MAX_BITS),
+        "bits per value of the update codes: 5-8 travel as int8, 4 and 3 two per byte, 2 four per byte, 1 (the "
+        "sign, with a scale) eight per byte",
+    ),
     "granularity": (
         "channel",
         OneOf(GRANULARITIES),

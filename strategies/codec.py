@@ -1,15 +1,25 @@
-"""Symmetric int8 quantization codec for model updates.
+"""Symmetric linear quantization codec for model updates: 8 to 1 bits per value.
 
 This is the single codec shared by clients (encode updates before sending),
 the server (decode before averaging), tests and benchmarks.
 
 A record of float arrays travels as an ``ArrayRecord`` with
 
-* one entry per array ``name``: its quantized values, always ``int8``;
+* one entry per array ``name``: its quantized values. With 5 to 8 bits they
+  are ``int8`` with the array's shape. With 4 or fewer they are packed into a
+  flat ``uint8`` array, several codes per byte (offset by ``qmax`` so they are
+  unsigned, lowest bits first): two 4-bit codes (``bits`` 3 and 4), four 2-bit
+  codes, or eight signs (``bits=1``);
 * one entry ``SCALES_KEY``: every ``float32`` scale, concatenated in sorted
   name order; an array has one scale per output channel (axis 0) or a single
   per-tensor scale. One scale array per message instead of one per tensor
-  keeps Flower's per-array framing (about 450 bytes each) from eating the 4x.
+  keeps Flower's per-array framing (about 450 bytes each) from eating the 4x;
+* with packed codes, one entry ``BITS_KEY``: the bit width (a ``uint8``
+  scalar), which the decoder checks against every array's length and codes.
+
+``bits=1`` sends the sign of each value with a scale: the mean magnitude of
+its channel (nearest), or the largest one with stochastic rounding, where
+``+scale`` is drawn with probability ``(1 + x / scale) / 2`` (unbiased).
 
 Dequantization is ``values * scale``. Only NumPy and ``flwr.app`` are used, so
 the codec runs anywhere a ``ServerApp`` or ``ClientApp`` runs; it never
@@ -25,9 +35,16 @@ from flwr.app import Array, ArrayRecord
 
 SCALES_KEY = "@scales"
 """Key of the one ``float32`` array holding every scale of a record (names sorted)."""
+BITS_KEY = "@bits"
+"""Key of the bit width of a record whose codes are packed (4 bits or fewer)."""
 
-MIN_BITS = 2
+CODEC_KEYS = (SCALES_KEY, BITS_KEY)
+"""The entries of an encoded record that are not arrays of the model."""
+
+MIN_BITS = 1
 MAX_BITS = 8
+# Bits each code takes in a packed byte (3-bit codes use 4-bit slots: bytes hold whole codes).
+CONTAINER_BITS = {1: 1, 2: 2, 3: 4, 4: 4}
 GRANULARITIES = ("channel", "tensor")
 
 
@@ -76,8 +93,9 @@ def quantize(
     x : np.ndarray
         Array to quantize. Must hold only finite real values.
     bits : int (default: 8)
-        Bit width in ``[2, 8]``; values lie in ``[-qmax, qmax]`` with
-        ``qmax = 2**(bits - 1) - 1`` and are always stored as ``int8``.
+        Bit width in ``[1, 8]``; values lie in ``[-qmax, qmax]`` with
+        ``qmax = 2**(bits - 1) - 1`` (``bits=1``: signs, -1 or +1, see the
+        module docstring) and are returned as ``int8``.
     granularity : str (default: "channel")
         ``"channel"``: one scale per output channel (axis 0) for arrays with
         ``ndim >= 2``; 0-D and 1-D arrays get a per-tensor scale.
@@ -102,9 +120,11 @@ def quantize(
         raise ValueError("stochastic rounding requires an `rng` (np.random.Generator)")
     x = _as_real_array(x, name)
 
-    scale = _compute_scale(x, qmax, granularity)
+    scale = _compute_scale(x, qmax, granularity, mean=bits == 1 and not stochastic)
     if not np.isfinite(scale).all():
         raise ValueError(f"tensor {name!r} has magnitudes beyond the float32 range")
+    if bits == 1:
+        return QuantizedTensor(values=_signs(x, scale, stochastic, rng), scale=scale)
     # Divide in float64 by the float32 scale actually sent, so that the error
     # bound holds for what the receiver reconstructs.
     scaled = x.astype(np.float64) / _broadcastable(scale, x.ndim)
@@ -116,6 +136,58 @@ def quantize(
     # asarray: ufuncs on 0-D arrays return NumPy scalars, which Array rejects.
     values = np.asarray(np.clip(scaled, -qmax, qmax), dtype=np.int8)
     return QuantizedTensor(values=values, scale=scale)
+
+
+def _signs(x: np.ndarray, scale: np.ndarray, stochastic: bool, rng: np.random.Generator | None) -> np.ndarray:
+    """1-bit codes: the sign of ``x`` (0 counts as +), or +1 drawn with probability (1 + x/scale) / 2."""
+    if not stochastic:
+        return np.asarray(np.where(x >= 0, 1, -1), dtype=np.int8)
+    assert rng is not None
+    plus = np.clip((1 + x.astype(np.float64) / _broadcastable(scale, x.ndim)) / 2, 0, 1)
+    return np.asarray(np.where(rng.random(x.shape) < plus, 1, -1), dtype=np.int8)
+
+
+def pack_codes(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack int8 codes of ``bits`` (1..4) into a flat uint8 array, ``8 // CONTAINER_BITS`` per byte.
+
+    Codes are offset by ``qmax`` (signs: -1 -> 0, +1 -> 1) and fill each byte from its
+    lowest bits; the last byte is padded with zeros.
+    """
+    width = CONTAINER_BITS[bits]
+    per_byte = 8 // width
+    flat = np.asarray(values, dtype=np.int16).reshape(-1)
+    unsigned = (flat + 1) // 2 if bits == 1 else flat + _qmax(bits)
+    padded = np.zeros(-(-flat.size // per_byte) * per_byte, dtype=np.uint8)
+    padded[: flat.size] = unsigned
+    shifts = np.arange(per_byte, dtype=np.uint8) * width
+    return np.bitwise_or.reduce(padded.reshape(-1, per_byte) << shifts, axis=1).astype(np.uint8)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, shape: tuple[int, ...], name: str = "tensor") -> np.ndarray:
+    """The int8 codes of ``shape`` from :func:`pack_codes`' bytes; ``PayloadError`` if they do not fit.
+
+    The byte count must be exactly what ``shape`` needs, every code within
+    ``[0, 2 qmax]`` (e.g. a 3-bit code in its 4-bit slot at most 6) and the padding zero.
+    """
+    width = CONTAINER_BITS[bits]
+    per_byte, count = 8 // width, int(np.prod(shape, dtype=np.int64))
+    expected = -(-count // per_byte)
+    if packed.dtype != np.uint8 or packed.shape != (expected,):
+        raise PayloadError(
+            f"array {name!r} is {packed.dtype}{list(packed.shape)}, expected uint8[{expected}] "
+            f"({count} {bits}-bit codes, {per_byte} per byte)"
+        )
+    shifts = np.arange(per_byte, dtype=np.uint8) * width
+    codes = ((packed[:, None] >> shifts) & ((1 << width) - 1)).reshape(-1)
+    if codes[count:].any():
+        raise PayloadError(f"array {name!r} has non-zero padding after its {count} codes")
+    codes = codes[:count].astype(np.int8)
+    if bits == 1:
+        return (2 * codes - 1).reshape(shape)
+    qmax = _qmax(bits)
+    if codes.max(initial=0) > 2 * qmax:
+        raise PayloadError(f"array {name!r} holds a code above {2 * qmax}, outside {bits}-bit values")
+    return (codes - qmax).reshape(shape)
 
 
 def dequantize(q: QuantizedTensor) -> np.ndarray:
@@ -163,7 +235,7 @@ def encode_arrays(
     Parameters
     ----------
     arrays : dict[str, np.ndarray]
-        Float arrays keyed by parameter name. ``SCALES_KEY`` is reserved.
+        Float arrays keyed by parameter name. ``SCALES_KEY`` and ``BITS_KEY`` are reserved.
     bits, granularity, stochastic, rng
         As in ``quantize``. A single ``rng`` is consumed in ``arrays`` order,
         so a fixed seed gives a reproducible encoding.
@@ -171,15 +243,19 @@ def encode_arrays(
     Returns
     -------
     tuple[ArrayRecord, dict[str, np.ndarray]]
-        The record, holding for each name the ``int8`` values under ``name``,
-        and every ``float32`` scale in one array under ``SCALES_KEY`` (names
+        The record, holding for each name its codes under ``name`` (``int8``,
+        or packed ``uint8`` for 4 bits or fewer, with ``BITS_KEY``), and
+        every ``float32`` scale in one array under ``SCALES_KEY`` (names
         sorted, see ``scale_lengths``): one array instead of one per tensor
         halves Flower's per-array framing. And the ``float32`` residuals
         ``x - dequantize(quantize(x))`` per name, which clients keep for error
         feedback.
     """
-    if SCALES_KEY in arrays:
-        raise ValueError(f"array name {SCALES_KEY!r} is reserved for the packed scales")
+    for reserved in (SCALES_KEY, BITS_KEY):
+        if reserved in arrays:
+            raise ValueError(f"array name {reserved!r} is reserved for the codec")
+    _qmax(bits)  # checks the bit width before anything is encoded
+    packed_codes = bits in CONTAINER_BITS
     entries: dict[str, Array] = {}
     scales: dict[str, np.ndarray] = {}
     residuals: dict[str, np.ndarray] = {}
@@ -192,11 +268,13 @@ def encode_arrays(
             rng=rng,
             name=name,
         )
-        entries[name] = Array(q.values)
+        entries[name] = Array(pack_codes(q.values, bits) if packed_codes else q.values)
         scales[name] = q.scale
         residuals[name] = np.asarray(x, dtype=np.float32) - dequantize(q)
     packed = [scales[name] for name in sorted(scales)]
     entries[SCALES_KEY] = Array(np.concatenate(packed) if packed else np.zeros(0, dtype=np.float32))
+    if packed_codes:
+        entries[BITS_KEY] = Array(np.asarray(bits, dtype=np.uint8))
     return ArrayRecord(entries), residuals
 
 
@@ -224,7 +302,8 @@ def decode_arrays(
     ------
     PayloadError
         If an array is missing or unexpected, a value array has the wrong
-        dtype or shape, or the packed scales have the wrong dtype or length
+        dtype or shape (packed: the wrong length for its bit width, a code out
+        of range), the bit width is not 1..4, or the packed scales have the wrong dtype or length
         (neither per-channel nor per-tensor for these arrays) or hold a
         non-finite or non-positive scale. The message names the array.
     """
@@ -232,15 +311,16 @@ def decode_arrays(
     missing = [name for name in reference if name not in keys]
     if missing:
         raise PayloadError(f"array {missing[0]!r} is missing from the payload ({len(missing)} missing)")
-    extra = sorted(keys - set(reference) - {SCALES_KEY})
+    extra = sorted(keys - set(reference) - {SCALES_KEY, BITS_KEY})
     if extra:
         raise PayloadError(f"unexpected array(s) in payload: {', '.join(extra)}")
     scales = _load_scales(record, reference)
+    bits = _load_bits(record)
 
     decoded: dict[str, np.ndarray] = {}
     for name, (shape, dtype) in reference.items():
         shape = tuple(int(d) for d in shape)
-        values = _load_values(record, name, shape)
+        values = _load_values(record, name, shape, bits)
         out = dequantize(QuantizedTensor(values=values, scale=scales[name])).astype(
             np.dtype(dtype), copy=False
         )
@@ -270,10 +350,10 @@ def payload_nbytes(record: ArrayRecord) -> int:
 
 
 def _qmax(bits: int) -> int:
-    """Largest quantized magnitude for ``bits``, validating the bit width."""
+    """Largest quantized magnitude for ``bits`` (1 for signs), validating the bit width."""
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
-    return 2 ** (int(bits) - 1) - 1
+    return max(2 ** (int(bits) - 1) - 1, 1)
 
 
 def _check_granularity(granularity: str) -> None:
@@ -291,14 +371,15 @@ def _as_real_array(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-def _compute_scale(x: np.ndarray, qmax: int, granularity: str) -> np.ndarray:
-    """Scale(s) ``max|x| / qmax`` per channel (axis 0) or per tensor."""
+def _compute_scale(x: np.ndarray, qmax: int, granularity: str, *, mean: bool = False) -> np.ndarray:
+    """Scale(s) ``max|x| / qmax`` (``mean``: the mean of ``|x|``) per channel (axis 0) or per tensor."""
     absx = np.abs(x.astype(np.float64))
     if granularity == "channel" and x.ndim >= 2:
+        axes = tuple(range(1, x.ndim))
         # `initial=0` keeps empty channels well defined.
-        amax = absx.max(axis=tuple(range(1, x.ndim)), initial=0.0)
+        amax = absx.mean(axis=axes) if mean else absx.max(axis=axes, initial=0.0)
     else:
-        amax = np.array([absx.max(initial=0.0)])
+        amax = np.array([absx.mean() if mean else absx.max(initial=0.0)])
     scale = (amax / qmax).astype(np.float32)
     # All-zero channels (or scales underflowing float32) get 1.0 so every
     # scale is finite and positive; their values quantize to 0 anyway.
@@ -327,10 +408,24 @@ def _load(record: ArrayRecord, key: str) -> np.ndarray:
         raise PayloadError(f"array {key!r} could not be deserialized: {err}") from err
 
 
-def _load_values(record: ArrayRecord, name: str, shape: tuple[int, ...]) -> np.ndarray:
+def _load_bits(record: ArrayRecord) -> int:
+    """The record's bit width: ``BITS_KEY`` (packed codes, 1..4), or 8 without it (int8 codes)."""
+    if BITS_KEY not in record:
+        return MAX_BITS
+    bits = _load(record, BITS_KEY)
+    if bits.dtype != np.uint8 or bits.shape != () or int(bits) not in CONTAINER_BITS:
+        raise PayloadError(
+            f"{BITS_KEY!r} is {bits.dtype}{list(bits.shape)} = {bits.tolist()}, expected a uint8 scalar in 1..4"
+        )
+    return int(bits)
+
+
+def _load_values(record: ArrayRecord, name: str, shape: tuple[int, ...], bits: int = MAX_BITS) -> np.ndarray:
     if name not in record:
         raise PayloadError(f"array {name!r} is missing from the payload")
     values = _load(record, name)
+    if bits in CONTAINER_BITS:
+        return unpack_codes(values, bits, shape, name)
     if values.dtype != np.int8:
         raise PayloadError(f"array {name!r} has dtype {values.dtype}, expected int8")
     if values.shape != shape:

@@ -35,7 +35,7 @@ from flwr.supercore import log
 
 from models.parts import PRESETS, expand, names_in, parts_of
 from strategies.accounting import check_full_weights, partition_of, single_array_record
-from strategies.codec import SCALES_KEY, PayloadError, decode_arrays
+from strategies.codec import CODEC_KEYS, PayloadError, decode_arrays
 from strategies.encoding import Encoding
 from strategies.quant import quant_client_keys, reference_of, to_numpy, to_record
 
@@ -193,7 +193,7 @@ class PartialParts(Encoding):
     def decode(self, message: Message, global_arrays: ArrayRecord) -> ArrayRecord:
         """Validate the reply: whole shared parts only, as weights (or int8 update codes)."""
         record = single_array_record(message)
-        names = [n for n in record.keys() if n != SCALES_KEY]
+        names = [n for n in record.keys() if n not in CODEC_KEYS]
         unknown = sorted(set(names) - set(self.shared_names))
         if unknown:
             raise PayloadError(f"arrays that are not shared: {unknown[:5]}")

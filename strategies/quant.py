@@ -48,7 +48,8 @@ class Int8Updates(Encoding):
     Parameters
     ----------
     bits : int (default: 8)
-        Bits per quantized value (2..8); values travel as int8 either way.
+        Bits per quantized value (1..8): 5 to 8 travel as int8, 4 or fewer
+        packed several per byte (``strategies.codec``).
     granularity : str (default: "channel")
         ``"channel"``: one scale per output channel (1-D tensors per tensor);
         ``"tensor"``: one scale per tensor.

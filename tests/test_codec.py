@@ -1,4 +1,4 @@
-"""Unit tests for the int8 quantization codec (strategies/codec.py)."""
+"""Unit tests for the quantization codec (strategies/codec.py): int8 codes and packed 4-, 2- and 1-bit codes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from strategies.codec import (
+    BITS_KEY,
     SCALES_KEY,
     PayloadError,
     QuantizedTensor,
@@ -16,9 +17,11 @@ from strategies.codec import (
     dequantize,
     encode_arrays,
     is_quantized,
+    pack_codes,
     payload_nbytes,
     quantize,
     scale_lengths,
+    unpack_codes,
 )
 
 SHAPES = {
@@ -108,7 +111,7 @@ def test_nearest_round_trip_within_half_scale(name, granularity):
         assert err.max() > 0
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_round_trip_bound_holds_for_lower_bits(bits):
     x = _random_arrays(1)["linear"]
     q = quantize(x, bits=bits)
@@ -483,9 +486,9 @@ def test_decode_accepts_per_tensor_scales():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bits", [0, 1, 9, 16, 8.0, True])
+@pytest.mark.parametrize("bits", [0, -1, 9, 16, 8.0, True])
 def test_invalid_bits_raise(bits):
-    with pytest.raises(ValueError, match=r"\[2, 8\]"):
+    with pytest.raises(ValueError, match=r"\[1, 8\]"):
         quantize(np.ones(4, dtype=np.float32), bits=bits)
 
 
@@ -503,3 +506,123 @@ def test_decode_rejects_scales_that_overflow_to_infinity(payload):
     scales[:16] = 3e38  # finite and positive, but 127 * 3e38 is inf in float32
     with pytest.raises(PayloadError, match="'conv' decodes to non-finite"):
         decode_arrays(_tamper(record, **{SCALES_KEY: scales}), ref)
+
+
+# ---------------------------------------------------------------------------
+# Packed codes: 4, 3, 2 and 1 bits
+# ---------------------------------------------------------------------------
+
+PER_BYTE = {4: 2, 3: 2, 2: 4, 1: 8}
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (3, 5), (16, 8, 3, 3)])
+def test_packing_round_trips_every_code(bits, shape):
+    rng = np.random.default_rng(bits)
+    qmax = max(2 ** (bits - 1) - 1, 1)
+    levels = np.array([-1, 1]) if bits == 1 else np.arange(-qmax, qmax + 1)
+    values = rng.choice(levels, size=shape).astype(np.int8)
+    packed = pack_codes(values, bits)
+    assert packed.dtype == np.uint8 and packed.shape == (-(-values.size // PER_BYTE[bits]),)
+    unpacked = unpack_codes(packed, bits, shape)
+    assert unpacked.dtype == np.int8 and unpacked.shape == shape
+    np.testing.assert_array_equal(unpacked, values)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_packed_record_layout_and_decode(bits):
+    arrays = _random_arrays()
+    record, residuals = encode_arrays(arrays, bits=bits)
+    assert set(record.keys()) == set(arrays) | {SCALES_KEY, BITS_KEY}
+    assert int(record[BITS_KEY].numpy()) == bits and record[BITS_KEY].dtype == "uint8"
+    for name, x in arrays.items():
+        assert record[name].dtype == "uint8"
+        assert tuple(record[name].shape) == (-(-x.size // PER_BYTE[bits]),)
+    decoded = decode_arrays(record, _reference(arrays))
+    for name, x in arrays.items():  # what the receiver gets is exactly what the sender's codes mean
+        np.testing.assert_array_equal(decoded[name], dequantize(quantize(x, bits=bits)))
+        np.testing.assert_allclose(decoded[name] + residuals[name], x, atol=1e-6)
+
+
+def test_fewer_bits_send_fewer_bytes():
+    x = {"w": np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)}
+    fp32 = payload_nbytes(ArrayRecord({"w": Array(x["w"])}))
+    sizes = {bits: payload_nbytes(encode_arrays(x, bits=bits)[0]) for bits in (8, 4, 2, 1)}
+    assert fp32 / sizes[8] > 3.9 and fp32 / sizes[4] > 7.6 and fp32 / sizes[2] > 14.5 and fp32 / sizes[1] > 27
+    # 3-bit codes use 4-bit slots: as many bytes as 4 bits.
+    assert payload_nbytes(encode_arrays(x, bits=3)[0]) == sizes[4]
+
+
+def test_one_bit_sends_signs_with_the_mean_magnitude():
+    x = np.array([[0.5, -1.5, 0.0, 2.0], [-0.1, -0.3, 0.2, 0.0]], dtype=np.float32)
+    q = quantize(x, bits=1)
+    np.testing.assert_array_equal(q.values, [[1, -1, 1, 1], [-1, -1, 1, 1]])
+    np.testing.assert_allclose(q.scale, [1.0, 0.15])
+    np.testing.assert_allclose(dequantize(q), q.values * q.scale[:, None])
+
+
+def test_one_bit_stochastic_signs_are_unbiased():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 32)).astype(np.float32)
+    draws = 4000
+    mean = sum(dequantize(quantize(x, bits=1, stochastic=True, rng=rng)) for _ in range(draws)) / draws
+    scale = np.abs(x).max(axis=1, keepdims=True)  # the largest magnitude: every |x| / scale <= 1
+    assert np.all(np.abs(mean - x) <= 5 * scale / np.sqrt(draws))
+
+
+@pytest.fixture
+def packed_payload():
+    arrays = _random_arrays()
+    record, _ = encode_arrays(arrays, bits=3)
+    return record, _reference(arrays)
+
+
+def test_decode_rejects_a_truncated_packed_array(packed_payload):
+    record, ref = packed_payload
+    short = record["linear"].numpy()[:-1]
+    with pytest.raises(
+        PayloadError, match=r"'linear' is uint8\[1023\], expected uint8\[1024\] \(2048 3-bit codes"
+    ):
+        decode_arrays(_tamper(record, linear=short), ref)
+
+
+def test_decode_rejects_codes_outside_the_bit_width(packed_payload):
+    record, ref = packed_payload
+    codes = record["bias"].numpy().copy()
+    codes[0] = 0x07  # a 3-bit code is at most 6 (-3..3 offset by 3)
+    with pytest.raises(PayloadError, match="'bias' holds a code above 6, outside 3-bit values"):
+        decode_arrays(_tamper(record, bias=codes), ref)
+
+
+def test_decode_rejects_non_zero_padding():
+    arrays = {"odd": np.linspace(-1, 1, 7, dtype=np.float32)}
+    record, _ = encode_arrays(arrays, bits=2)
+    codes = record["odd"].numpy().copy()
+    codes[-1] |= 0b0100_0000  # the 8th 2-bit slot: padding
+    with pytest.raises(PayloadError, match="'odd' has non-zero padding after its 7 codes"):
+        decode_arrays(_tamper(record, odd=codes), _reference(arrays))
+
+
+@pytest.mark.parametrize(
+    "bits",
+    [np.uint8(5), np.uint8(0), np.array([4], dtype=np.uint8), np.int64(4), np.float32(4)],
+    ids=["five", "zero", "one-dimensional", "int64", "float32"],
+)
+def test_decode_rejects_a_bad_bit_width(packed_payload, bits):
+    record, ref = packed_payload
+    with pytest.raises(PayloadError, match=r"'@bits' is .*expected a uint8 scalar in 1..4"):
+        decode_arrays(_tamper(record, **{BITS_KEY: np.asarray(bits)}), ref)
+
+
+def test_decode_rejects_a_bit_width_that_does_not_match_the_lengths(packed_payload):
+    record, ref = packed_payload
+    wrong_width = r"'conv' is uint8\[576\], expected uint8\[288\] \(1152 2-bit codes, 4 per byte\)"
+    with pytest.raises(PayloadError, match=wrong_width):
+        decode_arrays(_tamper(record, **{BITS_KEY: np.asarray(2, dtype=np.uint8)}), ref)
+    with pytest.raises(PayloadError, match=r"'conv' has dtype uint8, expected int8"):
+        decode_arrays(_tamper(record, **{BITS_KEY: None}), ref)  # packed codes read as int8
+
+
+def test_encode_rejects_the_reserved_bits_name():
+    with pytest.raises(ValueError, match=BITS_KEY):
+        encode_arrays({BITS_KEY: np.ones(3, dtype=np.float32)})

@@ -13,7 +13,7 @@ from client_app.updates import RESIDUAL_KEY, quantized_update, received_weights
 from models import build_unet
 from server_app.config import compose_config
 from strategies import Int8Updates, ProximalTerm, build_strategy
-from strategies.codec import SCALES_KEY, payload_nbytes
+from strategies.codec import BITS_KEY, CODEC_KEYS, SCALES_KEY, decode_arrays, payload_nbytes
 from tests.conftest import reply
 from tests.test_strategies import FakeGrid
 
@@ -128,6 +128,41 @@ def test_quant_reply_is_int8_and_about_four_times_smaller():
     values = [a for k, a in record.items() if k != SCALES_KEY]
     assert values and all(a.dtype == "int8" for a in values)
     assert payload_nbytes(ArrayRecord(global_state)) / payload_nbytes(record) >= 3.9
+
+
+@pytest.mark.parametrize(("bits", "ratio"), [(4, 7.5), (2, 14.5), (1, 27.0)])
+def test_packed_quant_reply_is_smaller_by_its_bit_width(bits, ratio):
+    cfg = compose_config(["model=fashion_mnist"])
+    unet = build_unet(OmegaConf.to_container(cfg.model.unet), image_size=28, channels=1)
+    global_state = unet.state_dict()
+    local = {k: v + 1e-3 * torch.randn_like(v) for k, v in global_state.items()}
+    config = QUANT_CONFIG | {"quant-bits": bits}
+    record = quantized_update(local, global_state, config, RecordDict(), seed=0)
+    assert int(record[BITS_KEY].numpy()) == bits
+    assert all(a.dtype == "uint8" for k, a in record.items() if k not in CODEC_KEYS)
+    assert payload_nbytes(ArrayRecord(global_state)) / payload_nbytes(record) >= ratio
+
+
+@pytest.mark.parametrize("bits", [4, 1])
+def test_a_packed_quant_round_applies_the_mean_of_what_the_clients_coded(bits):
+    global_state = _micro_state(0).state_dict()
+    local_a = {k: v + 0.01 * torch.randn_like(v) for k, v in global_state.items()}
+    local_b = {k: v + 0.01 * torch.randn_like(v) for k, v in global_state.items()}
+    config = QUANT_CONFIG | {"quant-bits": bits}
+    strategy = _quant_strategy(bits=bits)
+    (message,) = strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), FakeGrid([1]))
+    assert message.content["config"]["quant-bits"] == bits
+    replies = [
+        _client_reply(global_state, local, n, node, config)
+        for local, n, node in ((local_a, 30, 1), (local_b, 10, 2))
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    new = arrays.to_torch_state_dict()
+    reference = {k: (tuple(v.shape), "float32") for k, v in global_state.items()}
+    coded = [decode_arrays(r.content["arrays"], reference) for r in replies]
+    for name, g in global_state.items():
+        expected = g.numpy() + 0.75 * coded[0][name] + 0.25 * coded[1][name]
+        np.testing.assert_allclose(new[name].numpy(), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_error_feedback_keeps_the_residual_in_client_state():
