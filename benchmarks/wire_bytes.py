@@ -1,11 +1,12 @@
-"""Bytes on the wire per client per round: FedDM-vanilla (fp32) vs FedDM-quant (int8), partial exchange and SecAgg+.
+"""Bytes on the wire per client per round: fp32 (vanilla) vs quant (8, 4, 2, 1 bits), partial exchange, SecAgg+.
 
     python benchmarks/wire_bytes.py [--quick]
 
 For each paper UNet (fashion_mnist, cifar10, celeba) the benchmark builds the
 messages the strategies really send: the downlink ArrayRecord of
 ``configure_train`` and a client's uplink reply (full weights for vanilla;
-``client_app.updates.quantized_update`` of a realistic update for quant). It
+``client_app.updates.quantized_update`` of a realistic update for quant, int8
+or packed 4-, 2- and 1-bit codes; partial exchange fp32, int8 and 4-bit). It
 counts two sizes: ``payload`` (the arrays' serialized npy buffers, what
 ``metrics.jsonl`` records) and ``serialized`` (Flower's deflated object tree:
 record, arrays and chunks, what the transport carries). ``--quick`` measures
@@ -41,7 +42,12 @@ VARIANTS = {
     "int8 per-channel": {"granularity": "channel", "error_feedback": False},
     "int8 per-tensor": {"granularity": "tensor", "error_feedback": False},
     "int8 per-channel + error feedback": {"granularity": "channel", "error_feedback": True},
+    "int4 per-channel (packed)": {"granularity": "channel", "error_feedback": False, "bits": 4},
+    "int2 per-channel (packed)": {"granularity": "channel", "error_feedback": False, "bits": 2},
+    "1-bit sign per-channel (packed)": {"granularity": "channel", "error_feedback": False, "bits": 1},
 }
+# Partial exchange's codes: none (fp32), int8 and packed 4-bit for every preset; 1-bit for USplit 4-way.
+PARTIAL_BITS = {None: "", 8: " + int8", 4: " + int4"}
 
 
 def serialized_nbytes(obj) -> int:
@@ -65,18 +71,19 @@ PARTIAL_CLIENTS = 4  # USplit's share per client depends on the group: averaged 
 
 
 def measure_partial(global_state: dict, local_state: dict) -> dict:
-    """Uplink and steady-state downlink per client (mean of 4 clients) of each partial variant, fp32 and int8."""
+    """Uplink and steady-state downlink per client (mean of 4 clients) of each partial variant, fp32 and coded."""
     rows = {}
     for preset, options, label in PARTIAL_VARIANTS:
-        for quantize in (False, True):
+        codes = dict(PARTIAL_BITS) | ({1: " + 1-bit"} if options.get("split_ways") == 4 else {})
+        for bits, suffix in codes.items():
             strategy = build_strategy(
                 {
                     "name": "partial",
                     "preset": preset,
                     "shared": None,
                     "split_ways": options.get("split_ways", 2),
-                    "quantize": quantize,
-                    "bits": 8,
+                    "quantize": bits is not None,
+                    "bits": bits or 8,
                     "granularity": "channel",
                     "stochastic_rounding": False,
                     "error_feedback": False,
@@ -87,7 +94,8 @@ def measure_partial(global_state: dict, local_state: dict) -> dict:
             strategy.configure_train(
                 1, ArrayRecord(global_state), ConfigRecord(), grid
             )  # first contact: whole model
-            strategy._initialized = set(grid.get_node_ids())  # as after a round in which every node trained
+            parts = strategy.encoding
+            parts._initialized = set(grid.get_node_ids())  # as after a round in which every node trained
             messages = list(strategy.configure_train(2, ArrayRecord(global_state), ConfigRecord(), grid))
             config = dict(messages[0].content["config"])
             uplinks = [
@@ -102,14 +110,12 @@ def measure_partial(global_state: dict, local_state: dict) -> dict:
                 )
                 for p in range(PARTIAL_CLIENTS)
             ]
-            rows[label + (" + int8" if quantize else "")] = {
+            rows[label + suffix] = {
                 "uplink_payload_bytes": sum(payload_nbytes(u) for u in uplinks) / PARTIAL_CLIENTS,
                 "uplink_serialized_bytes": sum(serialized_nbytes(u) for u in uplinks) / PARTIAL_CLIENTS,
                 "downlink_payload_bytes": payload_nbytes(messages[0].content["arrays"]),
                 "downlink_serialized_bytes": serialized_nbytes(messages[0].content["arrays"]),
-                "shared_fraction": sum(
-                    v.numel() for k, v in global_state.items() if k in strategy.shared_names
-                )
+                "shared_fraction": sum(v.numel() for k, v in global_state.items() if k in parts.shared_names)
                 / sum(v.numel() for v in global_state.values()),
             }
     return rows
@@ -190,18 +196,20 @@ def measure(model: str) -> dict:
             strategy = build_strategy({"name": "vanilla"}, num_clients=1)
             uplink = ArrayRecord(local_state)
         else:
+            bits = options.get("bits", 8)
             strategy = build_strategy(
                 {
                     "name": "quant",
-                    "bits": 8,
+                    "bits": bits,
                     "stochastic_rounding": False,
                     "quantize_downlink": False,
-                    **options,
+                    "granularity": options["granularity"],
+                    "error_feedback": options["error_feedback"],
                 },
                 num_clients=1,
             )
             config = {
-                "quant-bits": 8,
+                "quant-bits": bits,
                 "quant-granularity": options["granularity"],
                 "quant-stochastic": False,
                 "quant-error-feedback": options["error_feedback"],
@@ -238,6 +246,14 @@ def measure(model: str) -> dict:
         "downlink_int8_serialized_bytes": serialized_nbytes(message.content["arrays"]),
         "ratio_int8_vs_fp32": round(fp32 / rows["int8 per-channel"]["uplink_serialized_bytes"], 4),
         "ratio_int8_tensor_vs_fp32": round(fp32 / rows["int8 per-tensor"]["uplink_serialized_bytes"], 4),
+        "ratio_int4_vs_fp32": round(fp32 / rows["int4 per-channel (packed)"]["uplink_serialized_bytes"], 4),
+        "ratio_int2_vs_fp32": round(fp32 / rows["int2 per-channel (packed)"]["uplink_serialized_bytes"], 4),
+        "ratio_1bit_vs_fp32": round(
+            fp32 / rows["1-bit sign per-channel (packed)"]["uplink_serialized_bytes"], 4
+        ),
+        "ratio_best_combined_vs_fp32": max(
+            (round(fp32 / v["uplink_serialized_bytes"], 3), name) for name, v in rows.items()
+        ),
         "ratio_int8_downlink_vs_fp32": round(
             rows["fp32 (vanilla)"]["downlink_serialized_bytes"]
             / serialized_nbytes(message.content["arrays"]),
@@ -294,6 +310,7 @@ def main() -> None:
         m: max(r["partial_uplink_ratio_vs_fp32"].items(), key=lambda kv: kv[1]) for m, r in results.items()
     }
     met = all(r["ratio_int8_vs_fp32"] >= 3.9 for r in results.values())
+    met4 = all(r["ratio_int4_vs_fp32"] >= 7.5 for r in results.values())
     notes = (
         "Target: int8 per-channel uplink >= 3.9x smaller than fp32 -- "
         + (
@@ -301,6 +318,16 @@ def main() -> None:
             if met
             else "MISSED for: " + ", ".join(m for m, r in results.items() if r["ratio_int8_vs_fp32"] < 3.9)
         )
+        + "\nTarget (bytes half): packed 4-bit uplink >= 7.5x smaller than fp32 -- "
+        + ("met" if met4 else "MISSED")
+        + ": "
+        + ", ".join(
+            f"{m} int4 {r['ratio_int4_vs_fp32']:.2f}x, int2 {r['ratio_int2_vs_fp32']:.2f}x, 1-bit "
+            f"{r['ratio_1bit_vs_fp32']:.2f}x; best combination {r['ratio_best_combined_vs_fp32'][1]} "
+            f"{r['ratio_best_combined_vs_fp32'][0]:.1f}x"
+            for m, r in results.items()
+        )
+        + " (FID at these widths: the quality benchmark)."
         + "\nWith `strategy.quantize_downlink=true` the downlink shrinks by the same factor: "
         + ", ".join(f"{m} {r['ratio_int8_downlink_vs_fp32']:.3f}x" for m, r in results.items())
         + "."
@@ -318,7 +345,8 @@ def main() -> None:
         + "\nFedDDPM and FedDDPM+ send what FedDM-vanilla sends every round, plus one upload of each client's"
         " local model (one fp32 model per client) before training."
         + "\nSizes are Flower's serialized objects (npy buffers, record and chunk framing). The int8 record"
-        " holds one int8 array per tensor and one packed fp32 array of all scales; the remaining gap to 4x"
+        " holds one int8 array per tensor and one packed fp32 array of all scales (4 bits and fewer: one"
+        " uint8 array of packed codes per tensor and the bit width); the remaining gap to 4x (8x, 16x, 32x)"
         " is those scales and the per-array framing (a 128-byte npy header plus about 330 bytes of Flower"
         " object framing per array, paid once per tensor by fp32 and int8 alike)."
     )
