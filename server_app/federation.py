@@ -468,8 +468,8 @@ def finish(run: Run) -> None:
             run.folder.save_model(
                 weights.cpu(), run.scheduler, run.autoencoder.cpu() if run.autoencoder else None
             )
-    if run.settings["client-state-dir"] == str(run.folder.client_state):
-        run.folder.remove_client_state()  # only the run needed it
+    if run.cfg.client_state_dir is None and run.settings["client-state-dir"] == str(run.folder.client_state):
+        run.folder.remove_client_state()  # placed there by this run, which no longer needs it
     log(INFO, "FedDM run finished; results in %s", run.folder.path)
 
 
