@@ -129,7 +129,8 @@ def test_a_run_with_state_on_disk_is_the_run_with_state_in_memory(
     # 4 clients, 2 a round: some sit out rounds, so state must wait on disk for their next turn.
     overrides = ["num_rounds=4", *strategy]
     memory = _rows(_sampled_run(overrides, tmp_path / "memory", clients=4))
-    states = tmp_path / "disk" / "client_state"  # set explicitly (even inside the run folder): kept at the end
+    # Set explicitly, even inside the run folder: kept at the end of the run.
+    states = tmp_path / "disk" / "client_state"
     grid = _grid(4)
     disk = _rows(
         _sampled_run(
