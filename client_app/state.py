@@ -35,14 +35,13 @@ from safetensors.numpy import save_file
 
 from client_app.partial import EMA_KEY, EMA_STEP_KEY, LOCAL_KEY
 from client_app.updates import RESIDUAL_KEY
+from conf.schema import CLIENT_STATES
 
 # The state FedDM keeps for a client between rounds (record name -> kind).
 FEDDM_KEYS = {RESIDUAL_KEY: "arrays", LOCAL_KEY: "arrays", EMA_KEY: "arrays", EMA_STEP_KEY: "config"}
-CLIENT_STATES = ("memory", "disk")
 _CONFIGS = "feddm-config-records"  # metadata key: the config records, as JSON
-_ORDER = (
-    "feddm-array-order"  # metadata key: each array record's names in their order (safetensors sorts them)
-)
+# Metadata key: each array record's names in their order (safetensors sorts the tensors by name).
+_ORDER = "feddm-array-order"
 _SEPARATOR = "/"  # tensor names in the file: "<record>/<array name>"
 
 
@@ -96,31 +95,20 @@ def load_state(path: Path) -> RecordDict:
         raise ClientStateError(
             f"client state file {path} cannot be read ({err}); delete it to start afresh"
         ) from err
-    records: dict[str, dict[str, np.ndarray]] = {}
-    for name in sorted(tensors, key=lambda n: _position(n, order)):
-        record, _, array = name.partition(_SEPARATOR)
-        records.setdefault(record, {})[array] = tensors[name]
-    unknown = sorted((set(records) | set(configs)) - set(FEDDM_KEYS))
+    recorded = set(order) | set(configs) | {name.partition(_SEPARATOR)[0] for name in tensors}
+    unknown = sorted(recorded - set(FEDDM_KEYS))
     if unknown:
         raise ClientStateError(f"client state file {path} holds records FedDM does not keep: {unknown}")
+    listed = {f"{record}{_SEPARATOR}{name}" for record, names in order.items() for name in names}
+    if listed != set(tensors):
+        raise ClientStateError(f"client state file {path} lists other arrays than it holds")
     state = RecordDict()
-    for record, arrays in records.items():
+    for record, names in order.items():  # in the order they were saved
+        arrays = {name: tensors[f"{record}{_SEPARATOR}{name}"] for name in names}
         state[record] = ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in arrays.items()})
     for record, values in configs.items():
         state[record] = ConfigRecord(values)
     return state
-
-
-def _position(tensor_name: str, order: dict[str, list[str]]) -> tuple:
-    """Where a stored tensor goes: its record's and its array's places in the order they were saved."""
-    record, _, array = tensor_name.partition(_SEPARATOR)
-    records, names = list(order), order.get(record, [])
-    return (
-        records.index(record) if record in records else len(records),
-        record,
-        names.index(array) if array in names else len(names),
-        array,
-    )
 
 
 def save_state(state: RecordDict, path: Path) -> None:
@@ -152,7 +140,6 @@ def save_state(state: RecordDict, path: Path) -> None:
 
 
 __all__ = [
-    "CLIENT_STATES",
     "FEDDM_KEYS",
     "ClientStateError",
     "client_state",

@@ -34,6 +34,7 @@ from strategies.reply_checks import WEIGHTINGS
 
 CONF_DIR = Path(__file__).parent
 DEVICES = ("auto", "cpu", "cuda")
+CLIENT_STATES = ("memory", "disk")  # where clients keep their state between rounds (client_app/state.py)
 # diffusers' DDPMScheduler beta schedules, and the UNet2DModel blocks that need no conditioning.
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")
 DOWN_BLOCKS = (
@@ -847,7 +848,7 @@ class Config:
     )
     client_state: Any = setting(
         "memory",
-        OneOf(("memory", "disk")),
+        OneOf(CLIENT_STATES),
         "where each client keeps what it carries between rounds (quant's error-feedback residual, partial "
         "exchange's local parts and own EMA; about one model copy each): `memory` (Flower's `Context.state`) or "
         "`disk` (a safetensors file per client, loaded when it is sampled; for many clients or large models)",

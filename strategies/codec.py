@@ -251,7 +251,7 @@ def encode_arrays(
         ``x - dequantize(quantize(x))`` per name, which clients keep for error
         feedback.
     """
-    for reserved in (SCALES_KEY, BITS_KEY):
+    for reserved in CODEC_KEYS:
         if reserved in arrays:
             raise ValueError(f"array name {reserved!r} is reserved for the codec")
     _qmax(bits)  # checks the bit width before anything is encoded
@@ -311,7 +311,7 @@ def decode_arrays(
     missing = [name for name in reference if name not in keys]
     if missing:
         raise PayloadError(f"array {missing[0]!r} is missing from the payload ({len(missing)} missing)")
-    extra = sorted(keys - set(reference) - {SCALES_KEY, BITS_KEY})
+    extra = sorted(keys - set(reference) - set(CODEC_KEYS))
     if extra:
         raise PayloadError(f"unexpected array(s) in payload: {', '.join(extra)}")
     scales = _load_scales(record, reference)

@@ -79,6 +79,12 @@ def test_a_damaged_or_foreign_file_is_an_error_naming_it(tmp_path):
     save_file({"weights/x": np.zeros(2, np.float32)}, path)
     with pytest.raises(ClientStateError, match=r"records FedDM does not keep: \['weights'\]"):
         load_state(path)
+    listed = '{"feddm-quant-residual": ["w", "missing"]}'
+    save_file(
+        {"feddm-quant-residual/w": np.zeros(2, np.float32)}, path, metadata={"feddm-array-order": listed}
+    )
+    with pytest.raises(ClientStateError, match="lists other arrays than it holds"):
+        load_state(path)
 
 
 def test_the_file_is_per_run_and_partition_and_the_node_config_folder_wins(tmp_path, monkeypatch):
