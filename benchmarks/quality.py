@@ -3,11 +3,14 @@
     python benchmarks/quality.py --quick          # 2 CPU cores, under an hour
     python benchmarks/quality.py                  # full scale, for a GPU machine
     python benchmarks/quality.py --quick --suite aggregators   # FedAvgM, FedAdam (+ int8)
+    python benchmarks/quality.py --quick --suite compression   # 4-, 2-, 1-bit codes, top-k, downlink
 
-Two suites: ``strategies`` (FedDM-vanilla, -prox, -quant, partial exchange,
-FedDDPM) and ``aggregators`` (server optimizers: a small sweep of FedAvgM's and
+Three suites: ``strategies`` (FedDM-vanilla, -prox, -quant, partial exchange,
+FedDDPM), ``aggregators`` (server optimizers: a small sweep of FedAvgM's and
 FedAdam's settings under IID, the chosen ones also under Dirichlet 0.1 and with
-int8 codes). Each suite runs its own centralized and vanilla baselines, so its
+int8 codes) and ``compression`` (packed 4-, 2- and 1-bit codes with error
+feedback, alone and with partial USplit 4-way, on the FID vs cumulative bytes
+frontier, uplink and uplink + downlink). Each suite runs its own centralized and vanilla baselines, so its
 ratios are measured side by side on one machine.
 
 Fashion-MNIST, 4 clients, IID and Dirichlet alpha = 0.1 partitions. Every run
@@ -101,7 +104,20 @@ for eta in FEDADAM_SWEEP:
     AGGREGATOR_METHODS[_fedadam(eta)] = (overrides, BOTH if tuned else ("iid",))
     if tuned:
         AGGREGATOR_METHODS[_fedadam(eta) + " +int8"] = (overrides + ["strategy=quant"], BOTH)
-SUITES = {"strategies": METHODS, "aggregators": AGGREGATOR_METHODS}
+# Compression beyond int8 (#18): packed codes with error feedback, and with partial USplit 4-way.
+_EF = ["strategy.error_feedback=true"]
+COMPRESSION_METHODS = {
+    "vanilla": METHODS["vanilla"],
+    "int4": (["strategy=quant", "strategy.bits=4", *_EF], BOTH),
+    "int2": (["strategy=quant", "strategy.bits=2", *_EF], BOTH),
+    "1bit": (["strategy=quant", "strategy.bits=1", *_EF], BOTH),
+    "usplit4+int4": (
+        ["strategy=partial", "strategy.preset=usplit", "strategy.split_ways=4", "strategy.quantize=true"]
+        + ["strategy.bits=4", *_EF],
+        BOTH,
+    ),
+}
+SUITES = {"strategies": METHODS, "aggregators": AGGREGATOR_METHODS, "compression": COMPRESSION_METHODS}
 SERVER_OPTIMIZERS = ("fedavgm", "fedadam")
 
 PERSONALIZED = ("udec", "udec+int8", "ulatdec", "ulatdec+int8")
@@ -249,9 +265,10 @@ def execute(run: Run, overrides: list[str], work: Path, rounds: int) -> dict:
 
 def summarize(run: Run, outcome: dict) -> dict:
     """FID per evaluation round with the cumulative uplink bytes at that round."""
-    cumulative, points = 0, []
+    cumulative, downlink, points = 0, 0, []
     for row in outcome["rows"]:
         cumulative += row.get("uplink_bytes", 0)
+        downlink += row.get("downlink_bytes", 0)  # training messages (evaluation's are apart)
         if "fid" in row:
             # Clients with their own models: the pooled FID compares with a global model's;
             # the mean of the clients' FIDs (each on a quarter of the images) is kept beside it.
@@ -260,6 +277,7 @@ def summarize(run: Run, outcome: dict) -> dict:
                 "fid": row.get("fid_mixture", row["fid"]),
                 "kid": row.get("kid_mixture", row.get("kid")),
                 "cumulative_uplink_bytes": cumulative,
+                "cumulative_total_bytes": cumulative + downlink,
             }
             if "fid_mixture" in row:
                 point["fid_mean_of_clients"] = row["fid"]
@@ -272,6 +290,7 @@ def summarize(run: Run, outcome: dict) -> dict:
         "final_kid": points[-1]["kid"],
         "overrides": outcome["overrides"],
         "total_uplink_bytes": cumulative if run.method != "centralized" else 0,
+        "total_downlink_bytes": downlink if run.method != "centralized" else 0,
         "wall_s": outcome["wall_s"],
     }
 
@@ -405,6 +424,48 @@ def aggregator_notes(results: dict, scale: dict) -> str:
     )
 
 
+def _vs_vanilla(results: dict, r: dict, key: str) -> float | None:
+    """How many times fewer bytes (``key``: a ``total_*_bytes``) run ``r`` sent than vanilla."""
+    vanilla = results.get(f"vanilla_{r['partition']}")
+    return vanilla[key] / r[key] if vanilla and r.get(key) and vanilla.get(key) else None
+
+
+def compression_notes(results: dict) -> str:
+    """Both directions' savings per run, and #18's targets (4-bit; >= 30x at FID <= 1.1x vanilla)."""
+    lines, four_bit, thirty = [], [], []
+    for r in results.values():
+        vanilla = results.get(f"vanilla_{r['partition']}")
+        up, down = (
+            _vs_vanilla(results, r, "total_uplink_bytes"),
+            _vs_vanilla(results, r, "total_downlink_bytes"),
+        )
+        if not (vanilla and up) or r["method"] == "vanilla":
+            continue
+        fid = r["final_fid"] / vanilla["final_fid"]
+        total = (vanilla["total_uplink_bytes"] + vanilla["total_downlink_bytes"]) / (
+            r["total_uplink_bytes"] + r["total_downlink_bytes"]
+        )
+        lines.append(
+            f"- {r['method']} ({r['partition']}): uplink {up:.1f}x fewer bytes, downlink "
+            f"{down or 1:.1f}x, both {total:.1f}x; FID {fid:.2f}x vanilla's"
+        )
+        entry = f"{r['method']} ({r['partition']}: {up:.1f}x, FID {fid:.2f}x)"
+        if r["method"] == "int4":
+            four_bit.append(("met" if up >= 7.5 and fid <= 1.05 else "missed") + f": {entry}")
+        if up >= 30 and fid <= 1.1:
+            thirty.append(entry)
+    return (
+        "Savings against FedDM-vanilla under the same partition (uplink: the clients' replies; downlink: the "
+        "training messages):\n\n"
+        + "\n".join(lines)
+        + "\n\nTargets: 4-bit >= 7.5x fewer uplink bytes at FID <= 1.05x vanilla's: "
+        + ("; ".join(four_bit) or "not measured yet")
+        + ". Some configuration >= 30x fewer uplink bytes at FID <= 1.1x vanilla's: "
+        + ("met by " + "; ".join(thirty) if thirty else "not met by any configuration run so far")
+        + "."
+    )
+
+
 def report(results: dict, scale_name: str, scale: dict, suite: str = "strategies") -> tuple[str, str]:
     """The Markdown table and notes."""
     central = results.get("centralized", {}).get("final_fid")
@@ -471,6 +532,9 @@ def report(results: dict, scale_name: str, scale: dict, suite: str = "strategies
     )
     if suite == "aggregators":
         notes += aggregator_notes(results, scale)
+        return table, notes
+    if suite == "compression":
+        notes += compression_notes(results)
         return table, notes
     notes += (
         "Clients that keep parts of the model (udec, ulatdec) have a model each: their FID is that of the "
