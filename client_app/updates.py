@@ -52,18 +52,16 @@ def quantized_update(
     With error feedback, last round's residual (kept in ``state``) is added to Δ
     before quantizing, and this round's residual replaces it.
     """
-    update = {name: (local[name].detach().cpu() - received[name].cpu()).numpy() for name in received}
+    # On the device of the trained weights: the codec encodes there, only the codes leave it.
+    update = {name: local[name].detach() - received[name].to(local[name].device) for name in received}
     error_feedback = bool(config["quant-error-feedback"])
-    kept: dict[str, np.ndarray] = {}
+    kept: dict[str, torch.Tensor] = {}
     if error_feedback and RESIDUAL_KEY in state:
         # Per name: an array not sent this round (partial exchange, USplit) keeps its residual.
-        kept = {name: array.numpy() for name, array in state[RESIDUAL_KEY].items()}
-        update = {
-            name: update[name] + kept[name]
-            if name in kept and kept[name].shape == update[name].shape
-            else update[name]
-            for name in update
-        }
+        kept = {name: torch.from_numpy(array.numpy()) for name, array in state[RESIDUAL_KEY].items()}
+        for name, residual in kept.items():
+            if name in update and residual.shape == update[name].shape:
+                update[name] += residual.to(update[name].device)
     record, residual = encode_arrays(
         update,
         bits=int(config["quant-bits"]),
@@ -73,5 +71,5 @@ def quantized_update(
     )
     if error_feedback:
         kept.update(residual)
-        state[RESIDUAL_KEY] = ArrayRecord({n: Array(np.ascontiguousarray(r)) for n, r in kept.items()})
+        state[RESIDUAL_KEY] = ArrayRecord({n: Array(r.cpu().numpy()) for n, r in kept.items()})
     return record

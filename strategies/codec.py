@@ -21,16 +21,21 @@ A record of float arrays travels as an ``ArrayRecord`` with
 its channel (nearest), or the largest one with stochastic rounding, where
 ``+scale`` is drawn with probability ``(1 + x / scale) / 2`` (unbiased).
 
-Dequantization is ``values * scale``. Only NumPy and ``flwr.app`` are used, so
-the codec runs anywhere a ``ServerApp`` or ``ClientApp`` runs; it never
-pickles or unpickles anything.
+Dequantization is ``values * scale``. The arithmetic runs in torch, on the
+device where the arrays are (a client's CUDA weights are encoded on the GPU;
+only the codes travel to the host), one vectorised pass per step and tensor;
+NumPy arrays are used in place (``torch.from_numpy``, no copy). What travels
+is NumPy's npy format inside Flower's ``Array``: nothing is pickled or
+unpickled.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord
 
 SCALES_KEY = "@scales"
@@ -46,6 +51,7 @@ MAX_BITS = 8
 # Bits each code takes in a packed byte (3-bit codes use 4-bit slots: bytes hold whole codes).
 CONTAINER_BITS = {1: 1, 2: 2, 3: 4, 4: 4}
 GRANULARITIES = ("channel", "tensor")
+_LARGEST_CODE = 128  # |int8| at most
 
 
 class PayloadError(ValueError):
@@ -77,8 +83,12 @@ class QuantizedTensor:
 # ---------------------------------------------------------------------------
 
 
+Tensor = np.ndarray | torch.Tensor
+"""What the codec encodes: a NumPy array or a torch tensor (on any device)."""
+
+
 def quantize(
-    x: np.ndarray,
+    x: Tensor,
     *,
     bits: int = 8,
     granularity: str = "channel",
@@ -90,7 +100,7 @@ def quantize(
 
     Parameters
     ----------
-    x : np.ndarray
+    x : np.ndarray | torch.Tensor
         Array to quantize. Must hold only finite real values.
     bits : int (default: 8)
         Bit width in ``[1, 8]``; values lie in ``[-qmax, qmax]`` with
@@ -102,7 +112,8 @@ def quantize(
         ``"tensor"``: one scale for the whole array.
     stochastic : bool (default: False)
         If ``True``, use unbiased stochastic rounding ``floor(x/scale + u)``,
-        ``u ~ U[0, 1)``, drawn from ``rng``. Otherwise round to nearest.
+        ``u ~ U[0, 1)``, drawn from a torch generator seeded by ``rng``.
+        Otherwise round to nearest.
     rng : np.random.Generator | None (default: None)
         Random generator; required when ``stochastic`` is ``True``.
     name : str (default: "tensor")
@@ -111,56 +122,131 @@ def quantize(
     Returns
     -------
     QuantizedTensor
-        The ``int8`` values and ``float32`` scale(s). With nearest rounding the
-        round-trip error per element is at most ``scale / 2``.
+        The ``int8`` values and ``float32`` scale(s), as NumPy arrays. With
+        nearest rounding the round-trip error per element is at most ``scale / 2`` (plus
+        float32 rounding, ``2**-24 |x|``).
+    """
+    _qmax(bits)
+    _check_granularity(granularity)
+    x = _as_real_tensor(x, name)
+    codes, scale, _ = _quantize(x, bits, granularity, _generator(stochastic, rng, x.device), name)
+    return QuantizedTensor(values=codes.cpu().numpy(), scale=scale.cpu().numpy())
+
+
+def _quantize(
+    x: torch.Tensor,
+    bits: int,
+    granularity: str,
+    generator: torch.Generator | None,
+    name: str,
+    *,
+    offset: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The codes of ``x``, its ``float32`` scales and the residual ``x - codes * scale``.
+
+    ``generator``: stochastic rounding (None: to nearest). Codes and residual have
+    ``x``'s shape; codes are ``int8``, or with ``offset`` the ``uint8`` values that
+    ``_pack`` packs (code + qmax; signs: 0 for -1, 1 for +1).
     """
     qmax = _qmax(bits)
-    _check_granularity(granularity)
-    if stochastic and rng is None:
-        raise ValueError("stochastic rounding requires an `rng` (np.random.Generator)")
-    x = _as_real_array(x, name)
+    rows = _rows(x, granularity)
+    if rows.dtype not in (torch.float32, torch.float64):
+        rows = rows.to(torch.float32)
+    scale = _compute_scale(rows, qmax, mean=bits == 1 and generator is None)
+    # NaN or inf in x make its scale non-finite: no separate pass over x checks them.
+    if not torch.isfinite(scale).all():
+        raise ValueError(f"tensor {name!r} holds non-finite values (NaN or inf) or magnitudes beyond float32")
+    codes = torch.empty(rows.shape, dtype=torch.uint8 if offset else torch.int8, device=rows.device)
+    residual = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    for block in _blocks(rows):
+        _quantize_block(rows[block], scale[block[0], None], bits, generator, codes[block], residual[block])
+    return codes.reshape(x.shape), scale, residual.reshape(x.shape)
 
-    scale = _compute_scale(x, qmax, granularity, mean=bits == 1 and not stochastic)
-    if not np.isfinite(scale).all():
-        raise ValueError(f"tensor {name!r} has magnitudes beyond the float32 range")
+
+def _quantize_block(
+    rows: torch.Tensor,
+    column: torch.Tensor,
+    bits: int,
+    generator: torch.Generator | None,
+    codes: torch.Tensor,
+    residual: torch.Tensor,
+) -> None:
+    """Write the codes of ``rows`` (scales ``column``) into ``codes`` and ``x - codes * scale`` into ``residual``."""
+    qmax = _qmax(bits)
     if bits == 1:
-        return QuantizedTensor(values=_signs(x, scale, stochastic, rng), scale=scale)
-    # Divide in float64 by the float32 scale actually sent, so that the error
-    # bound holds for what the receiver reconstructs.
-    scaled = x.astype(np.float64) / _broadcastable(scale, x.ndim)
-    if stochastic:
-        assert rng is not None
-        scaled = np.floor(scaled + rng.random(scaled.shape))
+        plus = _plus(rows, column, generator)
+        sign = plus.to(rows.dtype).mul_(2).sub_(1)
+        torch.addcmul(rows, sign, column, value=-1, out=residual)
+        codes.copy_(plus if codes.dtype == torch.uint8 else sign)
+        return
+    # Divided in x's precision by the float32 scale actually sent: the receiver's
+    # error is at most scale / 2 plus float32 rounding (2**-24 |x|).
+    scaled = rows / column
+    if generator is not None:
+        noise = torch.rand(scaled.shape, generator=generator, dtype=scaled.dtype, device=scaled.device)
+        scaled.add_(noise).floor_().clamp_(-qmax, qmax)  # x / scale + u may round up to qmax + 1
     else:
-        scaled = np.rint(scaled)
-    # asarray: ufuncs on 0-D arrays return NumPy scalars, which Array rejects.
-    values = np.asarray(np.clip(scaled, -qmax, qmax), dtype=np.int8)
-    return QuantizedTensor(values=values, scale=scale)
+        # |x| / scale <= qmax up to float32 rounding, which rounds back to qmax: no clamp needed.
+        scaled.round_()  # half to even, as NumPy's rint
+    torch.addcmul(rows, scaled, column, value=-1, out=residual)
+    codes.copy_(scaled.add_(qmax) if codes.dtype == torch.uint8 else scaled)
 
 
-def _signs(x: np.ndarray, scale: np.ndarray, stochastic: bool, rng: np.random.Generator | None) -> np.ndarray:
-    """1-bit codes: the sign of ``x`` (0 counts as +), or +1 drawn with probability (1 + x/scale) / 2."""
-    if not stochastic:
-        return np.asarray(np.where(x >= 0, 1, -1), dtype=np.int8)
-    assert rng is not None
-    plus = np.clip((1 + x.astype(np.float64) / _broadcastable(scale, x.ndim)) / 2, 0, 1)
-    return np.asarray(np.where(rng.random(x.shape) < plus, 1, -1), dtype=np.int8)
+# Elements per block of the quantizer on CPU: a block's temporaries stay in the core's cache,
+# so x is read from memory once more after its scales and the codes and residual written once.
+_BLOCK = 1 << 16
 
 
-def pack_codes(values: np.ndarray, bits: int) -> np.ndarray:
+def _blocks(rows: torch.Tensor) -> Iterator[tuple[slice, slice]]:
+    """Blocks of whole rows (or of one long row) of ``rows``, about ``_BLOCK`` elements each; one on a GPU."""
+    count, length = rows.shape
+    if rows.device.type != "cpu" or rows.numel() <= _BLOCK:
+        yield slice(0, count), slice(0, length)
+    elif length >= _BLOCK:
+        for row in range(count):
+            for start in range(0, length, _BLOCK):
+                yield slice(row, row + 1), slice(start, start + _BLOCK)
+    else:
+        step = _BLOCK // length
+        for start in range(0, count, step):
+            yield slice(start, start + step), slice(0, length)
+
+
+def _plus(rows: torch.Tensor, column: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """1-bit codes as booleans: the sign of each value (0 counts as +), or + with probability (1 + x/scale) / 2."""
+    if generator is None:
+        return rows >= 0
+    probability = ((1 + rows / column) / 2).clamp_(0, 1)
+    return torch.rand(rows.shape, generator=generator, dtype=rows.dtype, device=rows.device) < probability
+
+
+def pack_codes(values: Tensor, bits: int) -> np.ndarray:
     """Pack int8 codes of ``bits`` (1..4) into a flat uint8 array, ``8 // CONTAINER_BITS`` per byte.
 
     Codes are offset by ``qmax`` (signs: -1 -> 0, +1 -> 1) and fill each byte from its
     lowest bits; the last byte is padded with zeros.
     """
+    codes = torch.as_tensor(values).reshape(-1)
+    unsigned = codes.gt(0) if bits == 1 else codes.add(_qmax(bits))
+    return _pack(unsigned.to(torch.uint8), bits).cpu().numpy()
+
+
+def _pack(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
+    """Offset ``uint8`` codes (flat) packed ``8 // CONTAINER_BITS[bits]`` per byte, on their device."""
+    if bits == 1 and unsigned.device.type == "cpu":
+        # NumPy's packbits is the same layout (lowest bit first, zero padding) and ten times faster.
+        return torch.from_numpy(np.packbits(unsigned.numpy(), bitorder="little"))
     width = CONTAINER_BITS[bits]
     per_byte = 8 // width
-    flat = np.asarray(values, dtype=np.int16).reshape(-1)
-    unsigned = (flat + 1) // 2 if bits == 1 else flat + _qmax(bits)
-    padded = np.zeros(-(-flat.size // per_byte) * per_byte, dtype=np.uint8)
-    padded[: flat.size] = unsigned
-    shifts = np.arange(per_byte, dtype=np.uint8) * width
-    return np.bitwise_or.reduce(padded.reshape(-1, per_byte) << shifts, axis=1).astype(np.uint8)
+    count = unsigned.numel()
+    if count % per_byte:  # pad the last byte with zeros
+        padded = torch.zeros(-(-count // per_byte) * per_byte, dtype=torch.uint8, device=unsigned.device)
+        unsigned = padded.index_copy_(0, torch.arange(count, device=unsigned.device), unsigned)
+    slots = unsigned.view(-1, per_byte)
+    packed = slots[:, 0].clone()
+    for slot in range(1, per_byte):
+        packed.bitwise_or_(slots[:, slot] << (slot * width))
+    return packed
 
 
 def unpack_codes(packed: np.ndarray, bits: int, shape: tuple[int, ...], name: str = "tensor") -> np.ndarray:
@@ -169,6 +255,11 @@ def unpack_codes(packed: np.ndarray, bits: int, shape: tuple[int, ...], name: st
     The byte count must be exactly what ``shape`` needs, every code within
     ``[0, 2 qmax]`` (e.g. a 3-bit code in its 4-bit slot at most 6) and the padding zero.
     """
+    return _unpack(packed, bits, shape, name).numpy()
+
+
+def _unpack(packed: np.ndarray, bits: int, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """``unpack_codes`` as a CPU tensor."""
     width = CONTAINER_BITS[bits]
     per_byte, count = 8 // width, int(np.prod(shape, dtype=np.int64))
     expected = -(-count // per_byte)
@@ -177,26 +268,40 @@ def unpack_codes(packed: np.ndarray, bits: int, shape: tuple[int, ...], name: st
             f"array {name!r} is {packed.dtype}{list(packed.shape)}, expected uint8[{expected}] "
             f"({count} {bits}-bit codes, {per_byte} per byte)"
         )
-    shifts = np.arange(per_byte, dtype=np.uint8) * width
-    codes = ((packed[:, None] >> shifts) & ((1 << width) - 1)).reshape(-1)
-    if codes[count:].any():
-        raise PayloadError(f"array {name!r} has non-zero padding after its {count} codes")
-    codes = codes[:count].astype(np.int8)
     if bits == 1:
-        return (2 * codes - 1).reshape(shape)
+        unsigned = torch.from_numpy(np.unpackbits(packed, bitorder="little"))
+    else:
+        source = torch.from_numpy(packed)
+        slots = torch.empty((expected, per_byte), dtype=torch.uint8)
+        for slot in range(per_byte):
+            torch.bitwise_and(source >> (slot * width), (1 << width) - 1, out=slots[:, slot])
+        unsigned = slots.view(-1)
+    if unsigned[count:].any():
+        raise PayloadError(f"array {name!r} has non-zero padding after its {count} codes")
+    # Offset codes are at most 14, so int8 arithmetic on them is exact (and a quarter of float32's bytes).
+    codes = unsigned[:count].view(torch.int8)
+    if bits == 1:
+        return codes.mul_(2).sub_(1).reshape(shape)
     qmax = _qmax(bits)
-    if codes.max(initial=0) > 2 * qmax:
+    if count and int(unsigned[:count].max()) > 2 * qmax:
         raise PayloadError(f"array {name!r} holds a code above {2 * qmax}, outside {bits}-bit values")
-    return (codes - qmax).reshape(shape)
+    return codes.sub_(qmax).reshape(shape)
 
 
 def dequantize(q: QuantizedTensor) -> np.ndarray:
     """Reconstruct a ``float32`` array from a ``QuantizedTensor``."""
-    values = np.asarray(q.values)
+    values = torch.as_tensor(np.asarray(q.values))
     scale = np.asarray(q.scale, dtype=np.float32)
-    if scale.ndim != 1 or scale.size not in _allowed_scale_sizes(values.shape):
-        raise ValueError(f"scale of shape {scale.shape} does not match values of shape {values.shape}")
-    return values.astype(np.float32) * _broadcastable(scale, values.ndim)
+    if scale.ndim != 1 or scale.size not in _allowed_scale_sizes(tuple(values.shape)):
+        raise ValueError(f"scale of shape {scale.shape} does not match values of shape {tuple(values.shape)}")
+    return _dequantize(values, torch.from_numpy(scale)).numpy()
+
+
+def _dequantize(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``values * scale`` in float32, the scale broadcast per channel (axis 0) or per tensor."""
+    scale = scale.to(values.device)
+    # One pass: torch casts the int8 codes to float32 inside the multiplication.
+    return torch.mul(values, scale.reshape((-1,) + (1,) * (values.ndim - 1)) if values.ndim else scale[0])
 
 
 # ---------------------------------------------------------------------------
@@ -223,56 +328,60 @@ def scale_lengths(reference: dict[str, tuple[tuple[int, ...], str]], granularity
 
 
 def encode_arrays(
-    arrays: dict[str, np.ndarray],
+    arrays: dict[str, Tensor],
     *,
     bits: int = 8,
     granularity: str = "channel",
     stochastic: bool = False,
     rng: np.random.Generator | None = None,
-) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
+) -> tuple[ArrayRecord, dict[str, Tensor]]:
     """Quantize named arrays into an ``ArrayRecord`` ready to send.
 
     Parameters
     ----------
-    arrays : dict[str, np.ndarray]
-        Float arrays keyed by parameter name. ``SCALES_KEY`` and ``BITS_KEY`` are reserved.
+    arrays : dict[str, np.ndarray | torch.Tensor]
+        Float arrays keyed by parameter name, NumPy or torch on any device
+        (encoded there). ``SCALES_KEY`` and ``BITS_KEY`` are reserved.
     bits, granularity, stochastic, rng
-        As in ``quantize``. A single ``rng`` is consumed in ``arrays`` order,
-        so a fixed seed gives a reproducible encoding.
+        As in ``quantize``. One torch generator, seeded from ``rng``, draws
+        every tensor's noise in ``arrays`` order, so a fixed seed gives a
+        reproducible encoding.
 
     Returns
     -------
-    tuple[ArrayRecord, dict[str, np.ndarray]]
+    tuple[ArrayRecord, dict[str, np.ndarray | torch.Tensor]]
         The record, holding for each name its codes under ``name`` (``int8``,
         or packed ``uint8`` for 4 bits or fewer, with ``BITS_KEY``), and
         every ``float32`` scale in one array under ``SCALES_KEY`` (names
         sorted, see ``scale_lengths``): one array instead of one per tensor
         halves Flower's per-array framing. And the ``float32`` residuals
         ``x - dequantize(quantize(x))`` per name, which clients keep for error
-        feedback.
+        feedback: NumPy arrays for NumPy input, tensors on the input's device otherwise.
     """
     for reserved in CODEC_KEYS:
         if reserved in arrays:
             raise ValueError(f"array name {reserved!r} is reserved for the codec")
     _qmax(bits)  # checks the bit width before anything is encoded
+    _check_granularity(granularity)
     packed_codes = bits in CONTAINER_BITS
     entries: dict[str, Array] = {}
-    scales: dict[str, np.ndarray] = {}
-    residuals: dict[str, np.ndarray] = {}
-    for name, x in arrays.items():
-        q = quantize(
-            x,
-            bits=bits,
-            granularity=granularity,
-            stochastic=stochastic,
-            rng=rng,
-            name=name,
+    scales: dict[str, torch.Tensor] = {}
+    residuals: dict[str, Tensor] = {}
+    generators: dict[torch.device, torch.Generator | None] = {}
+    for name, array in arrays.items():
+        x = _as_real_tensor(array, name)
+        if x.device not in generators:
+            generators[x.device] = _generator(stochastic, rng, x.device)
+        codes, scale, residual = _quantize(
+            x, bits, granularity, generators[x.device], name, offset=packed_codes
         )
-        entries[name] = Array(pack_codes(q.values, bits) if packed_codes else q.values)
-        scales[name] = q.scale
-        residuals[name] = np.asarray(x, dtype=np.float32) - dequantize(q)
+        sent = _pack(codes.reshape(-1), bits) if packed_codes else codes
+        entries[name] = Array(sent.cpu().numpy())
+        scales[name] = scale.cpu()
+        residuals[name] = residual.numpy() if isinstance(array, np.ndarray) else residual
     packed = [scales[name] for name in sorted(scales)]
-    entries[SCALES_KEY] = Array(np.concatenate(packed) if packed else np.zeros(0, dtype=np.float32))
+    all_scales = torch.cat(packed) if packed else torch.zeros(0, dtype=torch.float32)
+    entries[SCALES_KEY] = Array(all_scales.numpy())
     if packed_codes:
         entries[BITS_KEY] = Array(np.asarray(bits, dtype=np.uint8))
     return ArrayRecord(entries), residuals
@@ -305,7 +414,8 @@ def decode_arrays(
         dtype or shape (packed: the wrong length for its bit width, a code out
         of range), the bit width is not 1..4, or the packed scales have the wrong dtype or length
         (neither per-channel nor per-tensor for these arrays) or hold a
-        non-finite or non-positive scale. The message names the array.
+        non-finite or non-positive scale, or one so large that its codes
+        would decode beyond float32. The message names the array.
     """
     keys = set(record.keys())
     missing = [name for name in reference if name not in keys]
@@ -321,12 +431,8 @@ def decode_arrays(
     for name, (shape, dtype) in reference.items():
         shape = tuple(int(d) for d in shape)
         values = _load_values(record, name, shape, bits)
-        out = dequantize(QuantizedTensor(values=values, scale=scales[name])).astype(
-            np.dtype(dtype), copy=False
-        )
-        if not np.isfinite(out).all():  # finite codes and scales can still overflow
-            raise PayloadError(f"array {name!r} decodes to non-finite values")
-        decoded[name] = out
+        out = _dequantize(values, torch.from_numpy(scales[name])).numpy()
+        decoded[name] = out.astype(np.dtype(dtype), copy=False)
     return decoded
 
 
@@ -361,37 +467,52 @@ def _check_granularity(granularity: str) -> None:
         raise ValueError(f'granularity must be "channel" | "tensor", got {granularity!r}')
 
 
-def _as_real_array(x: np.ndarray, name: str) -> np.ndarray:
-    """Return ``x`` as an ndarray after checking it is real and finite."""
-    x = np.asarray(x)
-    if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise ValueError(f"tensor {name!r} has unsupported dtype {x.dtype}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"tensor {name!r} holds non-finite values (NaN or inf)")
-    return x
+def _as_real_tensor(x: Tensor, name: str) -> torch.Tensor:
+    """``x`` as a tensor (NumPy arrays without a copy), after checking its dtype is real.
+
+    Finiteness is checked on the scales (``_quantize``), which NaN and inf make non-finite.
+    """
+    if isinstance(x, torch.Tensor):
+        tensor = x
+    else:  # torch takes any C-contiguous array as it is (np.ascontiguousarray would make 0-D arrays 1-D)
+        x = np.asarray(x)
+        tensor = torch.from_numpy(x if x.flags.c_contiguous and x.flags.writeable else x.copy())
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise ValueError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
+    return tensor.detach() if tensor.is_floating_point() else tensor.to(torch.float64)
 
 
-def _compute_scale(x: np.ndarray, qmax: int, granularity: str, *, mean: bool = False) -> np.ndarray:
-    """Scale(s) ``max|x| / qmax`` (``mean``: the mean of ``|x|``) per channel (axis 0) or per tensor."""
-    absx = np.abs(x.astype(np.float64))
+def _rows(x: torch.Tensor, granularity: str) -> torch.Tensor:
+    """``x`` as ``(C, N)``: one row per scale (per-channel: axis 0 of an array with ``ndim >= 2``)."""
     if granularity == "channel" and x.ndim >= 2:
-        axes = tuple(range(1, x.ndim))
-        # `initial=0` keeps empty channels well defined.
-        amax = absx.mean(axis=axes) if mean else absx.max(axis=axes, initial=0.0)
+        return x.reshape(x.shape[0], -1)
+    return x.reshape(1, -1)
+
+
+def _compute_scale(rows: torch.Tensor, qmax: int, *, mean: bool = False) -> torch.Tensor:
+    """``float32`` scale per row: ``max|x| / qmax`` (``mean``: the mean of ``|x|``)."""
+    if mean:
+        magnitude = rows.abs().mean(dim=1).to(torch.float64)
+    elif rows.shape[1] == 0:  # empty channels are well defined (scale 1, below)
+        magnitude = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
     else:
-        amax = np.array([absx.mean() if mean else absx.max(initial=0.0)])
-    scale = (amax / qmax).astype(np.float32)
+        # Two reads of x without a temporary: faster on CPU than |x| then amax, aminmax or a norm.
+        magnitude = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg_()).to(torch.float64)
+    scale = (magnitude / qmax).to(torch.float32)
     # All-zero channels (or scales underflowing float32) get 1.0 so every
     # scale is finite and positive; their values quantize to 0 anyway.
-    scale[scale <= 0] = 1.0
-    return scale
+    return scale.masked_fill_(scale <= 0, 1.0)
 
 
-def _broadcastable(scale: np.ndarray, ndim: int) -> np.ndarray:
-    """Reshape a (C,) or (1,) scale to broadcast against an ndim-D array."""
-    if ndim == 0:
-        return scale.reshape(())
-    return scale.reshape((-1,) + (1,) * (ndim - 1))
+def _generator(
+    stochastic: bool, rng: np.random.Generator | None, device: torch.device
+) -> torch.Generator | None:
+    """A torch generator on ``device`` seeded from ``rng`` for stochastic rounding; None to round to nearest."""
+    if not stochastic:
+        return None
+    if rng is None:
+        raise ValueError("stochastic rounding requires an `rng` (np.random.Generator)")
+    return torch.Generator(device=device).manual_seed(int(rng.integers(2**63 - 1)))
 
 
 def _allowed_scale_sizes(shape: tuple[int, ...]) -> set[int]:
@@ -420,17 +541,20 @@ def _load_bits(record: ArrayRecord) -> int:
     return int(bits)
 
 
-def _load_values(record: ArrayRecord, name: str, shape: tuple[int, ...], bits: int = MAX_BITS) -> np.ndarray:
+def _load_values(
+    record: ArrayRecord, name: str, shape: tuple[int, ...], bits: int = MAX_BITS
+) -> torch.Tensor:
+    """The ``int8`` codes of array ``name`` (unpacked for 4 bits or fewer), checked against ``shape``."""
     if name not in record:
         raise PayloadError(f"array {name!r} is missing from the payload")
     values = _load(record, name)
     if bits in CONTAINER_BITS:
-        return unpack_codes(values, bits, shape, name)
+        return _unpack(values, bits, shape, name)
     if values.dtype != np.int8:
         raise PayloadError(f"array {name!r} has dtype {values.dtype}, expected int8")
     if values.shape != shape:
         raise PayloadError(f"array {name!r} has shape {values.shape}, expected {shape}")
-    return values
+    return torch.from_numpy(values)
 
 
 def _load_scales(
@@ -457,5 +581,9 @@ def _load_scales(
             raise PayloadError(f"scale for array {name!r} holds non-finite values")
         if (scale <= 0).any():
             raise PayloadError(f"scale for array {name!r} holds non-positive values")
+        # No code exceeds 128 in magnitude: bounding the scales bounds every decoded value,
+        # without a pass over the decoded arrays.
+        if (scale.astype(np.float64) * _LARGEST_CODE > np.finfo(np.float32).max).any():
+            raise PayloadError(f"scale for array {name!r} is so large that its codes decode beyond float32")
         scales[name] = scale
     return scales

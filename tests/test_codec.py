@@ -503,8 +503,8 @@ def test_invalid_granularity_raises(granularity):
 def test_decode_rejects_scales_that_overflow_to_infinity(payload):
     record, ref = payload
     scales = record[SCALES_KEY].numpy().copy()
-    scales[:16] = 3e38  # finite and positive, but 127 * 3e38 is inf in float32
-    with pytest.raises(PayloadError, match="'conv' decodes to non-finite"):
+    scales[1:17] = 3e38  # conv's (after bias's one): finite and positive, but 127 * 3e38 is inf in float32
+    with pytest.raises(PayloadError, match="'conv' is so large that its codes decode beyond float32"):
         decode_arrays(_tamper(record, **{SCALES_KEY: scales}), ref)
 
 
