@@ -106,16 +106,14 @@ for eta in FEDADAM_SWEEP:
         AGGREGATOR_METHODS[_fedadam(eta) + " +int8"] = (overrides + ["strategy=quant"], BOTH)
 # Compression beyond int8 (#18): packed codes with error feedback, and with partial USplit 4-way.
 _EF = ["strategy.error_feedback=true"]
+_USPLIT4 = ["strategy=partial", "strategy.preset=usplit", "strategy.split_ways=4", "strategy.quantize=true"]
 COMPRESSION_METHODS = {
     "vanilla": METHODS["vanilla"],
     "int4": (["strategy=quant", "strategy.bits=4", *_EF], BOTH),
     "int2": (["strategy=quant", "strategy.bits=2", *_EF], BOTH),
     "1bit": (["strategy=quant", "strategy.bits=1", *_EF], BOTH),
-    "usplit4+int4": (
-        ["strategy=partial", "strategy.preset=usplit", "strategy.split_ways=4", "strategy.quantize=true"]
-        + ["strategy.bits=4", *_EF],
-        BOTH,
-    ),
+    "usplit4+int4": (_USPLIT4 + ["strategy.bits=4", *_EF], BOTH),
+    "usplit4+1bit": (_USPLIT4 + ["strategy.bits=1", *_EF], BOTH),
 }
 SUITES = {"strategies": METHODS, "aggregators": AGGREGATOR_METHODS, "compression": COMPRESSION_METHODS}
 SERVER_OPTIMIZERS = ("fedavgm", "fedadam")
