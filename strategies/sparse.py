@@ -253,7 +253,8 @@ def _restore(codes: np.ndarray, scales: np.ndarray, counts: list[int]) -> np.nda
     The sender computes its residuals with this very function, so they complete
     exactly what the receiver decodes.
     """
-    return codes.astype(np.float32) * np.repeat(scales.astype(np.float32), counts)
+    with np.errstate(over="ignore"):  # a hostile scale can overflow: the decoder reports non-finite values
+        return codes.astype(np.float32) * np.repeat(scales.astype(np.float32), counts)
 
 
 def _position_entries(positions: list[np.ndarray], sizes: list[int]) -> dict[str, Array]:
