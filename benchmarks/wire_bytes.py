@@ -1,4 +1,4 @@
-"""Bytes on the wire per client per round: fp32 (vanilla) vs quant (8, 4, 2, 1 bits), partial exchange, SecAgg+.
+"""Bytes on the wire per client per round: fp32 (vanilla) vs quant (8, 4, 2, 1 bits, top-k), partial exchange, SecAgg+.
 
     python benchmarks/wire_bytes.py [--quick]
 
@@ -6,7 +6,9 @@ For each paper UNet (fashion_mnist, cifar10, celeba) the benchmark builds the
 messages the strategies really send: the downlink ArrayRecord of
 ``configure_train`` and a client's uplink reply (full weights for vanilla;
 ``client_app.updates.quantized_update`` of a realistic update for quant, int8
-or packed 4-, 2- and 1-bit codes; partial exchange fp32, int8 and 4-bit). It
+or packed 4-, 2- and 1-bit codes, or top-k 1 % and 10 % with float32 or int8
+values, in the second round so that error feedback has a residual; partial
+exchange fp32, int8 and 4-bit, and USplit 4-way also 1-bit and top-k). It
 counts two sizes: ``payload`` (the arrays' serialized npy buffers, what
 ``metrics.jsonl`` records) and ``serialized`` (Flower's deflated object tree:
 record, arrays and chunks, what the transport carries). ``--quick`` measures
@@ -46,8 +48,17 @@ VARIANTS = {
     "int2 per-channel (packed)": {"granularity": "channel", "error_feedback": False, "bits": 2},
     "1-bit sign per-channel (packed)": {"granularity": "channel", "error_feedback": False, "bits": 1},
 }
-# Partial exchange's codes: none (fp32), int8 and packed 4-bit for every preset; 1-bit for USplit 4-way.
-PARTIAL_BITS = {None: "", 8: " + int8", 4: " + int4"}
+# Top-k (strategy.topk): the fraction kept, and the values as float32 or as int8 codes.
+TOPK = {
+    "top-k 1 %": {"topk": 0.01, "topk_values": "float32"},
+    "top-k 1 % + int8": {"topk": 0.01, "topk_values": "quantized"},
+    "top-k 10 %": {"topk": 0.1, "topk_values": "float32"},
+    "top-k 10 % + int8": {"topk": 0.1, "topk_values": "quantized"},
+}
+VARIANTS |= {name: {"granularity": "channel", "error_feedback": False} | o for name, o in TOPK.items()}
+# Partial exchange's codes: none (fp32), int8 and packed 4-bit for every preset; 1-bit and top-k for USplit 4-way.
+PARTIAL_CODES = {"": {"quantize": False}, " + int8": {"bits": 8}, " + int4": {"bits": 4}}
+USPLIT4_CODES = {" + 1-bit": {"bits": 1}} | {f" + {name}": o for name, o in TOPK.items()}
 
 
 def serialized_nbytes(obj) -> int:
@@ -74,20 +85,21 @@ def measure_partial(global_state: dict, local_state: dict) -> dict:
     """Uplink and steady-state downlink per client (mean of 4 clients) of each partial variant, fp32 and coded."""
     rows = {}
     for preset, options, label in PARTIAL_VARIANTS:
-        codes = dict(PARTIAL_BITS) | ({1: " + 1-bit"} if options.get("split_ways") == 4 else {})
-        for bits, suffix in codes.items():
+        codes = PARTIAL_CODES | (USPLIT4_CODES if options.get("split_ways") == 4 else {})
+        for suffix, code in codes.items():
             strategy = build_strategy(
                 {
                     "name": "partial",
                     "preset": preset,
                     "shared": None,
                     "split_ways": options.get("split_ways", 2),
-                    "quantize": bits is not None,
-                    "bits": bits or 8,
+                    "quantize": True,
+                    "bits": 8,
                     "granularity": "channel",
                     "stochastic_rounding": False,
                     "error_feedback": False,
-                },
+                }
+                | code,
                 num_clients=1,
             )
             grid = _Nodes(PARTIAL_CLIENTS)
@@ -194,31 +206,17 @@ def measure(model: str) -> dict:
     for name, options in VARIANTS.items():
         if options is None:
             strategy = build_strategy({"name": "vanilla"}, num_clients=1)
-            uplink = ArrayRecord(local_state)
         else:
-            bits = options.get("bits", 8)
-            strategy = build_strategy(
-                {
-                    "name": "quant",
-                    "bits": bits,
-                    "stochastic_rounding": False,
-                    "quantize_downlink": False,
-                    "granularity": options["granularity"],
-                    "error_feedback": options["error_feedback"],
-                },
-                num_clients=1,
-            )
-            config = {
-                "quant-bits": bits,
-                "quant-granularity": options["granularity"],
-                "quant-stochastic": False,
-                "quant-error-feedback": options["error_feedback"],
-            }
-            state = RecordDict()
-            quantized_update(local_state, global_state, config, state, seed=0)  # round 1 fills the residual
-            uplink = quantized_update(local_state, global_state, config, state, seed=1)
+            quant = {"name": "quant", "bits": 8, "stochastic_rounding": False, "quantize_downlink": False}
+            strategy = build_strategy(quant | options, num_clients=1)
         (message,) = strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), _OneNode())
         downlink = message.content["arrays"]
+        if options is None:
+            uplink = ArrayRecord(local_state)
+        else:  # the client's settings as the strategy sends them
+            config, state = dict(message.content["config"]), RecordDict()
+            quantized_update(local_state, global_state, config, state, seed=0)  # round 1 fills the residual
+            uplink = quantized_update(local_state, global_state, config, state, seed=1)
         rows[name] = {
             "uplink_payload_bytes": payload_nbytes(uplink),
             "uplink_serialized_bytes": serialized_nbytes(uplink),
@@ -251,6 +249,12 @@ def measure(model: str) -> dict:
         "ratio_1bit_vs_fp32": round(
             fp32 / rows["1-bit sign per-channel (packed)"]["uplink_serialized_bytes"], 4
         ),
+        **{
+            f"ratio_topk{round(o['topk'] * 100)}{'_int8' if o['topk_values'] == 'quantized' else ''}_vs_fp32": round(
+                fp32 / rows[name]["uplink_serialized_bytes"], 3
+            )
+            for name, o in TOPK.items()
+        },
         "ratio_best_combined_vs_fp32": max(
             (round(fp32 / v["uplink_serialized_bytes"], 3), name) for name, v in rows.items()
         ),
@@ -270,6 +274,11 @@ def measure(model: str) -> dict:
 def _uplink(result: dict, variant: str) -> int:
     """Serialized uplink bytes of one variant of a model's result."""
     return result["variants"][variant]["uplink_serialized_bytes"]
+
+
+def fp32_ratio(result: dict, variant: str) -> float:
+    """How many times fewer serialized uplink bytes than fp32 one variant of a model's result sends."""
+    return _uplink(result, "fp32 (vanilla)") / _uplink(result, variant)
 
 
 def main() -> None:
@@ -328,6 +337,17 @@ def main() -> None:
             for m, r in results.items()
         )
         + " (FID at these widths: the quality benchmark)."
+        + "\nTop-k (strategy.topk; error feedback always on), uplink smaller than fp32 by: "
+        + "; ".join(
+            f"{m} "
+            + ", ".join(f"{name} {fp32_ratio(r, name):.1f}x" for name in TOPK)
+            + ", with partial usplit 4-way "
+            + ", ".join(f"{name} {fp32_ratio(r, f'partial usplit (4-way) + {name}'):.1f}x" for name in TOPK)
+            for m, r in results.items()
+        )
+        + ". A top-k record holds 3 to 5 arrays whatever the model: the sent tensors' names, the kept"
+        " positions (gaps as uint16 or uint32, or a bitmap of every entry when that is smaller, above"
+        " about 1/16 kept), the values (float32 or codes) and, with codes, one scale per tensor."
         + "\nWith `strategy.quantize_downlink=true` the downlink shrinks by the same factor: "
         + ", ".join(f"{m} {r['ratio_int8_downlink_vs_fp32']:.3f}x" for m, r in results.items())
         + "."

@@ -1,7 +1,8 @@
 """What a client receives and sends: full weights, or int8 codes of the update (FedDM-quant).
 
 The encoding settings come from the strategy's ConfigRecord (``quant-*`` keys);
-the codec is ``strategies.codec``, the same one the server decodes with.
+the codec is ``strategies.codec`` (dense codes) or ``strategies.sparse`` (top-k,
+with ``quant-topk``), the same ones the server decodes with.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from strategies.codec import decode_arrays, encode_arrays, is_quantized
+from strategies.sparse import encode_topk
 
 # Key of the quantization residual in the client's persistent state (Context.state).
 RESIDUAL_KEY = "feddm-quant-residual"
@@ -47,10 +49,12 @@ def quantized_update(
     state: RecordDict,
     seed: int,
 ) -> ArrayRecord:
-    """int8 codes of Δ = local − received, with the settings the strategy sent.
+    """int8 codes (or, with ``quant-topk``, the top-k entries) of Δ = local − received, as the strategy asked.
 
     With error feedback, last round's residual (kept in ``state``) is added to Δ
-    before quantizing, and this round's residual replaces it.
+    before encoding, and this round's residual replaces it. The strategy turns
+    error feedback on with top-k (``strategies.quant.quant_client_keys``), so
+    that the entries not sent this round are sent in a later one.
     """
     # On the device of the trained weights: the codec encodes there, only the codes leave it.
     update = {name: local[name].detach() - received[name].to(local[name].device) for name in received}
@@ -62,14 +66,24 @@ def quantized_update(
         for name, residual in kept.items():
             if name in update and residual.shape == update[name].shape:
                 update[name] += residual.to(update[name].device)
-    record, residual = encode_arrays(
-        update,
-        bits=int(config["quant-bits"]),
-        granularity=str(config["quant-granularity"]),
-        stochastic=bool(config["quant-stochastic"]),
-        rng=np.random.default_rng(seed),
-    )
+    codes = {
+        "bits": int(config["quant-bits"]),
+        "stochastic": bool(config["quant-stochastic"]),
+        "rng": np.random.default_rng(seed),
+    }
+    if "quant-topk" in config:
+        # Top-k selects on the host (NumPy); its residuals come back as NumPy arrays.
+        record, residual = encode_topk(
+            {name: u.cpu().numpy() for name, u in update.items()},
+            float(config["quant-topk"]),
+            values=str(config["quant-topk-values"]),
+            **codes,
+        )
+    else:
+        record, residual = encode_arrays(update, granularity=str(config["quant-granularity"]), **codes)
     if error_feedback:
         kept.update(residual)
-        state[RESIDUAL_KEY] = ArrayRecord({n: Array(r.cpu().numpy()) for n, r in kept.items()})
+        state[RESIDUAL_KEY] = ArrayRecord(
+            {n: Array(torch.as_tensor(r).cpu().numpy()) for n, r in kept.items()}
+        )
     return record

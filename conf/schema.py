@@ -31,6 +31,7 @@ from models.parts import PRESETS
 from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS
 from strategies.fedddpm import AUX_ALLOCATIONS, SIGNALS
 from strategies.reply_checks import WEIGHTINGS
+from strategies.sparse import TOPK_VALUES
 
 CONF_DIR = Path(__file__).parent
 DEVICES = ("auto", "cpu", "cuda")
@@ -447,7 +448,21 @@ _CODEC = {
     "error_feedback": (
         False,
         Bool(),
-        "each client adds last round's quantization residual (kept in `Context.state`)",
+        "each client adds last round's quantization residual (kept in `Context.state`); always on with "
+        "`strategy.topk`",
+    ),
+    "topk": (
+        0.0,
+        Number(ge=0, lt=1),
+        "top-k sparsification: 0 = off; else the fraction of each tensor's update entries sent, the largest "
+        "(at least one), as positions and values; implies error feedback, so what is not sent goes in a later "
+        "round (`partial`: needs `strategy.quantize=true`)",
+    ),
+    "topk_values": (
+        "quantized",
+        OneOf(TOPK_VALUES),
+        "with `strategy.topk`: the kept values as `strategy.bits`-bit codes with one scale per tensor "
+        "(`quantized`) or as `float32`",
     ),
 }
 
@@ -476,6 +491,8 @@ class Quant:
     granularity: Any = setting(*_CODEC["granularity"])
     stochastic_rounding: Any = setting(*_CODEC["stochastic_rounding"])
     error_feedback: Any = setting(*_CODEC["error_feedback"])
+    topk: Any = setting(*_CODEC["topk"])
+    topk_values: Any = setting(*_CODEC["topk_values"])
     quantize_downlink: Any = setting(
         False,
         Bool(),
@@ -504,12 +521,17 @@ class Partial:
         "`usplit` only: clients per group that send one model between them (2 = the paper's pairs)",
     )
     quantize: Any = setting(
-        False, Bool(), "send int8 codes of the update of what is sent (the codec of `quant`)"
+        False,
+        Bool(),
+        "send int8 codes of the update of what is sent (the codec of `quant`; with `strategy.topk`, its "
+        "largest entries)",
     )
     bits: Any = setting(*_CODEC["bits"])
     granularity: Any = setting(*_CODEC["granularity"])
     stochastic_rounding: Any = setting(*_CODEC["stochastic_rounding"])
     error_feedback: Any = setting(*_CODEC["error_feedback"])
+    topk: Any = setting(*_CODEC["topk"])
+    topk_values: Any = setting(*_CODEC["topk_values"])
 
 
 @dataclass

@@ -349,6 +349,9 @@ def _check_partial(e: list[str], st: DictConfig, num_levels: int) -> None:
         _check(e, ok, "strategy.shared", shared, f"a non-empty list of UNet parts from {parts}")
     else:
         _check(e, st.shared is None, "strategy.shared", st.shared, "null unless strategy.preset=custom")
+    # Top-k sparsifies the update; without `quantize` a partial reply is weights.
+    topk_off = not is_number(st.topk) or st.topk == 0
+    _check(e, topk_off or st.quantize is True, "strategy.topk", st.topk, "0 unless strategy.quantize=true")
 
 
 def refuse_simulation_overrides(overrides: Sequence[str] | str) -> None:

@@ -18,7 +18,8 @@ server, local parts of its own); the server's copy of the local parts is the
 initial model, which each node receives once, the first time it is contacted.
 The server averages each part over the replies that carry it (weighted by
 ``num-examples``). With ``quantize`` the replies carry int8 codes of the update
-of what is sent (the codec of FedDM-quant).
+of what is sent (the codec of FedDM-quant), or with ``topk`` its largest
+entries (``strategies.sparse``).
 """
 
 from __future__ import annotations
@@ -35,9 +36,18 @@ from flwr.supercore import log
 
 from models.parts import PRESETS, expand, names_in, parts_of
 from strategies.accounting import check_full_weights, partition_of, single_array_record
-from strategies.codec import CODEC_KEYS, PayloadError, decode_arrays
+from strategies.codec import CODEC_KEYS, PayloadError
 from strategies.encoding import Encoding
-from strategies.quant import quant_client_keys, reference_of, to_numpy, to_record
+from strategies.quant import (
+    check_topk_mode,
+    decode_update,
+    quant_client_keys,
+    reference_of,
+    to_numpy,
+    to_record,
+    topk_summary,
+)
+from strategies.sparse import TOPK_KEYS, topk_names
 
 PARTIAL_PRESETS = (*PRESETS, "custom")
 SAMPLES_KEY = "samples"  # ArrayRecord of client-generated images in evaluate replies
@@ -56,8 +66,9 @@ class PartialParts(Encoding):
         ``usplit`` only: clients per group that together send one model.
     quantize : bool (default: False)
         Replies carry int8 codes of the update (FedDM-quant's codec).
-    bits, granularity, stochastic_rounding, error_feedback
-        As in ``Int8Updates``, when ``quantize`` is on.
+    bits, granularity, stochastic_rounding, error_feedback, topk, topk_values
+        As in ``Int8Updates``, when ``quantize`` is on (``topk`` needs it: it
+        sparsifies the update, and without ``quantize`` weights travel).
     seed : int (default: 0)
         Seeds the USplit assignment.
     client_generation : dict | None
@@ -77,6 +88,8 @@ class PartialParts(Encoding):
         granularity: str = "channel",
         stochastic_rounding: bool = False,
         error_feedback: bool = False,
+        topk: float = 0.0,
+        topk_values: str = "quantized",
         seed: int = 0,
         client_generation: dict | None = None,
     ) -> None:
@@ -86,13 +99,20 @@ class PartialParts(Encoding):
             raise ValueError("shared lists the federated parts with preset=custom, and only then")
         if preset == "usplit" and split_ways < 2:
             raise ValueError(f"split_ways={split_ways} must be >= 2")
+        if topk and not quantize:
+            raise ValueError(
+                f"strategy.topk={topk} needs strategy.quantize=true: top-k sparsifies the update, and with "
+                "strategy.quantize=false the replies are weights"
+            )
         self.preset = preset
         self.selection = list(shared) if preset == "custom" else list(PRESETS[preset])
         self.split_ways = split_ways if preset == "usplit" else 0
         self.quantize = quantize
         self.decodes_updates = quantize  # int8 codes of the update of what is sent
         self.quant_config = (
-            quant_client_keys(bits, granularity, stochastic_rounding, error_feedback) if quantize else {}
+            quant_client_keys(bits, granularity, stochastic_rounding, error_feedback, topk, topk_values)
+            if quantize
+            else {}
         )
         self.seed = seed
         self.client_generation = client_generation
@@ -121,6 +141,9 @@ class PartialParts(Encoding):
             granularity=str(strategy["granularity"]),
             stochastic_rounding=bool(strategy["stochastic_rounding"]),
             error_feedback=bool(strategy["error_feedback"]),
+            # Hand-built configs (tests, benchmarks) may leave top-k out: off.
+            topk=float(strategy.get("topk", 0.0)),
+            topk_values=str(strategy.get("topk_values", "quantized")),
             seed=seed,
             client_generation=client_generation,
         )
@@ -142,6 +165,7 @@ class PartialParts(Encoding):
             lines.append(f"each part sent by one of every {self.split_ways} clients")
         if self.quantize:
             lines.append(f"int8 updates: {self.quant_config}")
+            lines += topk_summary(self.quant_config)
         return lines
 
     @classmethod
@@ -191,9 +215,13 @@ class PartialParts(Encoding):
         return addressed
 
     def decode(self, message: Message, global_arrays: ArrayRecord) -> ArrayRecord:
-        """Validate the reply: whole shared parts only, as weights (or int8 update codes)."""
+        """Validate the reply: whole shared parts only, as weights (or int8 or top-k update codes)."""
         record = single_array_record(message)
-        names = [n for n in record.keys() if n not in CODEC_KEYS]
+        # A top-k record names its tensors in TOPK_KEY; in the others, the keys are the names.
+        if check_topk_mode(record, self.quant_config):
+            names = topk_names(record)
+        else:
+            names = [n for n in record.keys() if n not in CODEC_KEYS + TOPK_KEYS]
         unknown = sorted(set(names) - set(self.shared_names))
         if unknown:
             raise PayloadError(f"arrays that are not shared: {unknown[:5]}")
@@ -204,7 +232,7 @@ class PartialParts(Encoding):
         expected = names_in(sent_parts, self.shared_names)
         reference = ArrayRecord({n: global_arrays[n] for n in expected})
         if self.quantize:
-            return to_record(decode_arrays(record, reference_of(reference)))
+            return to_record(decode_update(record, reference_of(reference), self.quant_config))
         return check_full_weights(record, reference)
 
     def average(

@@ -7,6 +7,8 @@ A round, with w the server's fp32 global model:
 2. each client trains from w' and sends Δ = w_local − w' as int8 codes with one
    fp32 scale per output channel (or per tensor), optionally with stochastic
    rounding and error feedback (the residual stays in the client's state);
+   with ``topk``, only that fraction of each tensor's entries, the largest,
+   travels (``strategies.sparse``), and error feedback is always on;
 3. the server validates and decodes every reply, takes the example-weighted
    mean Δ̄ with the aggregator (Flower's FedAvg), and sets w ← w' + Δ̄.
 
@@ -23,8 +25,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from strategies.accounting import single_array_record
-from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS, decode_arrays, encode_arrays
+from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS, PayloadError, decode_arrays, encode_arrays
 from strategies.encoding import Encoding
+from strategies.sparse import TOPK_VALUES, decode_topk, is_topk
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -57,6 +60,12 @@ class Int8Updates(Encoding):
         Clients round stochastically (unbiased) instead of to nearest.
     error_feedback : bool (default: False)
         Clients add last round's quantization residual to the next update.
+    topk : float (default: 0.0)
+        0: dense codes. In (0, 1): clients send only this fraction of each
+        tensor's entries, those of largest magnitude, and keep the rest for
+        later rounds (error feedback is then always on).
+    topk_values : str (default: "quantized")
+        With ``topk``: the kept values as ``bits``-bit codes, or ``"float32"``.
     quantize_downlink : bool (default: False)
         The server sends the global model as int8 codes too.
     whole_models : bool (default: False)
@@ -76,11 +85,15 @@ class Int8Updates(Encoding):
         granularity: str = "channel",
         stochastic_rounding: bool = False,
         error_feedback: bool = False,
+        topk: float = 0.0,
+        topk_values: str = "quantized",
         quantize_downlink: bool = False,
         whole_models: bool = False,
     ) -> None:
         self.whole_models = whole_models
-        self.client_keys = quant_client_keys(bits, granularity, stochastic_rounding, error_feedback)
+        self.client_keys = quant_client_keys(
+            bits, granularity, stochastic_rounding, error_feedback, topk, topk_values
+        )
         self.granularity = granularity
         self.quantize_downlink = quantize_downlink
         self._client_view: dict[str, np.ndarray] | None = None
@@ -93,6 +106,9 @@ class Int8Updates(Encoding):
             granularity=str(strategy["granularity"]),
             stochastic_rounding=bool(strategy["stochastic_rounding"]),
             error_feedback=bool(strategy["error_feedback"]),
+            # Hand-built configs (tests, benchmarks) may leave top-k out: off.
+            topk=float(strategy.get("topk", 0.0)),
+            topk_values=str(strategy.get("topk_values", "quantized")),
             quantize_downlink=bool(strategy["quantize_downlink"]),
             whole_models=bool(context.get("whole_models", False)),
         )
@@ -104,6 +120,7 @@ class Int8Updates(Encoding):
             f"FedDM-quant: {keys['quant-bits']}-bit {self.granularity}-wise updates",
             f"stochastic rounding {keys['quant-stochastic']} | error feedback "
             f"{keys['quant-error-feedback']} | quantized downlink {self.quantize_downlink}",
+            *topk_summary(keys),
         ]
 
     @classmethod
@@ -129,7 +146,7 @@ class Int8Updates(Encoding):
 
     def decode(self, message: Message, global_arrays: ArrayRecord) -> ArrayRecord:
         """Validate and dequantize a client's update Δ (raises ``PayloadError``); with ``whole_models``, w' + Δ."""
-        update = decode_arrays(single_array_record(message), reference_of(global_arrays))
+        update = decode_update(single_array_record(message), reference_of(global_arrays), self.client_keys)
         if self.whole_models:
             update = {
                 n: (self._client_view[n] + d).astype(self._client_view[n].dtype) for n, d in update.items()
@@ -150,16 +167,64 @@ class Int8Updates(Encoding):
 
 
 def quant_client_keys(
-    bits: int, granularity: str, stochastic_rounding: bool, error_feedback: bool
-) -> dict[str, int | str | bool]:
-    """The training ConfigRecord keys that tell clients how to quantize their update (checked)."""
+    bits: int,
+    granularity: str,
+    stochastic_rounding: bool,
+    error_feedback: bool,
+    topk: float = 0.0,
+    topk_values: str = "quantized",
+) -> dict[str, int | float | str | bool]:
+    """The training ConfigRecord keys that tell clients how to encode their update (checked).
+
+    ``quant-topk`` and ``quant-topk-values`` are sent with top-k only; top-k
+    turns ``quant-error-feedback`` on, so that what is not sent is sent later.
+    """
     if not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"bits={bits} is not in {MIN_BITS}..{MAX_BITS}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
-    return {
+    if isinstance(topk, bool) or not isinstance(topk, (int, float)) or not 0 <= topk < 1:
+        raise ValueError(f"topk={topk!r} is not a number in [0, 1) (0: off)")
+    if topk_values not in TOPK_VALUES:
+        raise ValueError(f"topk_values={topk_values!r} is not one of {TOPK_VALUES}")
+    keys: dict[str, int | float | str | bool] = {
         "quant-bits": int(bits),
         "quant-granularity": str(granularity),
         "quant-stochastic": bool(stochastic_rounding),
-        "quant-error-feedback": bool(error_feedback),
+        "quant-error-feedback": bool(error_feedback or topk > 0),
     }
+    if topk > 0:
+        keys |= {"quant-topk": float(topk), "quant-topk-values": str(topk_values)}
+    return keys
+
+
+def topk_summary(client_keys: Mapping[str, Any]) -> list[str]:
+    """A line on top-k for a strategy's summary (none without top-k)."""
+    if "quant-topk" not in client_keys:
+        return []
+    values = client_keys["quant-topk-values"]
+    kind = f"{client_keys['quant-bits']}-bit codes" if values == "quantized" else "float32"
+    return [f"top-k: {client_keys['quant-topk']:.4g} of each tensor's entries, values as {kind}"]
+
+
+def check_topk_mode(record: ArrayRecord, client_keys: Mapping[str, Any]) -> bool:
+    """Whether the reply must be a top-k record (``client_keys`` asked for one); ``PayloadError`` if it is not."""
+    asked = "quant-topk" in client_keys
+    if is_topk(record) and not asked:
+        raise PayloadError("the reply is a top-k record, but strategy.topk=0 asked for dense arrays")
+    if asked and not is_topk(record):
+        raise PayloadError(
+            f"the reply is not a top-k record, but strategy.topk={client_keys['quant-topk']} was asked for"
+        )
+    return asked
+
+
+def decode_update(
+    record: ArrayRecord, reference: dict[str, tuple[tuple[int, ...], str]], client_keys: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
+    """A reply's update, decoded as ``client_keys`` told the client to encode it (``PayloadError`` if not)."""
+    if not check_topk_mode(record, client_keys):
+        return decode_arrays(record, reference)
+    return decode_topk(
+        record, reference, float(client_keys["quant-topk"]), values=str(client_keys["quant-topk-values"])
+    )

@@ -115,6 +115,12 @@ def test_datasets_used_as_stored_must_keep_their_geometry():
         (["strategy.split_ways=1"], "strategy.split_ways"),
         (["strategy.bits=9"], "strategy.bits"),
         (["strategy.quantize=yes"], "strategy.quantize"),
+        (["strategy.topk=0.01"], "strategy.topk"),  # top-k sparsifies updates: needs strategy.quantize=true
+        (["strategy.quantize=true", "strategy.topk=1"], "strategy.topk"),
+        (
+            ["strategy.quantize=true", "strategy.topk=0.01", "strategy.topk_values=int4"],
+            "strategy.topk_values",
+        ),
     ],
 )
 def test_partial_strategy_settings_are_checked(overrides, key):
@@ -122,6 +128,30 @@ def test_partial_strategy_settings_are_checked(overrides, key):
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     assert f"{key}=" in str(err.value) and "allowed" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["strategy.topk=1.0"], "strategy.topk"),
+        (["strategy.topk=-0.01"], "strategy.topk"),
+        (["strategy.topk=many"], "strategy.topk"),
+        (["strategy.topk=0.01", "strategy.topk_values=float16"], "strategy.topk_values"),
+    ],
+)
+def test_quant_topk_settings_are_checked(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_config(["strategy=quant", *overrides]))
+    assert f"{key}=" in str(err.value) and "allowed" in str(err.value)
+
+
+def test_topk_composes_with_quant_and_with_quantized_partial():
+    validate_config(compose_config(["strategy=quant", "strategy.topk=0.01", "strategy.topk_values=float32"]))
+    validate_config(
+        compose_config(
+            ["strategy=partial", "strategy.preset=usplit", "strategy.quantize=true", "strategy.topk=0.1"]
+        )
+    )
 
 
 def test_partial_custom_parts_compose():
@@ -266,6 +296,7 @@ def test_every_config_key_has_a_bad_value_case():
         (["privacy=dp_client", "strategy=partial"], "privacy"),
         (["privacy=dp_server", "strategy=fedddpm"], "privacy"),
         (["privacy=secagg", "strategy=quant"], "privacy"),
+        (["privacy=dp_client", "strategy=quant", "strategy.topk=0.01"], "privacy"),
         (["privacy=secagg", "strategy=partial"], "privacy"),
         (["privacy=secagg", "num_clients=1"], "num_clients"),
         (["privacy=secagg", "min_clients=1"], "min_clients"),

@@ -369,3 +369,46 @@ def test_usplit_client_sends_its_assigned_share():
         sent[pid] = set(record.keys())
         assert sent[pid] == set(names_in(assignment[pid], list(state)))
     assert sent[0].isdisjoint(sent[1]) and sent[0] | sent[1] == set(state)
+
+
+# -- top-k (strategy.topk with strategy.quantize=true) ----------------------------------
+
+
+def test_usplit_with_topk_moves_each_part_by_the_mean_of_what_its_senders_sent(caplog):
+    from strategies.sparse import TOPK_KEY, decode_topk, topk_names
+
+    strategy = _strategy("usplit", split_ways=2, quantize=True, topk=0.1, topk_values="float32")
+    state = _state()
+    messages = strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), FakeGrid([1, 2]))
+    config = dict(messages[0].content["config"])
+    assert config["quant-topk"] == 0.1 and config["quant-error-feedback"] is True
+    torch.manual_seed(1)
+    trained = [{n: t + 0.01 * torch.randn_like(t) for n, t in state.items()} for _ in range(2)]
+    states = [RecordDict(), RecordDict()]
+    records = [
+        reply_arrays(trained[p], state, config, states[p], partition_id=p, num_partitions=2, seed=p)
+        for p in range(2)
+    ]
+    sent = [topk_names(r) for r in records]
+    assert set(sent[0]).isdisjoint(sent[1]) and set(sent[0]) | set(sent[1]) == set(state)
+    assert all(len(r.keys()) == 3 and TOPK_KEY in r for r in records)  # names, positions, float32 values
+    # what was not sent stays in each client's residual, for a later round
+    assert all(set(s["feddm-quant-residual"].keys()) == set(n) for s, n in zip(states, sent))
+    dense = ArrayRecord({n: state[n] + 1 for n in sent[0]})  # weights, where update codes were asked
+    arrays, _ = strategy.aggregate_train(
+        1, [_train_reply(records[0], 1, 0), _train_reply(records[1], 2, 1), _train_reply(dense, 3, 0)]
+    )
+    assert strategy.round_log[1]["num_rejected"] == 1 and "not a top-k record" in caplog.text
+    new = arrays.to_torch_state_dict()
+    for record in records:
+        reference = {n: (tuple(state[n].shape), "float32") for n in topk_names(record)}
+        for name, update in decode_topk(record, reference, 0.1).items():
+            assert np.count_nonzero(update) == max(1, int(np.ceil(0.1 * update.size - 1e-6)))
+            np.testing.assert_allclose(new[name].numpy(), state[name].numpy() + update, rtol=0, atol=1e-7)
+
+
+def test_partial_topk_needs_quantize():
+    with pytest.raises(ValueError, match=r"strategy.topk=0.01 needs strategy.quantize=true"):
+        PartialParts(preset="udec", topk=0.01, quantize=False)
+    with pytest.raises(ValueError, match="topk"):
+        PartialParts(preset="udec", topk=1.0, quantize=True)

@@ -252,3 +252,83 @@ def test_error_feedback_keeps_the_residual_of_arrays_not_sent_this_round():
     )
     assert set(state[RESIDUAL_KEY].keys()) == set(names)  # both halves' residuals are kept
     assert all(np.array_equal(state[RESIDUAL_KEY][n].numpy(), kept[n]) for n in first)
+
+
+# -- top-k (strategy.topk) ---------------------------------------------------------
+
+TOPK_CONFIG = QUANT_CONFIG | {
+    "quant-error-feedback": True,
+    "quant-topk": 0.05,
+    "quant-topk-values": "quantized",
+}
+
+
+@pytest.mark.parametrize(
+    "aggregator",
+    [None, {"name": "fedavgm", "server_learning_rate": 1.0, "server_momentum": 0.0}],
+    ids=["fedavg", "fedavgm-whole-models"],
+)
+def test_a_topk_round_applies_the_weighted_mean_of_the_decoded_updates(aggregator, caplog):
+    from strategies.sparse import decode_topk, is_topk
+
+    global_state = _micro_state(0).state_dict()
+    local_a = {k: v + 0.01 * torch.randn_like(v) for k, v in global_state.items()}
+    local_b = {k: v + 0.01 * torch.randn_like(v) for k, v in global_state.items()}
+    options = {"name": "quant", "bits": 8, "granularity": "channel", "stochastic_rounding": False}
+    options |= {"error_feedback": False, "quantize_downlink": False, "topk": 0.05, "topk_values": "quantized"}
+    strategy = build_strategy(options, num_clients=1, aggregator=aggregator)
+    (message,) = strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), FakeGrid([1]))
+    config = dict(message.content["config"])
+    assert config["quant-topk"] == 0.05 and config["quant-error-feedback"] is True  # top-k implies it
+    strategy.summary()
+    assert "top-k: 0.05 of each tensor's entries, values as 8-bit codes" in caplog.text
+    replies = [
+        _client_reply(global_state, local, n, node, config)
+        for local, n, node in ((local_a, 30, 1), (local_b, 10, 2))
+    ]
+    assert all(is_topk(r.content["arrays"]) for r in replies)
+    dense = _client_reply(global_state, local_a, 1000, 3)  # int8 codes, where top-k was asked
+    arrays, _ = strategy.aggregate_train(1, [*replies, dense])
+    assert strategy.round_log[1]["num_rejected"] == 1 and "not a top-k record" in caplog.text
+    reference = {k: (tuple(v.shape), "float32") for k, v in global_state.items()}
+    coded = [decode_topk(r.content["arrays"], reference, 0.05) for r in replies]
+    new = arrays.to_torch_state_dict()
+    for name, g in global_state.items():
+        expected = g.numpy() + 0.75 * coded[0][name] + 0.25 * coded[1][name]
+        np.testing.assert_allclose(new[name].numpy(), expected, rtol=1e-6, atol=1e-7)
+        assert np.count_nonzero(new[name].numpy() - g.numpy()) <= 2 * np.ceil(0.05 * g.numel())
+
+
+def test_a_dense_quant_strategy_leaves_out_a_topk_reply(caplog):
+    global_state = _micro_state(0).state_dict()
+    local = {k: v + 0.01 for k, v in global_state.items()}
+    strategy = _quant_strategy()
+    strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), FakeGrid([1]))
+    good = _client_reply(global_state, local, 10, 1)
+    sparse = _client_reply(global_state, local, 10, 2, TOPK_CONFIG)
+    with caplog.at_level("WARNING"):
+        strategy.aggregate_train(1, [good, sparse])
+    assert strategy.round_log[1]["num_rejected"] == 1
+    assert "top-k record, but strategy.topk=0 asked for dense arrays" in caplog.text
+
+
+def test_quant_strategy_rejects_bad_topk_settings():
+    with pytest.raises(ValueError, match="topk"):
+        Int8Updates(topk=1.0)
+    with pytest.raises(ValueError, match="topk"):
+        Int8Updates(topk=-0.1)
+    with pytest.raises(ValueError, match="topk_values"):
+        Int8Updates(topk=0.1, topk_values="int4")
+
+
+def test_topk_residual_survives_client_state_on_disk(tmp_path):
+    from client_app.state import load_state, save_state
+
+    global_state = _micro_state(0).state_dict()
+    local = {k: v + 0.01 * torch.randn_like(v) for k, v in global_state.items()}
+    state = RecordDict()
+    quantized_update(local, global_state, TOPK_CONFIG, state, seed=0)
+    save_state(state, tmp_path / "client.safetensors")
+    loaded = load_state(tmp_path / "client.safetensors")
+    for name, array in state[RESIDUAL_KEY].items():
+        np.testing.assert_array_equal(loaded[RESIDUAL_KEY][name].numpy(), array.numpy())
