@@ -9,9 +9,10 @@ Three suites: ``strategies`` (FedDM-vanilla, -prox, -quant, partial exchange,
 FedDDPM), ``aggregators`` (server optimizers: a small sweep of FedAvgM's and
 FedAdam's settings under IID, the chosen ones also under Dirichlet 0.1 and with
 int8 codes) and ``compression`` (packed 4-, 2- and 1-bit codes with error
-feedback, alone and with partial USplit 4-way, on the FID vs cumulative bytes
-frontier, uplink and uplink + downlink). Each suite runs its own centralized and vanilla baselines, so its
-ratios are measured side by side on one machine.
+feedback, top-k 1 % and 10 % with int8 values, alone and with partial USplit
+4-way, on the FID vs cumulative bytes frontier, uplink and uplink + downlink).
+Each suite runs its own centralized and vanilla baselines, so its ratios are
+measured side by side on one machine.
 
 Fashion-MNIST, 4 clients, IID and Dirichlet alpha = 0.1 partitions. Every run
 trains for the same total number of steps: the federated runs do R rounds of S
@@ -114,6 +115,10 @@ COMPRESSION_METHODS = {
     "1bit": (["strategy=quant", "strategy.bits=1", *_EF], BOTH),
     "usplit4+int4": (_USPLIT4 + ["strategy.bits=4", *_EF], BOTH),
     "usplit4+1bit": (_USPLIT4 + ["strategy.bits=1", *_EF], BOTH),
+    # Top-k always keeps what it did not send (error feedback); values as int8 codes.
+    "topk1%+int8": (["strategy=quant", "strategy.topk=0.01"], BOTH),
+    "topk10%+int8": (["strategy=quant", "strategy.topk=0.1"], BOTH),
+    "usplit4+topk10%+int8": (_USPLIT4 + ["strategy.topk=0.1"], BOTH),
 }
 SUITES = {"strategies": METHODS, "aggregators": AGGREGATOR_METHODS, "compression": COMPRESSION_METHODS}
 SERVER_OPTIMIZERS = ("fedavgm", "fedadam")
