@@ -125,8 +125,16 @@ class Int8Updates(Encoding):
 
     @classmethod
     def privacy_conflict(cls, mode: str) -> str | None:
-        """Int8 codes with per-client scales: neither clipping full weights nor the masked sum applies."""
-        return "it sends int8 codes of updates with per-client scales"
+        """Codes (dense or top-k) with per-client scales: neither clipping full weights nor the masked sum applies."""
+        if mode == "secagg":
+            return (
+                "it sends 1- to 8-bit or top-k codes of updates with per-client scales, and SecAgg+ sums "
+                "full-precision field elements of whole models"
+            )
+        return (
+            "it sends 1- to 8-bit or top-k codes of updates with per-client scales, and DP clips and noises "
+            "full-precision models"
+        )
 
     def train_config(self, config: ConfigRecord, arrays: ArrayRecord) -> None:
         """Tell clients how to encode their update."""
