@@ -17,6 +17,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from client_app.downlink import received_arrays
 from client_app.partial import (
     assemble,
     keep_local_parts,
@@ -51,11 +52,17 @@ def _device(settings: ClientSettings, context: Context) -> torch.device:
     return resolve_device(str(context.node_config.get("device", settings.device)))
 
 
-def _weights(msg: Message, model_state: dict, state: RecordDict) -> dict[str, torch.Tensor]:
-    """The weights to start from: the global model, or (partial exchange) shared + local parts."""
-    if wants_partial(msg.content["config"]):
-        return assemble(msg.content["arrays"], model_state, state)
-    return received_weights(msg.content["arrays"], model_state)
+def _weights(msg: Message, model_state: dict, state: RecordDict, *, keep: bool) -> dict[str, torch.Tensor]:
+    """The weights to start from: the global model, or (partial exchange) shared + local parts.
+
+    The arrays are first read in the downlink's form (``keep``: a training
+    message, whose ``int8_delta`` view the client keeps for the next change).
+    """
+    config = msg.content["config"]
+    arrays = received_arrays(msg.content["arrays"], config, model_state, state, keep=keep)
+    if wants_partial(config):
+        return assemble(arrays, model_state, state)
+    return received_weights(arrays, model_state)
 
 
 def _keeps_local_parts(config, names: list[str]) -> bool:
@@ -98,7 +105,7 @@ def _train(msg: Message, context: Context, settings: ClientSettings, state: Reco
     """``train`` with the client's state between rounds (``state``: in memory or loaded from disk)."""
     config = msg.content["config"]
     unet, scheduler = build_model(settings, _device(settings, context))
-    received = _weights(msg, unet.state_dict(), state)
+    received = _weights(msg, unet.state_dict(), state, keep=True)
     unet.load_state_dict(received)
     if settings.ema_enabled and _keeps_local_parts(config, list(received)):
         personal_ema(unet, state, settings.ema_decay, persist=True)
@@ -150,7 +157,7 @@ def _evaluate(msg: Message, context: Context, settings: ClientSettings, state: R
     """``evaluate`` with the client's state (read only: evaluation changes nothing a client keeps)."""
     config = msg.content["config"]
     unet, scheduler = build_model(settings, _device(settings, context))
-    unet.load_state_dict(_weights(msg, unet.state_dict(), state))
+    unet.load_state_dict(_weights(msg, unet.state_dict(), state, keep=False))
     dataset, _, holdout_idx = client_data(settings, context.node_config)
 
     # The same noise every round, so the loss is comparable across rounds.

@@ -1,7 +1,7 @@
 """Where a client keeps what it carries between rounds: in memory or in a file on the node's disk.
 
 What a client carries (FedDM-quant's error-feedback residual, partial exchange's
-local parts and the client's own EMA) is one full-size copy of the model or
+local parts and the client's own EMA, the ``int8_delta`` downlink's view) is one full-size copy of the model or
 more. Flower keeps it in ``Context.state``, in memory, for every client a
 process serves: with 1000 simulated clients of the fashion_mnist UNet, about
 27 MB each, that is 27 GB. With ``client_state=disk`` each client's state lives
@@ -33,12 +33,20 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from client_app.downlink import VIEW_INFO_KEY, VIEW_KEY
 from client_app.partial import EMA_KEY, EMA_STEP_KEY, LOCAL_KEY
 from client_app.updates import RESIDUAL_KEY
 from conf.schema import CLIENT_STATES
 
 # The state FedDM keeps for a client between rounds (record name -> kind).
-FEDDM_KEYS = {RESIDUAL_KEY: "arrays", LOCAL_KEY: "arrays", EMA_KEY: "arrays", EMA_STEP_KEY: "config"}
+FEDDM_KEYS = {
+    RESIDUAL_KEY: "arrays",
+    LOCAL_KEY: "arrays",
+    EMA_KEY: "arrays",
+    EMA_STEP_KEY: "config",
+    VIEW_KEY: "arrays",
+    VIEW_INFO_KEY: "config",
+}
 _CONFIGS = "feddm-config-records"  # metadata key: the config records, as JSON
 # Metadata key: each array record's names in their order (safetensors sorts the tensors by name).
 _ORDER = "feddm-array-order"

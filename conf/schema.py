@@ -29,6 +29,7 @@ from models.data import SUPPORTED_DATASETS
 from models.latent import AUTOENCODERS
 from models.parts import PRESETS
 from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS
+from strategies.downlink import DOWNLINK_MODES
 from strategies.fedddpm import AUX_ALLOCATIONS, SIGNALS
 from strategies.reply_checks import WEIGHTINGS
 from strategies.sparse import TOPK_VALUES
@@ -465,6 +466,14 @@ _CODEC = {
         "(`quantized`) or as `float32`",
     ),
 }
+# Every strategy's: the form the global model travels to the clients in (strategies/downlink.py).
+_DOWNLINK = (
+    "weights",
+    OneOf(DOWNLINK_MODES),
+    "what the clients receive (see [Downlink](#downlink-strategydownlink)): `weights` (fp32), `int8_weights` "
+    "(8-bit codes per output channel) or `int8_delta` (8-bit codes of the change since what the client was "
+    "sent when it last trained, kept on both sides; full fp32 weights to a client that missed the last round)",
+)
 
 
 @dataclass
@@ -472,6 +481,7 @@ class Vanilla:
     """FedDM-vanilla: FedAvg of full weights, weighted by num-examples."""
 
     name: Any = option("vanilla")
+    downlink: Any = setting(*_DOWNLINK)
 
 
 @dataclass
@@ -479,6 +489,7 @@ class Prox:
     """FedDM-prox: clients add (mu/2)·||w - w_global||^2 to the loss."""
 
     name: Any = option("prox")
+    downlink: Any = setting(*_DOWNLINK)
     mu: Any = setting(0.01, Number(ge=0), "proximal weight mu (0 trains exactly as vanilla)")
 
 
@@ -487,17 +498,13 @@ class Quant:
     """FedDM-quant: clients send int8 codes of their update."""
 
     name: Any = option("quant")
+    downlink: Any = setting(*_DOWNLINK)
     bits: Any = setting(*_CODEC["bits"])
     granularity: Any = setting(*_CODEC["granularity"])
     stochastic_rounding: Any = setting(*_CODEC["stochastic_rounding"])
     error_feedback: Any = setting(*_CODEC["error_feedback"])
     topk: Any = setting(*_CODEC["topk"])
     topk_values: Any = setting(*_CODEC["topk_values"])
-    quantize_downlink: Any = setting(
-        False,
-        Bool(),
-        "the server sends the global model as 8-bit codes too (always 8 bits, whatever `strategy.bits` is)",
-    )
 
 
 @dataclass
@@ -505,6 +512,7 @@ class Partial:
     """Partial-UNet exchange (FedDiffuse): only some parts of the UNet are federated."""
 
     name: Any = option("partial")
+    downlink: Any = setting(*_DOWNLINK)
     preset: Any = setting(
         "udec",
         OneOf((*PRESETS, "custom")),
@@ -539,6 +547,7 @@ class FedDDPM:
     """FedDDPM: FedAvg + server calibration on images sampled from the clients' own models."""
 
     name: Any = option("fedddpm")
+    downlink: Any = setting(*_DOWNLINK)
     pretrain_steps: Any = setting(
         200, Int(min=1), "steps each client trains its own model before federated training; uploaded once"
     )

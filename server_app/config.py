@@ -167,9 +167,12 @@ def _check_strategy(e: list[str], cfg: DictConfig) -> None:
 
 
 def _check_combinations(e: list[str], cfg: DictConfig) -> None:
-    """The strategy, aggregator and privacy layers must work together (``strategies.composition_errors``)."""
+    """The strategy, downlink, aggregator and privacy layers must work together (``strategies.composition_errors``)."""
     aggregator = cfg.aggregator
-    for reason in composition_errors(str(cfg.strategy.name), str(cfg.privacy.name), str(aggregator.name)):
+    downlink = str(cfg.strategy.get("downlink"))
+    for reason in composition_errors(
+        str(cfg.strategy.name), str(cfg.privacy.name), str(aggregator.name), downlink
+    ):
         key = "privacy" if reason.startswith("privacy=") else "aggregator"
         _check(e, False, key, cfg.privacy.name if key == "privacy" else aggregator.name, reason)
     _check_byzantine(e, cfg, aggregator)
@@ -386,6 +389,10 @@ def resumed_config(run_dir: str | Path) -> DictConfig:
     for key in defaults:
         if key not in cfg and key != "hydra":
             cfg[key] = defaults[key]
+    # FedDM-quant's quantize_downlink became strategy.downlink, a setting of every strategy.
+    quantized = cfg.strategy.pop("quantize_downlink", None)
+    if "downlink" not in cfg.strategy:
+        cfg.strategy.downlink = "int8_weights" if quantized else defaults.strategy.downlink
     cfg.resume = str(run_dir)
     return cfg
 

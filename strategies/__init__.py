@@ -2,9 +2,11 @@
 
 Each ``strategy=`` choice is a ``Recipe``: an encoding (what travels), the
 aggregator (a Flower strategy class, ``strategies.aggregators``) and
-server-side extras (FedDDPM's calibration). Privacy (``privacy=``) is a layer
-of its own. ``build_strategy`` composes them and refuses a combination that
-cannot work, naming both choices and why.
+server-side extras (FedDDPM's calibration). The downlink's form
+(``strategy.downlink``, ``strategies.downlink``) is the same layer for every
+strategy, and privacy (``privacy=``) is a layer of its own. ``build_strategy``
+composes them and refuses a combination that cannot work, naming both choices
+and why.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from strategies.accounting import RoundFailedError
 from strategies.aggregators import AGGREGATORS
+from strategies.downlink import DOWNLINK_MODES, Downlink
 from strategies.encoding import Encoding
 from strategies.extras import Extra, ProximalTerm
 from strategies.fedddpm import Calibration, StallCalibration
@@ -65,9 +68,11 @@ RECIPES: dict[str, Recipe] = {
 PRIVACY_MODES = ("none", "dp_server", "dp_client", "secagg")
 
 
-def composition_errors(strategy: str, privacy: str = "none", aggregator: str = "fedavg") -> list[str]:
+def composition_errors(
+    strategy: str, privacy: str = "none", aggregator: str = "fedavg", downlink: str = "weights"
+) -> list[str]:
     """Why the chosen layers cannot work together, one line per clash naming both choices; [] if they can."""
-    if strategy not in RECIPES or aggregator not in AGGREGATORS:
+    if strategy not in RECIPES or aggregator not in AGGREGATORS or downlink not in DOWNLINK_MODES:
         return []  # unknown names are reported by the config check
     errors = []
     recipe, agg = RECIPES[strategy], AGGREGATORS[aggregator]
@@ -89,6 +94,12 @@ def composition_errors(strategy: str, privacy: str = "none", aggregator: str = "
             f"privacy={privacy} works with aggregator {' | '.join(works)}, not aggregator={aggregator}: "
             + agg.privacy_conflict(privacy)
         )
+    if privacy != "none" and Downlink.mode_privacy_conflict(downlink, privacy):
+        works = [m for m in DOWNLINK_MODES if Downlink.mode_privacy_conflict(m, privacy) is None]
+        errors.append(
+            f"privacy={privacy} works with strategy.downlink {' | '.join(works)}, not "
+            f"strategy.downlink={downlink}: " + Downlink.mode_privacy_conflict(downlink, privacy)
+        )
     return errors
 
 
@@ -100,7 +111,8 @@ def combination_table() -> str:
     """The README's tables (markdown) of which layers combine, from the layers' own conflicts.
 
     Strategy x privacy (with ``aggregator=fedavg``), then aggregator x the
-    strategies and privacy modes that restrict it.
+    strategies and privacy modes that restrict it, then downlink x privacy
+    (the downlink works with every strategy and aggregator).
     """
     modes = [m for m in PRIVACY_MODES if m != "none"]
     lines = [
@@ -124,6 +136,15 @@ def combination_table() -> str:
     for name, agg in AGGREGATORS.items():
         row = [e.aggregator_conflict(agg) for e in encodings] + [agg.privacy_conflict(m) for m in modes]
         lines.append(f"| `{name}` | {agg.kind} | " + _cells(row) + " |")
+    lines += [
+        "",
+        "| `strategy.downlink` | `privacy=none` | " + " | ".join(f"`{m}`" for m in modes) + " |",
+        "|---|---|" + "---|" * len(modes),
+    ]
+    for mode in DOWNLINK_MODES:
+        lines.append(
+            f"| `{mode}` | yes | " + _cells([Downlink.mode_privacy_conflict(mode, m) for m in modes]) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -190,7 +211,10 @@ def build_strategy(
         raise ValueError(
             f"aggregator={aggregator.get('name')!r} is unknown; choose one of {list(AGGREGATORS)}"
         )
-    conflicts = composition_errors(name, (privacy or {}).get("name", "none"), aggregator["name"])
+    downlink = Downlink.from_config(strategy)
+    conflicts = composition_errors(
+        name, (privacy or {}).get("name", "none"), aggregator["name"], downlink.mode
+    )
     if conflicts:
         raise ValueError("; ".join(conflicts))
     recipe, nodes, agg = RECIPES[name], min_clients or num_clients, AGGREGATORS[aggregator["name"]]
@@ -204,6 +228,7 @@ def build_strategy(
     )
     return composed_class(agg.flower_class)(
         encoding=encoding,
+        downlink=downlink,
         aggregator=agg,
         reply_checks=reply_checks,
         extras=tuple(extra.from_config(strategy) for extra in recipe.extras),
@@ -222,6 +247,7 @@ __all__ = [
     "PRIVACY_MODES",
     "RECIPES",
     "Calibration",
+    "Downlink",
     "Encoding",
     "Extra",
     "ProximalTerm",

@@ -56,7 +56,7 @@ class Encoding(Layer):
         """Add what clients need to encode their reply to the training ``config`` (in place)."""
 
     def downlink(self, arrays: ArrayRecord) -> ArrayRecord:
-        """What the clients receive for the global ``arrays``."""
+        """The fp32 arrays the clients receive for the global ``arrays`` (``strategies.downlink`` picks their form)."""
         return arrays
 
     def address(self, messages: list[Message], arrays: ArrayRecord, arrays_key: str) -> list[Message]:
@@ -64,7 +64,11 @@ class Encoding(Layer):
         return messages
 
     def decode(self, message: Message, global_arrays: ArrayRecord) -> ArrayRecord:
-        """The reply's arrays as they enter the average; ``PayloadError`` leaves the reply out."""
+        """The reply's arrays as they enter the average; ``PayloadError`` leaves the reply out.
+
+        ``global_arrays`` here and in ``apply`` is the model the clients started from: the
+        global model as they decoded it (``Prepared.base`` of ``strategies.downlink``).
+        """
         return check_full_weights(single_array_record(message), global_arrays)
 
     def average(

@@ -2,8 +2,9 @@
 
 A round, with w the server's fp32 global model:
 
-1. downlink: w (or, with ``quantize_downlink``, its int8 codes; clients then
-   start from the decoded weights w' and the server keeps w' as their view);
+1. downlink: w, or what ``strategy.downlink`` makes of it (``strategies.downlink``):
+   clients start from what they decode, w', which the strategy hands to
+   ``decode`` and ``apply`` as their base (w' = w for fp32 weights);
 2. each client trains from w' and sends Δ = w_local − w' as int8 codes with one
    fp32 scale per output channel (or per tensor), optionally with stochastic
    rounding and error feedback (the residual stays in the client's state);
@@ -25,7 +26,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from strategies.accounting import single_array_record
-from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS, PayloadError, decode_arrays, encode_arrays
+from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS, PayloadError, decode_arrays
 from strategies.encoding import Encoding
 from strategies.sparse import TOPK_VALUES, decode_topk, is_topk
 
@@ -66,8 +67,6 @@ class Int8Updates(Encoding):
         later rounds (error feedback is then always on).
     topk_values : str (default: "quantized")
         With ``topk``: the kept values as ``bits``-bit codes, or ``"float32"``.
-    quantize_downlink : bool (default: False)
-        The server sends the global model as int8 codes too.
     whole_models : bool (default: False)
         Decode each reply to the client's weights w' + Δ (for aggregators that
         need whole models, the server optimizers) instead of the update Δ.
@@ -87,7 +86,6 @@ class Int8Updates(Encoding):
         error_feedback: bool = False,
         topk: float = 0.0,
         topk_values: str = "quantized",
-        quantize_downlink: bool = False,
         whole_models: bool = False,
     ) -> None:
         self.whole_models = whole_models
@@ -95,8 +93,6 @@ class Int8Updates(Encoding):
             bits, granularity, stochastic_rounding, error_feedback, topk, topk_values
         )
         self.granularity = granularity
-        self.quantize_downlink = quantize_downlink
-        self._client_view: dict[str, np.ndarray] | None = None
 
     @classmethod
     def from_config(cls, strategy: Mapping[str, Any], **context: Any) -> Int8Updates:
@@ -109,7 +105,6 @@ class Int8Updates(Encoding):
             # Hand-built configs (tests, benchmarks) may leave top-k out: off.
             topk=float(strategy.get("topk", 0.0)),
             topk_values=str(strategy.get("topk_values", "quantized")),
-            quantize_downlink=bool(strategy["quantize_downlink"]),
             whole_models=bool(context.get("whole_models", False)),
         )
 
@@ -118,8 +113,7 @@ class Int8Updates(Encoding):
         keys = self.client_keys
         return [
             f"FedDM-quant: {keys['quant-bits']}-bit {self.granularity}-wise updates",
-            f"stochastic rounding {keys['quant-stochastic']} | error feedback "
-            f"{keys['quant-error-feedback']} | quantized downlink {self.quantize_downlink}",
+            f"stochastic rounding {keys['quant-stochastic']} | error feedback {keys['quant-error-feedback']}",
             *topk_summary(keys),
         ]
 
@@ -140,35 +134,25 @@ class Int8Updates(Encoding):
         """Tell clients how to encode their update."""
         config.update(self.client_keys)
 
-    def downlink(self, arrays: ArrayRecord) -> ArrayRecord:
-        """int8 codes of the global model when the downlink is quantized."""
-        weights = to_numpy(arrays)
-        if not self.quantize_downlink:
-            self._client_view = weights
-            return arrays
-        # Weights always travel as full 8-bit codes; `bits` applies to the updates.
-        record, _ = encode_arrays(weights, bits=8, granularity=self.granularity)
-        # Exactly what the clients decode: they train from it and send Δ against it.
-        self._client_view = decode_arrays(record, reference_of(arrays))
-        return record
-
     def decode(self, message: Message, global_arrays: ArrayRecord) -> ArrayRecord:
-        """Validate and dequantize a client's update Δ (raises ``PayloadError``); with ``whole_models``, w' + Δ."""
+        """Validate and dequantize a client's update Δ (raises ``PayloadError``); with ``whole_models``, w' + Δ.
+
+        ``global_arrays`` is what the clients started from, w'.
+        """
         update = decode_update(single_array_record(message), reference_of(global_arrays), self.client_keys)
         if self.whole_models:
-            update = {
-                n: (self._client_view[n] + d).astype(self._client_view[n].dtype) for n, d in update.items()
-            }
+            view = to_numpy(global_arrays)
+            update = {n: (view[n] + d).astype(view[n].dtype) for n, d in update.items()}
         return to_record(update)
 
     def apply(self, aggregated: ArrayRecord, global_arrays: ArrayRecord) -> ArrayRecord:
-        """w ← w' + mean update (``whole_models``: the aggregate is the new model)."""
+        """w ← w' + mean update, w' being ``global_arrays`` (``whole_models``: the aggregate is the new model)."""
         if self.whole_models:
             return aggregated
-        mean_update = to_numpy(aggregated)
+        mean_update, view = to_numpy(aggregated), to_numpy(global_arrays)
         return to_record(
             {
-                name: (self._client_view[name] + mean_update[name]).astype(dtype)
+                name: (view[name] + mean_update[name]).astype(dtype)
                 for name, (_, dtype) in reference_of(global_arrays).items()
             }
         )

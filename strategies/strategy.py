@@ -6,6 +6,9 @@ the composed class. Its layers, each chosen by config:
 
 * the **encoding** (``strategies.encoding``): what travels and how a reply
   becomes averageable arrays (full weights, int8 update codes, UNet parts);
+* the **downlink** (``strategies.downlink``): the form the model travels in
+  (fp32 weights, their int8 codes, int8 codes of their change) and the view
+  the clients start from, against which replies are decoded and applied;
 * **privacy**: central DP (``strategies.privacy.CentralDP``) or SecAgg+
   (``strategies.secagg.SecAggPlus``), or neither;
 * server-side **extras**, e.g. FedDDPM's calibration (``strategies.fedddpm``).
@@ -58,6 +61,7 @@ from strategies.aggregators import (
     track_global_model,
 )
 from strategies.codec import PayloadError
+from strategies.downlink import Downlink
 from strategies.encoding import Encoding
 from strategies.privacy import KEY_CLIPPING_NORM, CentralDP
 from strategies.reply_checks import (
@@ -88,6 +92,8 @@ class FedDMStrategy:
     ----------
     encoding : Encoding (default: full weights)
         What travels and how replies are decoded and applied.
+    downlink : Downlink (default: fp32 weights)
+        The form the model travels to the clients in.
     aggregator : Aggregator (default: FedAvg's entry)
         The registry entry of the Flower class this mixin sits on (its kind: mean,
         optimizer or robust).
@@ -115,6 +121,7 @@ class FedDMStrategy:
         self,
         *,
         encoding: Encoding | None = None,
+        downlink: Downlink | None = None,
         aggregator: Aggregator | None = None,
         privacy: CentralDP | None = None,
         secure_aggregation: Any = None,
@@ -128,6 +135,7 @@ class FedDMStrategy:
     ) -> None:
         super().__init__(**kwargs)
         self.encoding = encoding or Encoding()
+        self.downlink = downlink or Downlink()
         self.aggregator = aggregator or AGGREGATORS["fedavg"]
         self.privacy = privacy
         self.secure_aggregation = secure_aggregation
@@ -142,6 +150,9 @@ class FedDMStrategy:
         # clients and logs see the true round.
         self.round_offset = 0
         self._global_arrays: ArrayRecord | None = None
+        # What the round's clients start from: the global model, with what they decoded for the
+        # arrays sent (int8 downlinks); replies are decoded, checked, clipped and applied against it.
+        self._base_arrays: ArrayRecord | None = None
         self._secure_grid: Any = None
         self._round = 0
         self._train_started = 0.0
@@ -158,7 +169,11 @@ class FedDMStrategy:
 
     def summary(self) -> None:
         """Log the layers, then the Flower strategy's settings."""
-        lines = [*self.encoding.summary(), *(line for e in self.extras for line in e.summary())]
+        lines = [
+            *self.encoding.summary(),
+            *self.downlink.summary(),
+            *(line for e in self.extras for line in e.summary()),
+        ]
         for line in [*lines, *self.sampling.summary()]:
             log(INFO, "\t├──> %s", line)
         if self.privacy is not None:
@@ -240,15 +255,19 @@ class FedDMStrategy:
             extra.train_config(config)
         if self.privacy is not None and self.privacy.mode == "dp_client":
             config[KEY_CLIPPING_NORM] = self.privacy.clipping_norm  # read by fixedclipping_mod
-        payload = self.encoding.downlink(arrays)
-        configure = functools.partial(super().configure_train, server_round, payload, config)
+        prepared = self.downlink.prepare(self.encoding.downlink(arrays), server_round)
+        self.downlink.configure(config, prepared)
+        configure = functools.partial(super().configure_train, server_round, prepared.payload, config)
         messages = self._sample("train", server_round, grid, configure)
         if "sampled_partitions" in self.round_log.get(server_round, {}):
             # The round's partitions, for clients that split work among them (USplit groups);
             # every message holds this same config.
             config[SAMPLED_PARTITIONS_KEY] = json.dumps(self.round_log[server_round]["sampled_partitions"])
         track_global_model(self, arrays)  # a server optimizer steps from the model, not its encoding
-        messages = self.encoding.address(list(messages), arrays, self.arrayrecord_key)
+        messages = self.downlink.address(messages, prepared, self.arrayrecord_key)
+        self._base_arrays = prepared.base(arrays)
+        self.downlink.commit(prepared)
+        messages = self.encoding.address(list(messages), self._base_arrays, self.arrayrecord_key)
         self._log_round(
             server_round,
             downlink_bytes=sum(message_nbytes(m) for m in messages),
@@ -270,7 +289,7 @@ class FedDMStrategy:
             except PayloadError as err:
                 failed.append((message, err))
         # Updates far larger than the round's median (once enough replies came in) are left out too.
-        accepted, outliers = self.reply_checks.screen_norms(checked, self._global_arrays, self.encoding)
+        accepted, outliers = self.reply_checks.screen_norms(checked, self._base_arrays, self.encoding)
         for message, err in failed + outliers:
             rejected += 1
             reasons.append(f"node {message.metadata.src_node_id}: {err}")
@@ -290,6 +309,7 @@ class FedDMStrategy:
             **counts,
         )
         accepted = self.reply_checks.weighted(sorted(accepted, key=reply_order))
+        self.downlink.observe(accepted)  # only these nodes surely hold what they were sent
         if not accepted:
             raise RoundFailedError(
                 f"round {server_round}: none of the {len(replies)} training replies could "
@@ -346,10 +366,10 @@ class FedDMStrategy:
         metrics = check_metrics(message.content, "train_loss")
         check_info(message.content)
         check_num_examples(metrics["num-examples"], self.reply_checks.max_num_examples)
-        arrays = self.encoding.decode(message, self._global_arrays)
+        arrays = self.encoding.decode(message, self._base_arrays)
         check_float32_range(arrays)
         if self.privacy is not None:
-            self.privacy.check_clipped(arrays, self._global_arrays)
+            self.privacy.check_clipped(arrays, self._base_arrays)
         content = RecordDict({"arrays": arrays, "metrics": metrics})
         if "info" in message.content.config_records:
             content["info"] = message.content.config_records["info"]
@@ -369,7 +389,7 @@ class FedDMStrategy:
         errors = [m for m in replies if m.has_error()]
         if self.privacy is not None:  # checked replies are clipped (server-side DP), then averaged
             for message in accepted:
-                message.content["arrays"] = self.privacy.clip(message.content["arrays"], self._global_arrays)
+                message.content["arrays"] = self.privacy.clip(message.content["arrays"], self._base_arrays)
         averaged = self.encoding.average(self, server_round, errors, accepted)
         arrays, metrics = averaged or super().aggregate_train(server_round, errors + accepted)
         if arrays is None:  # e.g. Bulyan with fewer than 4f + 3 replies: Flower skips the round
@@ -381,7 +401,7 @@ class FedDMStrategy:
             arrays = like_global(arrays, self._global_arrays)
         if self.privacy is not None:
             arrays = self.privacy.add_noise(arrays, len(accepted))
-        arrays = self._apply_extras(self.encoding.apply(arrays, self._global_arrays))
+        arrays = self._apply_extras(self.encoding.apply(arrays, self._base_arrays))
         self._check_finite(server_round, arrays, accepted)
         if metrics is not None:
             self._log_round(server_round, **{k: float(v) for k, v in metrics.items()})
@@ -437,7 +457,7 @@ class FedDMStrategy:
         Checked like training replies (and counted as round 0); ``RoundFailedError``
         if none is usable.
         """
-        self._global_arrays = reference
+        self._global_arrays = self._base_arrays = reference
         accepted = self.accepted_replies(0, replies)
         return {
             partition_of(m): (m.content["arrays"], int(m.content["metrics"]["num-examples"]))
@@ -450,16 +470,19 @@ class FedDMStrategy:
     ) -> Iterable[Message]:
         """Send the evaluation model in the same form as the training model.
 
-        Nothing is sent on rounds that are not evaluation rounds.
+        Nothing is sent on rounds that are not evaluation rounds. The clients' view
+        (``int8_delta``) stays that of the last training round, on both sides.
         """
         server_round += self.round_offset
         if not self.is_evaluation_round(server_round):
             return []
-        payload = self.encoding.downlink(arrays)
+        prepared = self.downlink.prepare(self.encoding.downlink(arrays), server_round)
         config = self.encoding.evaluate_config(config, arrays)
-        configure = functools.partial(super().configure_evaluate, server_round, payload, config)
+        config = ConfigRecord({**dict(config), **prepared.config})
+        configure = functools.partial(super().configure_evaluate, server_round, prepared.payload, config)
         messages = self._sample("evaluate", server_round, grid, configure)
-        messages = self.encoding.address(list(messages), arrays, self.arrayrecord_key)
+        messages = self.downlink.address(messages, prepared, self.arrayrecord_key)
+        messages = self.encoding.address(list(messages), prepared.base(arrays), self.arrayrecord_key)
         self._log_round(server_round, eval_downlink_bytes=sum(message_nbytes(m) for m in messages))
         return messages
 

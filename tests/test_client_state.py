@@ -7,6 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from safetensors.numpy import load_file
 
+from client_app.downlink import VIEW_KEY
 from client_app.partial import EMA_KEY, EMA_STEP_KEY, LOCAL_KEY
 from client_app.state import ClientStateError, client_state, load_state, save_state, state_file
 from client_app.updates import RESIDUAL_KEY
@@ -126,8 +127,9 @@ def test_client_state_is_a_checked_setting():
     [
         ["strategy=quant", "strategy.error_feedback=true"],
         ["strategy=partial", "strategy.preset=udec", "strategy.quantize=true"],
+        ["strategy=quant", "strategy.downlink=int8_delta"],
     ],
-    ids=["quant_error_feedback", "partial_udec"],
+    ids=["quant_error_feedback", "partial_udec", "quant_int8_delta"],
 )
 def test_a_run_with_state_on_disk_is_the_run_with_state_in_memory(
     strategy, tmp_path, flower_task_identity, data_root
@@ -153,7 +155,8 @@ def test_a_run_with_state_on_disk_is_the_run_with_state_in_memory(
     files = sorted(p.name for p in (states / "run-1").iterdir())
     assert files == [f"partition-{p}.safetensors" for p in sorted(trained)]
     kept = load_state(states / "run-1" / files[0])
-    wanted = RESIDUAL_KEY if "strategy=quant" in strategy else LOCAL_KEY
+    wanted = VIEW_KEY if "strategy.downlink=int8_delta" in strategy else RESIDUAL_KEY
+    wanted = LOCAL_KEY if "strategy=partial" in strategy else wanted
     assert wanted in kept
     if "strategy=partial" in strategy:  # the client's own EMA too, with its step count
         assert EMA_KEY in kept and kept.config_records[EMA_STEP_KEY]["step"] >= 1

@@ -92,7 +92,7 @@ def test_dp_is_refused_for_strategies_that_do_not_send_full_weights():
                 "granularity": "channel",
                 "stochastic_rounding": False,
                 "error_feedback": False,
-                "quantize_downlink": False,
+                "downlink": "weights",
             },
             num_clients=2,
             privacy={"name": "dp_server", "clipping_norm": 1.0, "noise_multiplier": 0.0},

@@ -8,6 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from omegaconf import OmegaConf
 
+from client_app.downlink import received_arrays
 from client_app.task import proximal_term
 from client_app.updates import RESIDUAL_KEY, quantized_update, received_weights
 from models import build_unet
@@ -84,7 +85,7 @@ def _quant_strategy(**options):
             "granularity": "channel",
             "stochastic_rounding": False,
             "error_feedback": False,
-            "quantize_downlink": False,
+            "downlink": "weights",
         }
         | options,
         num_clients=1,
@@ -183,18 +184,20 @@ def test_error_feedback_keeps_the_residual_in_client_state():
 
 def test_quantized_downlink_is_what_clients_decode():
     global_state = _micro_state(0).state_dict()
-    strategy = _quant_strategy(quantize_downlink=True)
+    strategy = _quant_strategy(downlink="int8_weights")
     (message,) = strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), FakeGrid([1]))
-    payload = message.content["arrays"]
+    payload, config = message.content["arrays"], message.content["config"]
     assert SCALES_KEY in payload.keys()
-    received = received_weights(payload, _micro_state(1).state_dict())
+    model = _micro_state(1).state_dict()
+    received = received_weights(received_arrays(payload, config, model, RecordDict(), keep=True), model)
+    view = strategy._base_arrays.to_torch_state_dict()
     for name, tensor in received.items():
-        assert np.array_equal(tensor.numpy(), strategy.encoding._client_view[name])
+        assert torch.equal(tensor, view[name])
         assert (tensor - global_state[name]).abs().max() <= global_state[name].abs().max() / 127 + 1e-7
     # A client that did not train sends a zero update; the server keeps the client view.
     arrays, _ = strategy.aggregate_train(1, [_client_reply(received, received, 5, 1)])
     for name, tensor in arrays.to_torch_state_dict().items():
-        assert np.array_equal(tensor.numpy(), strategy.encoding._client_view[name])
+        assert torch.equal(tensor, view[name])
 
 
 def _corrupt(record: ArrayRecord, how: str) -> ArrayRecord:

@@ -74,7 +74,7 @@ _QUANT = {
     "granularity": "tensor",
     "stochastic_rounding": False,
     "error_feedback": False,
-    "quantize_downlink": False,
+    "downlink": "weights",
 }
 
 

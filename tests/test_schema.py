@@ -156,13 +156,11 @@ def test_a_setting_marked_for_clients_reaches_read_settings():
 
 
 def test_validation_walks_the_schema_and_reports_every_problem():
-    cfg = compose_config(
-        ["strategy=quant", "strategy.quantize_downlink=yes", "eval.num_samples=1", "device=tpu"]
-    )
+    cfg = compose_config(["strategy=quant", "strategy.downlink=int4", "eval.num_samples=1", "device=tpu"])
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     message = str(err.value)
-    assert "strategy.quantize_downlink='yes' is not allowed: true | false" in message
+    assert "strategy.downlink='int4' is not allowed: weights | int8_weights | int8_delta" in message
     assert "eval.num_samples=1 is not allowed: 0 (no FID) or an integer >= 2" in message
     assert "device='tpu' is not allowed: auto | cpu | cuda" in message
 
