@@ -119,6 +119,8 @@ COMPRESSION_METHODS = {
     "topk1%+int8": (["strategy=quant", "strategy.topk=0.01"], BOTH),
     "topk10%+int8": (["strategy=quant", "strategy.topk=0.1"], BOTH),
     "usplit4+topk10%+int8": (_USPLIT4 + ["strategy.topk=0.1"], BOTH),
+    # Both directions: the clients receive 8-bit codes of the change since their last round.
+    "int4+int8_delta": (["strategy=quant", "strategy.bits=4", *_EF, "strategy.downlink=int8_delta"], BOTH),
 }
 SUITES = {"strategies": METHODS, "aggregators": AGGREGATOR_METHODS, "compression": COMPRESSION_METHODS}
 SERVER_OPTIMIZERS = ("fedavgm", "fedadam")
