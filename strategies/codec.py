@@ -520,7 +520,7 @@ def _allowed_scale_sizes(shape: tuple[int, ...]) -> set[int]:
     return {1, shape[0]} if len(shape) >= 2 else {1}
 
 
-def _load(record: ArrayRecord, key: str) -> np.ndarray:
+def load_array(record: ArrayRecord, key: str) -> np.ndarray:
     """Deserialize one entry, reporting failures as ``PayloadError``."""
     try:
         # Array.numpy() loads with allow_pickle=False.
@@ -533,7 +533,7 @@ def _load_bits(record: ArrayRecord) -> int:
     """The record's bit width: ``BITS_KEY`` (packed codes, 1..4), or 8 without it (int8 codes)."""
     if BITS_KEY not in record:
         return MAX_BITS
-    bits = _load(record, BITS_KEY)
+    bits = load_array(record, BITS_KEY)
     if bits.dtype != np.uint8 or bits.shape != () or int(bits) not in CONTAINER_BITS:
         raise PayloadError(
             f"{BITS_KEY!r} is {bits.dtype}{list(bits.shape)} = {bits.tolist()}, expected a uint8 scalar in 1..4"
@@ -547,7 +547,7 @@ def _load_values(
     """The ``int8`` codes of array ``name`` (unpacked for 4 bits or fewer), checked against ``shape``."""
     if name not in record:
         raise PayloadError(f"array {name!r} is missing from the payload")
-    values = _load(record, name)
+    values = load_array(record, name)
     if bits in CONTAINER_BITS:
         return _unpack(values, bits, shape, name)
     if values.dtype != np.int8:
@@ -563,7 +563,7 @@ def _load_scales(
     """Split the packed scales into one ``(C,)`` or ``(1,)`` array per name."""
     if SCALES_KEY not in record:
         raise PayloadError(f"the payload has no {SCALES_KEY!r} array: it is not int8-encoded")
-    packed = _load(record, SCALES_KEY)
+    packed = load_array(record, SCALES_KEY)
     if packed.dtype != np.float32 or packed.ndim != 1:
         raise PayloadError(
             f"{SCALES_KEY!r} is {packed.dtype}{list(packed.shape)}, expected a 1-D float32 array"

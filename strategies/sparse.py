@@ -39,6 +39,7 @@ from strategies.codec import (
     CODEC_KEYS,
     SCALES_KEY,
     PayloadError,
+    load_array,
     pack_codes,
     quantize,
     unpack_codes,
@@ -162,7 +163,7 @@ def topk_names(record: ArrayRecord) -> list[str]:
     """The names of the tensors a top-k record carries, checked to be sorted and distinct."""
     if TOPK_KEY not in record:
         raise PayloadError(f"the payload has no {TOPK_KEY!r} array: it is not a top-k record")
-    raw = _load(record, TOPK_KEY)
+    raw = load_array(record, TOPK_KEY)
     if raw.dtype != np.uint8 or raw.ndim != 1:
         raise PayloadError(f"{TOPK_KEY!r} is {raw.dtype}{list(raw.shape)}, expected 1-D uint8 (UTF-8 names)")
     try:
@@ -290,21 +291,13 @@ def _check_keys(record: ArrayRecord, values: str | None) -> str:
     return kind
 
 
-def _load(record: ArrayRecord, key: str) -> np.ndarray:
-    """Deserialize one entry, reporting failures as ``PayloadError``."""
-    try:
-        return record[key].numpy()  # allow_pickle=False
-    except (TypeError, ValueError, OSError, EOFError) as err:
-        raise PayloadError(f"array {key!r} could not be deserialized: {err}") from err
-
-
 def _load_positions(
     record: ArrayRecord, names: list[str], sizes: list[int], counts: list[int]
 ) -> list[np.ndarray]:
     """Per tensor, its kept flat positions: ``counts`` of them, strictly increasing, below its size."""
     if BITMAP_KEY in record:
         return _load_bitmap(record, names, sizes, counts)
-    gaps = _load(record, INDICES_KEY)
+    gaps = load_array(record, INDICES_KEY)
     total = sum(counts)
     if gaps.dtype not in (np.uint16, np.uint32) or gaps.shape != (total,):
         raise PayloadError(
@@ -326,7 +319,7 @@ def _load_bitmap(
     record: ArrayRecord, names: list[str], sizes: list[int], counts: list[int]
 ) -> list[np.ndarray]:
     """Kept positions from the bitmap, checking its length, its zero padding and each tensor's count."""
-    bitmap, total = _load(record, BITMAP_KEY), sum(sizes)
+    bitmap, total = load_array(record, BITMAP_KEY), sum(sizes)
     expected = -(-total // 8)
     if bitmap.dtype != np.uint8 or bitmap.shape != (expected,):
         raise PayloadError(
@@ -350,14 +343,14 @@ def _load_bitmap(
 
 def _load_values(record: ArrayRecord, kind: str, names: list[str], counts: list[int]) -> np.ndarray:
     """The kept values, concatenated: float32 as sent, or codes restored with their scales."""
-    raw, total = _load(record, VALUES_KEY), sum(counts)
+    raw, total = load_array(record, VALUES_KEY), sum(counts)
     if kind == "float32":
         if raw.dtype != np.float32 or raw.shape != (total,):
             raise PayloadError(f"{VALUES_KEY!r} is {raw.dtype}{list(raw.shape)}, expected float32[{total}]")
         if not np.isfinite(raw).all():
             raise PayloadError(f"{VALUES_KEY!r} holds non-finite values")
         return raw
-    scales = _load(record, SCALES_KEY)
+    scales = load_array(record, SCALES_KEY)
     if scales.dtype != np.float32 or scales.shape != (len(names),):
         raise PayloadError(
             f"{SCALES_KEY!r} is {scales.dtype}{list(scales.shape)}, expected float32[{len(names)}] "
@@ -367,7 +360,7 @@ def _load_values(record: ArrayRecord, kind: str, names: list[str], counts: list[
     if bad.size:
         raise PayloadError(f"scale for array {names[bad[0]]!r} is not finite and positive")
     if BITS_KEY in record:
-        bits = _load(record, BITS_KEY)
+        bits = load_array(record, BITS_KEY)
         if bits.dtype != np.uint8 or bits.shape != () or not 1 <= int(bits) <= _PACKED_BITS:
             raise PayloadError(
                 f"{BITS_KEY!r} is {bits.dtype}{list(bits.shape)}, expected a uint8 scalar in 1..4"
