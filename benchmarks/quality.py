@@ -451,10 +451,10 @@ def compression_notes(results: dict) -> str:
             r["total_uplink_bytes"] + r["total_downlink_bytes"]
         )
         lines.append(
-            f"- {r['method']} ({r['partition']}): uplink {up:.1f}x fewer bytes, downlink "
-            f"{down or 1:.1f}x, both {total:.1f}x; FID {fid:.2f}x vanilla's"
+            f"- {r['method']} ({r['partition']}): uplink {up:.3f}x fewer bytes, downlink "
+            f"{down or 1:.2f}x, both {total:.2f}x; FID {fid:.3f}x vanilla's"
         )
-        entry = f"{r['method']} ({r['partition']}: {up:.1f}x, FID {fid:.2f}x)"
+        entry = f"{r['method']} ({r['partition']}: {up:.3f}x, FID {fid:.3f}x)"
         if r["method"] == "int4":
             four_bit.append(("met" if up >= 7.5 and fid <= 1.05 else "missed") + f": {entry}")
         if up >= 30 and fid <= 1.1:
