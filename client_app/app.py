@@ -39,7 +39,7 @@ from client_app.task import (
     read_settings,
     round_seed,
 )
-from client_app.updates import quantized_update, received_weights, wants_quantized_update
+from client_app.updates import quantized_update, wants_quantized_update
 from models import resolve_device
 from models.latent import generate_images
 from strategies.secagg import to_fit_result, to_message_api, wants_secagg
@@ -62,7 +62,7 @@ def _weights(msg: Message, model_state: dict, state: RecordDict, *, keep: bool) 
     arrays = received_arrays(msg.content["arrays"], config, model_state, state, keep=keep)
     if wants_partial(config):
         return assemble(arrays, model_state, state)
-    return received_weights(arrays, model_state)
+    return arrays.to_torch_state_dict()  # fp32 weights: received_arrays decoded any codes
 
 
 def _keeps_local_parts(config, names: list[str]) -> bool:

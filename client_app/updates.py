@@ -1,4 +1,4 @@
-"""What a client receives and sends: full weights, or int8 codes of the update (FedDM-quant).
+"""What a client sends: full weights, or codes of its update (FedDM-quant; what it receives: client_app.downlink).
 
 The encoding settings come from the strategy's ConfigRecord (``quant-*`` keys);
 the codec is ``strategies.codec`` (dense codes) or ``strategies.sparse`` (top-k,
@@ -14,27 +14,11 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from strategies.codec import decode_arrays, encode_arrays, is_quantized
+from strategies.codec import encode_arrays
 from strategies.sparse import encode_topk
 
 # Key of the quantization residual in the client's persistent state (Context.state).
 RESIDUAL_KEY = "feddm-quant-residual"
-
-
-def _reference(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
-    return {n: (tuple(t.shape), str(t.detach().cpu().numpy().dtype)) for n, t in state_dict.items()}
-
-
-def received_weights(record: ArrayRecord, model_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The global weights in ``record``: plain arrays, or int8 codes to decode.
-
-    ``model_state`` (the freshly built model's state dict) gives the names,
-    shapes and dtypes a quantized payload must match.
-    """
-    if is_quantized(record):
-        decoded = decode_arrays(record, _reference(model_state))
-        return {name: torch.from_numpy(array) for name, array in decoded.items()}
-    return record.to_torch_state_dict()
 
 
 def wants_quantized_update(config: Mapping[str, Any]) -> bool:

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from client_app.downlink import received_arrays
 from client_app.task import proximal_term
-from client_app.updates import RESIDUAL_KEY, quantized_update, received_weights
+from client_app.updates import RESIDUAL_KEY, quantized_update
 from models import build_unet
 from server_app.config import compose_config
 from strategies import Int8Updates, ProximalTerm, build_strategy
@@ -189,7 +189,7 @@ def test_quantized_downlink_is_what_clients_decode():
     payload, config = message.content["arrays"], message.content["config"]
     assert SCALES_KEY in payload.keys()
     model = _micro_state(1).state_dict()
-    received = received_weights(received_arrays(payload, config, model, RecordDict(), keep=True), model)
+    received = received_arrays(payload, config, model, RecordDict(), keep=True).to_torch_state_dict()
     view = strategy._base_arrays.to_torch_state_dict()
     for name, tensor in received.items():
         assert torch.equal(tensor, view[name])
