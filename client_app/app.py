@@ -42,6 +42,7 @@ from client_app.task import (
 from client_app.updates import quantized_update, wants_quantized_update
 from models import resolve_device
 from models.latent import generate_images
+from models.precision import Precision, resolve_precision
 from strategies.secagg import to_fit_result, to_message_api, wants_secagg
 
 app = ClientApp()
@@ -50,6 +51,10 @@ app = ClientApp()
 def _device(settings: ClientSettings, context: Context) -> torch.device:
     # A SuperNode's own node config wins: it knows its hardware.
     return resolve_device(str(context.node_config.get("device", settings.device)))
+
+
+def _precision(settings: ClientSettings, context: Context, device: torch.device) -> Precision:
+    return resolve_precision(str(context.node_config.get("precision", settings.precision)), device)
 
 
 def _weights(msg: Message, model_state: dict, state: RecordDict, *, keep: bool) -> dict[str, torch.Tensor]:
@@ -104,7 +109,8 @@ def train(msg: Message, context: Context) -> Message:
 def _train(msg: Message, context: Context, settings: ClientSettings, state: RecordDict) -> Message:
     """``train`` with the client's state between rounds (``state``: in memory or loaded from disk)."""
     config = msg.content["config"]
-    unet, scheduler = build_model(settings, _device(settings, context))
+    device = _device(settings, context)
+    unet, scheduler = build_model(settings, device)
     received = _weights(msg, unet.state_dict(), state, keep=True)
     unet.load_state_dict(received)
     if settings.ema_enabled and _keeps_local_parts(config, list(received)):
@@ -115,7 +121,15 @@ def _train(msg: Message, context: Context, settings: ClientSettings, state: Reco
     seed = round_seed(settings.seed, int(config["server-round"]), partition_id)
     regularizer = proximal_term(unet, float(config.get("proximal-mu", 0.0)))
     train_loss, _ = local_train(
-        unet, scheduler, dataset, train_idx, settings, seed=seed, regularizer=regularizer
+        unet,
+        scheduler,
+        dataset,
+        train_idx,
+        settings,
+        seed=seed,
+        regularizer=regularizer,
+        precision=_precision(settings, context, device),
+        dataloader_workers=int(context.node_config.get("dataloader-workers", settings.dataloader_workers)),
     )
 
     if wants_partial(config):
@@ -156,28 +170,33 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _evaluate(msg: Message, context: Context, settings: ClientSettings, state: RecordDict) -> Message:
     """``evaluate`` with the client's state (read only: evaluation changes nothing a client keeps)."""
     config = msg.content["config"]
-    unet, scheduler = build_model(settings, _device(settings, context))
+    device = _device(settings, context)
+    precision = _precision(settings, context, device)
+    unet, scheduler = build_model(settings, device)
     unet.load_state_dict(_weights(msg, unet.state_dict(), state, keep=False))
     dataset, _, holdout_idx = client_data(settings, context.node_config)
 
     # The same noise every round, so the loss is comparable across rounds.
     seed = round_seed(settings.seed, int(context.node_config["partition-id"]), 1)
-    eval_loss, num_examples = local_evaluate(unet, scheduler, dataset, holdout_idx, settings, seed=seed)
+    eval_loss, num_examples = local_evaluate(
+        unet, scheduler, dataset, holdout_idx, settings, seed=seed, precision=precision
+    )
     metrics = MetricRecord({"eval_loss": eval_loss, "num-examples": num_examples})
     info = ConfigRecord({"partition-id": int(context.node_config["partition-id"])})
     content = RecordDict({"metrics": metrics, "info": info})
     if "sample-count" in config:
         if settings.ema_enabled:
             personal_ema(unet, state, settings.ema_decay, persist=False).copy_to(unet.parameters())
-        images = generate_images(
-            unet,
-            scheduler,
-            int(config["sample-count"]),
-            seed=int(config["sample-seed"]),
-            ddim_steps=int(config["sample-ddim-steps"]) or None,
-            batch_size=int(config["sample-batch-size"]),
-            autoencoder=client_autoencoder(settings, context.node_config),
-        )
+        with precision.autocast():
+            images = generate_images(
+                unet,
+                scheduler,
+                int(config["sample-count"]),
+                seed=int(config["sample-seed"]),
+                ddim_steps=int(config["sample-ddim-steps"]) or None,
+                batch_size=int(config["sample-batch-size"]),
+                autoencoder=client_autoencoder(settings, context.node_config),
+            )
         content["samples"] = samples_record(images)
     return Message(content=content, reply_to=msg)
 

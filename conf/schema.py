@@ -28,6 +28,7 @@ from omegaconf import MISSING, OmegaConf
 from models.data import SUPPORTED_DATASETS
 from models.latent import AUTOENCODERS
 from models.parts import PRESETS
+from models.precision import PRECISIONS
 from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS
 from strategies.downlink import DOWNLINK_MODES
 from strategies.fedddpm import AUX_ALLOCATIONS, SIGNALS
@@ -927,6 +928,30 @@ class Config:
         OneOf(DEVICES),
         "`auto` (CUDA if present), `cpu` or `cuda`, for server and clients; a SuperNode's node config `device` wins",
         client=Client("device", str),
+    )
+    precision: Any = setting(
+        "auto",
+        OneOf(PRECISIONS),
+        "forward passes of client training, evaluation, server calibration and sampling: `fp32`, `bf16` "
+        "(`torch.autocast`) or `fp16` (autocast and a gradient scaler; CUDA only); weights, updates and the wire "
+        "stay fp32; `auto` = bf16 on a GPU that supports it, fp32 on a CPU; a SuperNode's node config "
+        "`precision` wins",
+        client=Client("precision", str),
+    )
+    compile: Any = setting(
+        False,
+        Bool(),
+        "`torch.compile` the UNet for client training (compiles once per ClientApp process: pays off for long "
+        "local rounds on a GPU, costs tens of seconds on a CPU)",
+        client=Client("compile", bool),
+    )
+    dataloader_workers: Any = setting(
+        0,
+        Int(min=0),
+        "DataLoader worker processes per client for local training (0: load in the training process; raise it "
+        "on GPU nodes whose images are decoded from files, e.g. CelebA); a SuperNode's node config "
+        "`dataloader-workers` wins",
+        client=Client("dataloader-workers", int),
     )
     round_timeout_s: Any = setting(
         3600,

@@ -20,6 +20,8 @@ from diffusers import (
     UNet2DModel,
 )
 
+from models.precision import FP32, Precision
+
 Regularizer = Callable[[UNet2DModel], torch.Tensor]
 
 
@@ -60,21 +62,36 @@ def train_step(
     generator: torch.Generator,
     max_grad_norm: float | None = 1.0,
     regularizer: Regularizer | None = None,
-) -> float:
-    """One optimizer step on a batch; returns the diffusion loss (without regularizer).
+    precision: Precision = FP32,
+    scaler: torch.amp.GradScaler | None = None,
+) -> torch.Tensor:
+    """One optimizer step on a batch; returns the diffusion loss (without regularizer), detached.
 
-    ``regularizer(unet)`` is added to the loss before the backward pass; FedDM-prox
-    uses it for its proximal term.
+    The loss stays on the device: reading it (``.item()``) would wait for the
+    GPU, so callers sum it and read it once. ``regularizer(unet)`` is added to
+    the loss before the backward pass; FedDM-prox uses it for its proximal
+    term. The forward pass runs in ``precision``; with fp16, ``scaler`` (from
+    ``precision.grad_scaler()``) scales the loss and skips steps whose
+    gradients overflowed.
     """
     unet.train()
-    loss = denoising_loss(unet, scheduler, images, generator)
-    objective = loss if regularizer is None else loss + regularizer(unet)
+    with precision.autocast():
+        loss = denoising_loss(unet, scheduler, images, generator)
+        objective = loss if regularizer is None else loss + regularizer(unet)
     optimizer.zero_grad(set_to_none=True)
-    objective.backward()
+    if scaler is None:
+        objective.backward()
+    else:
+        scaler.scale(objective).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(unet.parameters(), max_grad_norm)
-    optimizer.step()
-    return loss.item()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    return loss.detach().float()
 
 
 def train_on_images(
@@ -87,6 +104,7 @@ def train_on_images(
     batch_size: int,
     seed: tuple[int, int],
     max_grad_norm: float | None = 1.0,
+    precision: Precision = FP32,
 ) -> None:
     """``steps`` DDPM steps in place on random batches of ``data`` (N x C x H x W in [-1, 1], or latents).
 
@@ -95,12 +113,22 @@ def train_on_images(
     """
     device = next(unet.parameters()).device
     optimizer = make_optimizer(unet, lr=lr)
+    scaler = precision.grad_scaler()
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(sum(seed))  # dropout
         for _ in range(steps):
             batch = data[torch.randint(len(data), (batch_size,), generator=generator)].to(device)
-            train_step(unet, scheduler, optimizer, batch, generator=generator, max_grad_norm=max_grad_norm)
+            train_step(
+                unet,
+                scheduler,
+                optimizer,
+                batch,
+                generator=generator,
+                max_grad_norm=max_grad_norm,
+                precision=precision,
+                scaler=scaler,
+            )
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from models import sample_images, unet_from_config
 from models.diffusion import train_on_images
 from models.latent import sample_latents
+from models.precision import FP32, Precision
 from strategies import Calibration, FedDMStrategy
 
 AUX_NAME = "auxiliary.safetensors"
@@ -42,6 +43,7 @@ def auxiliary_images(
     seed: int,
     timeout: float,
     device: torch.device,
+    precision: Precision = FP32,
     latent: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """The auxiliary images (uint8 N x C x H x W) and a summary row for ``metrics.jsonl``.
@@ -50,7 +52,7 @@ def auxiliary_images(
     layer's ``pretrain_steps`` and uploads it; every valid local model contributes
     the layer's ``allocation`` of images (DDIM with ``ddim_steps``, seeded per client).
     With ``latent`` (latent diffusion) they are float latents, which is what the
-    UNet is trained on.
+    UNet is trained on. Sampling runs in ``precision``.
     """
     cache = Path(run_dir) / AUX_NAME
     calibration = strategy.layer(Calibration)
@@ -71,9 +73,10 @@ def auxiliary_images(
     local = strategy.local_models(list(replies), initial)
     counts = calibration.allocation({pid: examples for pid, (_, examples) in local.items()})
     sample = sample_latents if latent else sample_images
-    aux = _sample_local_models(
-        local, counts, json.loads(settings["unet"]), scheduler, sample, ddim_steps, seed, device
-    )
+    with precision.autocast():
+        aux = _sample_local_models(
+            local, counts, json.loads(settings["unet"]), scheduler, sample, ddim_steps, seed, device
+        )
     _save(cache, aux, {**{k: str(v) for k, v in wanted.items()}, "per_client": json.dumps(counts)})
     row = {
         "round": 0,
@@ -146,6 +149,7 @@ def server_calibration(
     batch_size: int,
     seed: int,
     device: torch.device,
+    precision: Precision = FP32,
     max_grad_norm: float = 1.0,
 ) -> Callable[[ArrayRecord, int], ArrayRecord]:
     """``calibrate(arrays, round)``: ``steps`` DDPM training steps on the auxiliary ``images``.
@@ -153,7 +157,7 @@ def server_calibration(
     ``images`` are uint8 N x C x H x W, or (latent diffusion) float latents that
     are already what the UNet is trained on; batches are drawn with a generator
     seeded by (``seed``, round), so a run is reproducible. A fresh AdamW
-    optimizer each time.
+    optimizer each time; forward passes in ``precision``.
     """
     data = images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()
 
@@ -169,6 +173,7 @@ def server_calibration(
             batch_size=batch_size,
             seed=(seed, server_round),
             max_grad_norm=max_grad_norm,
+            precision=precision,
         )
         return ArrayRecord({k: v.detach().cpu() for k, v in unet.state_dict().items()})
 

@@ -54,6 +54,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_model(e, cfg)
     _check_strategy(e, cfg)
     _check_combinations(e, cfg)
+    _check_precision(e, cfg)
     if cfg.privacy.get("name") == "secagg":
         _check_secagg(e, cfg)
     if e:
@@ -164,6 +165,18 @@ def _check_strategy(e: list[str], cfg: DictConfig) -> None:
         num_samples = cfg.eval.num_samples
         ok = is_int(num_samples) and num_samples > 0
         _check(e, ok, "strategy.signal", st.signal, "fid only with eval.num_samples > 0")
+
+
+def _check_precision(e: list[str], cfg: DictConfig) -> None:
+    """fp16 needs a GPU: with ``device=cpu`` it is refused before training (with ``auto``, where it runs)."""
+    _check(
+        e,
+        not (cfg.get("precision") == "fp16" and cfg.get("device") == "cpu"),
+        "precision",
+        "fp16",
+        "fp32, bf16 or auto with device=cpu (fp16 autocast on a CPU is emulated and slower than fp32; it needs "
+        "a CUDA GPU and a gradient scaler)",
+    )
 
 
 def _check_combinations(e: list[str], cfg: DictConfig) -> None:

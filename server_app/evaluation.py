@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from models.data import dataset_from_config
 from models.fid import FID
 from models.latent import generate_images
+from models.precision import FP32, Precision
 from server_app.tracking import Tracker
 
 
@@ -27,8 +28,16 @@ class GlobalEvaluator:
     clients' images: as many as all clients' images together).
     """
 
-    def __init__(self, cfg: DictConfig, tracker: Tracker, device: torch.device, autoencoder=None) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        tracker: Tracker,
+        device: torch.device,
+        precision: Precision = FP32,
+        autoencoder=None,
+    ) -> None:
         self.cfg = cfg.eval
+        self.precision = precision  # of the sampling
         self.autoencoder = autoencoder  # latent diffusion: samples are decoded to pixels
         self.num_clients = int(cfg.num_clients)
         self.tracker = tracker  # the run folder's grids, and the tracking sinks'
@@ -57,16 +66,17 @@ class GlobalEvaluator:
         """Save ``samples/round_NNNN.png``; return ``{"fid": ..., "kid": ...}`` when FID is on."""
 
         def draw(count: int, show_progress: bool = False) -> torch.Tensor:
-            return generate_images(
-                unet,
-                scheduler,
-                count,
-                seed=self.cfg.seed,
-                ddim_steps=self.cfg.ddim_steps,
-                batch_size=self.cfg.batch_size,
-                autoencoder=self.autoencoder,
-                show_progress=show_progress,
-            )
+            with self.precision.autocast():
+                return generate_images(
+                    unet,
+                    scheduler,
+                    count,
+                    seed=self.cfg.seed,
+                    ddim_steps=self.cfg.ddim_steps,
+                    batch_size=self.cfg.batch_size,
+                    autoencoder=self.autoencoder,
+                    show_progress=show_progress,
+                )
 
         self.tracker.log_grid(draw(self.cfg.grid_size), server_round)
         if self.fid is None:

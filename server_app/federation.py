@@ -28,6 +28,7 @@ from conf.schema import client_values
 from models import build_scheduler, build_unet, count_parameters, resolve_device
 from models.data import dataset_from_config
 from models.latent import autoencoder_from_settings, latent_geometry
+from models.precision import Precision, resolve_precision
 from server_app.auxiliary import auxiliary_images, server_calibration
 from server_app.checkpoint import (
     CheckpointError,
@@ -149,6 +150,7 @@ class Run:
     cfg: DictConfig
     folder: RunFolder
     device: torch.device
+    precision: Precision  # of the server's calibration and sampling
     autoencoder: Any  # latent diffusion: the frozen autoencoder; None in pixel space
     model: GlobalModel
     scheduler: DDPMScheduler
@@ -257,7 +259,8 @@ def build_run(cfg: DictConfig, folder: RunFolder) -> Run:
     )
     settings = client_config(cfg, unet, scheduler)
     model = GlobalModel(unet.to(device), cfg.ema)
-    return Run(cfg, folder, device, autoencoder, model, scheduler, strategy, settings)
+    precision = resolve_precision(cfg.precision, device)
+    return Run(cfg, folder, device, precision, autoencoder, model, scheduler, strategy, settings)
 
 
 def in_simulation(grid: Grid) -> bool:
@@ -341,7 +344,7 @@ def log_summary(run: Run) -> None:
     log(
         INFO,
         "FedDM: strategy %s (aggregation %s%s), model %s (%.2fM parameters%s), dataset %s, "
-        "%d clients, %d rounds of %s, lr %g, device %s; run folder %s",
+        "%d clients, %d rounds of %s, lr %g, device %s (%s); run folder %s",
         cfg.strategy.name,
         flower_strategy(run.strategy),
         privacy,
@@ -354,6 +357,7 @@ def log_summary(run: Run) -> None:
         f"{cfg.local_epochs} local epochs" if cfg.local_epochs else f"{cfg.local_steps} local steps",
         cfg.lr,
         run.device,
+        run.precision.name,
         run.folder.path,
     )
 
@@ -377,6 +381,7 @@ def pretrain(grid: Grid, run: Run):
         seed=int(cfg.seed),
         timeout=float(cfg.round_timeout_s),
         device=run.device,
+        precision=run.precision,
         latent=run.autoencoder is not None,
     )
     if row and not any(r["round"] == 0 for r in run.folder.read_metrics()):  # one pretraining row per run
@@ -392,6 +397,7 @@ def pretrain(grid: Grid, run: Run):
         batch_size=int(st.calibration_batch_size),
         seed=int(cfg.seed),
         device=run.device,
+        precision=run.precision,
         max_grad_norm=float(cfg.max_grad_norm),
     )
 
@@ -401,7 +407,7 @@ class RoundRecorder:
 
     def __init__(self, run: Run, watch: DivergenceWatch) -> None:
         self.run, self.watch = run, watch
-        self.evaluator = GlobalEvaluator(run.cfg, run.tracker, run.device, run.autoencoder)
+        self.evaluator = GlobalEvaluator(run.cfg, run.tracker, run.device, run.precision, run.autoencoder)
         self.started = 0.0  # set by train_rounds when the rounds start: wall_time_s counts from there
 
     def __call__(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -185,3 +185,42 @@ def test_state_files_are_found_and_measured(tmp_path):
     assert cost["clients_with_state"] == 2 and cost["mean_tensors"] == 1.5 and cost["mean_values"] == 33.5
     assert cost["mean_bytes"] == sum(p.stat().st_size for p in paths) / 2
     assert cost["projected_gib_1000_clients"] == pytest.approx(cost["mean_bytes"] * 1000 / 2**30)
+
+
+def test_train_throughputs_plain_loop_trains_and_the_report_says_no_gpu_figures_were_estimated():
+    import torch
+
+    from benchmarks import train_throughput
+    from models.precision import FP32
+    from tests.test_precision import _micro_setup
+
+    unet, scheduler, _ = _micro_setup()
+    before = [p.detach().clone() for p in unet.parameters()]
+    images = torch.rand(8, 1, 28, 28) * 2 - 1
+    loss = train_throughput.plain_diffusers_loop(
+        unet, scheduler, images, steps=3, batch_size=4, lr=1e-3, precision=FP32, channels_last=True
+    )
+    assert np.isfinite(loss) and any(not torch.equal(a, p) for a, p in zip(before, unet.parameters()))
+    assert all(p.is_contiguous() for p in unet.parameters())  # back to the default layout
+    ratios = {
+        "feddm fp32": 2.0,
+        "plain fp32": 2.0,
+        "feddm bf16": 3.0,
+        "plain bf16": 3.0,
+        "feddm bf16 + compile": 3.0,
+    }
+    result = {
+        "batch_size": 4,
+        "steps": 3,
+        "repeats": 1,
+        "images_per_s": ratios,
+        "warmup_s": dict.fromkeys(ratios, 1.0),
+        "ratio_feddm_vs_plain_fp32": 1.0,
+        "ratio_feddm_vs_plain_bf16": 1.0,
+        "ratio_bf16_vs_fp32": 1.5,
+        "ratio_compile_vs_bf16": 1.0,
+    }
+    _, cpu_notes = train_throughput.report({"tiny": result}, torch.device("cpu"))
+    assert "no GPU was lent" in cpu_notes
+    _, gpu_notes = train_throughput.report({"tiny": result}, torch.device("cuda"))
+    assert "feddm >= 0.95x plain: met" in gpu_notes and "bf16 >= 1.8x fp32: missed" in gpu_notes
