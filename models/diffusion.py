@@ -30,6 +30,17 @@ def make_optimizer(unet: UNet2DModel, *, lr: float, weight_decay: float = 0.0) -
     return torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``; to a GPU through pinned memory, without waiting for the GPU's queue.
+
+    A plain copy from pageable memory synchronizes with the GPU, which would
+    stall the host once per training step.
+    """
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def denoising_loss(
     unet: UNet2DModel,
     scheduler: DDPMScheduler,
@@ -41,13 +52,11 @@ def denoising_loss(
     ``images`` are in [-1, 1]. Noise and timesteps are drawn on the CPU from
     ``generator`` and then moved, so a seed gives the same loss on any device.
     """
-    noise = torch.randn(images.shape, generator=generator).to(images)
+    noise = to_device(torch.randn(images.shape, generator=generator), images.device).to(images.dtype)
     timesteps = torch.randint(
-        0,
-        scheduler.config.num_train_timesteps,
-        (images.shape[0],),
-        generator=generator,
-    ).to(images.device)
+        0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator
+    )
+    timesteps = to_device(timesteps, images.device)
     noisy = scheduler.add_noise(images, noise, timesteps)
     predicted = unet(noisy, timesteps).sample
     return F.mse_loss(predicted, noise)
@@ -115,10 +124,11 @@ def train_on_images(
     optimizer = make_optimizer(unet, lr=lr)
     scaler = precision.grad_scaler()
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
+    data = data.to(device)  # once: the auxiliary set is small, and per-batch copies would wait for the GPU
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(sum(seed))  # dropout
         for _ in range(steps):
-            batch = data[torch.randint(len(data), (batch_size,), generator=generator)].to(device)
+            batch = data[to_device(torch.randint(len(data), (batch_size,), generator=generator), device)]
             train_step(
                 unet,
                 scheduler,
