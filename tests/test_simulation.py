@@ -116,6 +116,12 @@ def test_feddm_sample_writes_a_grid_from_the_saved_model(finished_run, tmp_path)
     first = np.asarray(Image.open(out))
     sample_main([str(run_dir / "model"), "--num", "4", "--out", str(out), "--ddim-steps", "2", "--seed", "3"])
     assert first.shape[0] > 2 * 28 and np.array_equal(first, np.asarray(Image.open(out)))
+    bf16 = tmp_path / "bf16.png"
+    sample_main(
+        [str(run_dir / "model"), "--num", "4", "--out", str(bf16), "--ddim-steps", "2", "--seed", "3"]
+        + ["--precision", "bf16"]
+    )
+    assert np.asarray(Image.open(bf16)).shape == first.shape  # the same grid, drawn with bf16 forward passes
 
 
 def test_checkpoint_is_written_every_round(finished_run):
