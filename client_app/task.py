@@ -115,8 +115,8 @@ def _split(
         try:
             with np.load(cache_file, allow_pickle=False) as saved:
                 return saved["train"], saved["holdout"]
-        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):  # damaged: split anew and rewrite
-            pass
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # damaged: split anew and rewrite it
     from client_app.partition import indices_of, split_train_holdout
 
     indices = indices_of(_partitioner(dataset_key, partition_json, num_partitions, seed), partition_id)
