@@ -178,8 +178,6 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
     run.tracker = build_tracker(
         cfg.get("tracking"), folder, OmegaConf.to_container(cfg, resolve=True), resumed_after=run.done_rounds
     )
-    if not in_simulation(grid):
-        grid = PromptGrid(grid)
     try:
         recorder = RoundRecorder(run, watch)  # the evaluator's FID statistics come first
         wait_for_nodes(grid, cfg.num_clients, float(cfg.node_wait_timeout_s))
@@ -260,34 +258,6 @@ def build_run(cfg: DictConfig, folder: RunFolder) -> Run:
     settings = client_config(cfg, unet, scheduler)
     model = GlobalModel(unet.to(device), cfg.ema)
     return Run(cfg, folder, device, autoencoder, model, scheduler, strategy, settings)
-
-
-class PromptGrid:
-    """A SuperLink's grid that looks for replies every ``poll_s`` seconds instead of every 3.
-
-    Flower 1.42's ``send_and_receive`` (``flwr/superlink/grid/http_grid.py``) sleeps
-    3 s between pulls, so each round trip (training, evaluation) ends on average
-    1.5 s after its last reply came in. This is the same loop with a shorter sleep;
-    everything else goes to Flower's grid.
-    """
-
-    def __init__(self, grid: Grid, poll_s: float = 0.5) -> None:
-        self.grid, self.poll_s = grid, poll_s
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.grid, name)
-
-    def send_and_receive(self, messages, *, timeout: float | None = None) -> list:
-        waiting = set(self.grid.push_messages(messages))
-        deadline = time.time() + (timeout if timeout is not None else 0.0)
-        replies = []
-        while waiting and (timeout is None or time.time() < deadline):
-            pulled = list(self.grid.pull_messages(waiting))
-            replies += pulled
-            waiting -= {m.metadata.reply_to_message_id for m in pulled}
-            if waiting:
-                time.sleep(self.poll_s)
-        return replies
 
 
 def in_simulation(grid: Grid) -> bool:
