@@ -51,11 +51,14 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def write_results(name: str, results: dict[str, Any], table: str, notes: str = "") -> Path:
-    """Write ``results/NAME.json`` and ``results/NAME.md``; return the JSON path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(
+    name: str, results: dict[str, Any], table: str, notes: str = "", folder: Path | None = None
+) -> Path:
+    """Write ``results/NAME.json`` and ``results/NAME.md`` (or in ``folder``); return the JSON path."""
+    folder = RESULTS if folder is None else Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "machine": machine(), "results": results}
-    json_path = RESULTS / f"{name}.json"
+    json_path = folder / f"{name}.json"
     json_path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     m = payload["machine"]
     header = (
@@ -63,7 +66,7 @@ def write_results(name: str, results: dict[str, Any], table: str, notes: str = "
         + (f", GPU {m['gpu']}" if m["gpu"] else ", no GPU")
         + f"; torch {m['torch']}, flwr {m['flwr']}, diffusers {m['diffusers']}; {m['date']}\n\n"
     )
-    (RESULTS / f"{name}.md").write_text(
+    (folder / f"{name}.md").write_text(
         header + table.strip() + "\n" + (f"\n{notes.strip()}\n" if notes else "")
     )
     return json_path

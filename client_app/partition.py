@@ -74,7 +74,8 @@ def indices_of(partitioner: Partitioner, partition_id: int) -> np.ndarray:
             f"partition-id {partition_id} is outside 0..{num_partitions - 1} "
             f"(num-partitions={num_partitions})"
         )
-    return np.sort(np.asarray(partitioner.load_partition(partition_id)["index"]))
+    # Read the column through Arrow: as Python ints (the default format) it takes seconds for 30 000 images.
+    return np.sort(partitioner.load_partition(partition_id).with_format("arrow")["index"].to_numpy())
 
 
 def partition_sizes(

@@ -14,19 +14,22 @@ import hashlib
 import json
 import math
 import os
+import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import make_dataclass
+from importlib.metadata import version
+from logging import WARNING
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from flwr_datasets.partitioner import Partitioner
+from flwr.common.logger import log
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from client_app.partition import indices_of, loaded_partitioner, split_train_holdout
 from conf.schema import CLIENT_JSON_KEYS, CLIENT_SETTINGS
 from models import (
     LabeledImages,
@@ -40,6 +43,9 @@ from models.data import dataset_from_config
 from models.diffusion import Regularizer
 from models.latent import CachedLatents, autoencoder_from_settings
 from models.precision import FP32, Precision
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 # Settings a client reads from the server's ConfigRecord: the JSON keys (dicts; ``autoencoder`` is None
 # in pixel space) and the typed settings declared with ``client=...`` in ``conf/schema.py``
@@ -76,6 +82,8 @@ def _dataset(spec_json: str, root: str) -> LabeledImages:
 
 @functools.lru_cache(maxsize=2)
 def _partitioner(dataset_key: tuple, partition_json: str, num_partitions: int, seed: int) -> Partitioner:
+    from client_app.partition import loaded_partitioner  # flwr-datasets: only when a split is computed
+
     # One split of the whole dataset per process, shared by every client it serves: a simulation
     # worker serves many partitions, and recomputing 1000 Dirichlet partitions per client would
     # make a round's cost grow with the population.
@@ -91,9 +99,46 @@ def _split(
     num_partitions: int,
     seed: int,
     eval_fraction: float,
+    cache_dir: str,
 ) -> tuple[np.ndarray, np.ndarray]:
+    # A SuperNode starts a new ClientApp process for every message: the split computed by the first one
+    # is kept on the node's disk, so later ones skip importing flwr-datasets and partitioning. The split
+    # depends only on the labels and these settings (and on flwr-datasets' version), hence the file name.
+    labels = _dataset(*dataset_key).labels
+    key = hashlib.sha256(
+        json.dumps(
+            [partition_json, partition_id, num_partitions, seed, eval_fraction, version("flwr-datasets")]
+        ).encode()
+    )
+    key.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    cache_file = Path(cache_dir) / f"{key.hexdigest()[:32]}.npz" if cache_dir else None
+    if cache_file is not None and cache_file.is_file():
+        try:
+            with np.load(cache_file, allow_pickle=False) as saved:
+                return saved["train"], saved["holdout"]
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # damaged: split anew and rewrite it
+    from client_app.partition import indices_of, split_train_holdout
+
     indices = indices_of(_partitioner(dataset_key, partition_json, num_partitions, seed), partition_id)
-    return split_train_holdout(indices, eval_fraction, seed=round_seed(seed, partition_id))
+    train_idx, holdout_idx = split_train_holdout(indices, eval_fraction, seed=round_seed(seed, partition_id))
+    if cache_file is not None:
+        _save_split(cache_file, train_idx, holdout_idx)
+    return train_idx, holdout_idx
+
+
+def _save_split(path: Path, train_idx: np.ndarray, holdout_idx: np.ndarray) -> None:
+    """Write a split atomically (a process reading it sees all of it or nothing); a failure only warns."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            np.savez(tmp, train=train_idx, holdout=holdout_idx)
+        os.replace(tmp.name, path)
+    except OSError as err:
+        log(WARNING, "FedDM: cannot keep the data split in %s (%s); each process splits anew", path, err)
+        if tmp is not None:
+            Path(tmp.name).unlink(missing_ok=True)
 
 
 def client_data(
@@ -110,6 +155,7 @@ def client_data(
         int(node_config["num-partitions"]),
         settings.seed,
         settings.eval_fraction,
+        _default_cache_dir("splits"),
     )
     if len(train_idx) == 0:
         raise ValueError(
@@ -130,8 +176,13 @@ def client_data(
 
 def default_latent_cache_dir() -> str:
     """Where a node keeps its encoded latents unless its node config says ``latent-cache-dir`` ("" if none)."""
+    return _default_cache_dir("latents")
+
+
+def _default_cache_dir(kind: str) -> str:
+    """``~/.cache/feddm/<kind>`` (or under ``$XDG_CACHE_HOME``); "" without a home directory."""
     try:
-        return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "feddm" / "latents")
+        return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "feddm" / kind)
     except RuntimeError:  # no home directory (some containers): memory only
         return ""
 

@@ -224,3 +224,41 @@ def test_train_throughputs_plain_loop_trains_and_the_report_says_no_gpu_figures_
     assert "no GPU was lent" in cpu_notes
     _, gpu_notes = train_throughput.report({"tiny": result}, torch.device("cuda"))
     assert "feddm >= 0.95x plain: met" in gpu_notes and "bf16 >= 1.8x fp32: missed" in gpu_notes
+
+
+def _supernode_log(start: float, rounds: int) -> str:
+    """A SuperNode log as Flower 1.42 writes it with FLWR_LOG_LEVEL=DEBUG: a train message per round, 10 s apart."""
+    events = [
+        (0.0, "INFO", "Receiving: train message (ID: abc)"),
+        (1.0, "INFO", "Start `flwr-clientapp` process"),
+        (2.0, "INFO", "Received successfully"),
+        (2.5, "DEBUG", "[flwr-clientapp] Start FAB installation."),
+        (2.6, "DEBUG", "[flwr-clientapp] Start `ClientApp` Loading."),
+        (7.6, "DEBUG", "FedDM train: model and data 0.500 s, local training 1.000 s, reply 0.100 s"),
+        (7.7, "DEBUG", "Runtime.PushMessages"),
+        (7.8, "INFO", "Sending: train message (ID: def)"),
+        (8.8, "INFO", "Sent successfully"),
+    ]
+    lines = []
+    for r in range(rounds):
+        for offset, level, text in events:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start + 10 * r + int(offset)))
+            lines.append(f"\x1b[92m{level} {stamp},{round(offset % 1 * 1000):03d}\x1b[0m:      {text}")
+        lines.append("\x1b[92mINFO 2026-12-02 07:00:00,000\x1b[0m:      Receiving: evaluate message (ID: x)")
+        lines.append("\x1b[92mINFO 2026-12-02 07:00:00,000\x1b[0m:      Received successfully")
+    return "\n".join(lines)
+
+
+def test_flower_overhead_breaks_a_deployment_round_down_from_the_supernode_logs(tmp_path):
+    from benchmarks import flower_overhead
+
+    path = tmp_path / "supernode_1.log"
+    path.write_text(_supernode_log(time.mktime((2026, 12, 2, 7, 0, 0, 0, 0, -1)), rounds=3))
+    messages = flower_overhead.node_messages(path)
+    assert len(messages) == 3 and messages[1]["local_training_s"] == 1.0
+    result = flower_overhead.deployment_breakdown([12.0, 11.0, 11.0], [messages])
+    assert result["fixed_cost_s"] == 10.0 and result["fixed_cost_round_1_s"] == 11.0
+    phases = result["breakdown_s"]
+    assert phases["message to the node (SuperLink -> SuperNode)"] == 2.0
+    assert phases["import of client_app.app"] == 3.4  # 7.6 - 2.6 - (0.5 + 1.0 + 0.1)
+    assert phases["server side and polling (training phase minus the slowest node)"] == 2.2
