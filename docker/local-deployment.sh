@@ -124,7 +124,9 @@ for i in $(seq 1 "$NODES"); do
       || { cat "$WORKDIR/logs/register_$i.log" >&2; exit 1; }
     AUTH=(--auth-supernode-private-key "$CREDS/keys/supernode_$i")
   fi
-  start "supernode_$i" flower-supernode "${NODE_SECURITY[@]}" "${AUTH[@]}" \
+  # Its SuperExec looks for the next message every 0.2 s instead of Flower's 1 s (a local call, cheap).
+  start "supernode_$i" env FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}" \
+    flower-supernode "${NODE_SECURITY[@]}" "${AUTH[@]}" \
     --superlink "127.0.0.1:$LINK_PORT" --port "$(free_port)" --isolation subprocess \
     --node-config "$NODE_CONFIG"
 done

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -14,6 +16,22 @@ from flwr.app.message.message import make_message
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Fashion-MNIST in torchvision's layout; CI and developers have it in ../shared/data.
 DATA_ROOT = Path(os.environ.get("FEDDM_DATA_ROOT", REPO_ROOT.parent / "shared" / "data"))
+
+
+def pytest_configure(config) -> None:
+    """Node-local caches (data splits, latents) go to a folder of this test session, not the user's ~/.cache.
+
+    Set in the environment, so that Ray workers and Flower processes started by the tests inherit it.
+    """
+    if "FEDDM_TEST_CACHE" not in os.environ:  # once, in the controller; xdist workers inherit it
+        config.feddm_cache = tempfile.mkdtemp(prefix="feddm-cache-")
+        os.environ["FEDDM_TEST_CACHE"] = os.environ["XDG_CACHE_HOME"] = config.feddm_cache
+
+
+def pytest_unconfigure(config) -> None:
+    if getattr(config, "feddm_cache", None):  # the process that made it, after every worker is done
+        shutil.rmtree(config.feddm_cache, ignore_errors=True)
+
 
 # A UNet of a few thousand parameters and a couple of steps: fast on 2 CPU cores.
 MICRO_MODEL = [
