@@ -50,7 +50,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import markdown_table, write_results  # noqa: E402
 from feddm.processes import processes_mentioning, stop_process_groups  # noqa: E402
 
-TARGET = 1.15
+TARGET = 1.10  # simulation vs the plain loop in steady state (rounds 2..R), #19
+TARGET_WITH_STARTUP = 1.3  # simulation vs the plain loop, whole commands
 FIXED_COST_TARGET_S = 3.0
 DATA_ROOT = REPO.parent / "shared" / "data"
 
@@ -270,41 +271,8 @@ def run_plain(clients: int, steps: int, rounds: int, work: Path) -> dict:
     return {"wall_s": wall_s, **json.loads(result.stdout.strip().splitlines()[-1])}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 clients x 20 steps x 3 rounds")
-    parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=None, help="local steps per round (default 50)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--engines",
-        default="simulation,deployment",
-        help="comma-separated: simulation, deployment (default both)",
-    )
-    parser.add_argument("--results-dir", type=Path, default=None, help="default benchmarks/results")
-    parser.add_argument("--plain-loop", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.plain_loop:
-        plain_loop(json.loads(args.plain_loop))
-        return
-    if args.rounds < 2:
-        parser.error("--rounds must be >= 2 (the first round is reported apart)")
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if not engines or set(engines) - {"simulation", "deployment"}:
-        parser.error(f"--engines takes simulation and/or deployment, got {args.engines!r}")
-    steps = args.steps or (20 if args.quick else 50)
-    clients, rounds = args.clients, args.rounds
-    # Warm the file cache, so neither side pays for the first read of the libraries.
-    subprocess.run([sys.executable, "-c", "import torch, diffusers, flwr, ray, datasets"], check=True)
-    runs = {}
-    with tempfile.TemporaryDirectory(prefix="feddm-overhead-") as tmp:
-        work = Path(tmp)
-        plain = run_plain(clients, steps, rounds, work)
-        if "simulation" in engines:
-            runs["federated"] = run_federated(clients, steps, rounds, work)
-        if "deployment" in engines:
-            runs["deployment"] = run_deployment(clients, steps, rounds, work)
-
+def report(plain: dict, runs: dict, clients: int, steps: int, rounds: int) -> tuple[dict, str, str]:
+    """(results, Markdown table, notes) of the plain loop and the engines' ``runs``."""
     per_step = plain["loop_s"] / plain["steps"]
     steps_per_round = clients * steps
     results = {
@@ -315,6 +283,7 @@ def main() -> None:
         "plain": plain,
         "plain_step_s": per_step,
         "target": TARGET,
+        "target_with_startup": TARGET_WITH_STARTUP,
     }
     rows = [["plain loop (one process)", f"{plain['wall_s']:.1f}", f"{plain['loop_s']:.1f}", "-", "1.00"]]
     notes = [
@@ -352,9 +321,11 @@ def main() -> None:
     if "federated" in runs:
         # Round 1 also holds each simulated client's start-up (imports, data, partition).
         results["target_met"] = results["ratio_without_startup_after_round_1"] <= TARGET
+        results["target_with_startup_met"] = results["ratio_with_startup"] <= TARGET_WITH_STARTUP
         notes.append(
-            f"Target <= {TARGET} without start-up (rounds 2..{rounds}) for the simulation: "
-            f"{'met' if results['target_met'] else 'MISSED'}. Round 1 also holds each simulated client's "
+            f"Targets for the simulation: <= {TARGET} without start-up (rounds 2..{rounds}): "
+            f"{'met' if results['target_met'] else 'MISSED'}; <= {TARGET_WITH_STARTUP} with start-up: "
+            f"{'met' if results['target_with_startup_met'] else 'MISSED'}. Round 1 also holds each simulated client's "
             "start-up in its Ray worker (importing the ClientApp's libraries, loading and partitioning the "
             "data). The app's dependencies were not reinstalled per run "
             "(FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1)."
@@ -378,7 +349,45 @@ def main() -> None:
     table = markdown_table(
         ["what", "wall s (whole command)", "training s", "training s per round", "ratio"], rows
     )
-    notes_text = "\n\n".join(notes)
+    return results, table, "\n\n".join(notes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 clients x 20 steps x 3 rounds")
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="local steps per round (default 50)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--engines",
+        default="simulation,deployment",
+        help="comma-separated: simulation, deployment (default both)",
+    )
+    parser.add_argument("--results-dir", type=Path, default=None, help="default benchmarks/results")
+    parser.add_argument("--plain-loop", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain_loop:
+        plain_loop(json.loads(args.plain_loop))
+        return
+    if args.rounds < 2:
+        parser.error("--rounds must be >= 2 (the first round is reported apart)")
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if not engines or set(engines) - {"simulation", "deployment"}:
+        parser.error(f"--engines takes simulation and/or deployment, got {args.engines!r}")
+    steps = args.steps or (20 if args.quick else 50)
+    clients, rounds = args.clients, args.rounds
+    # Warm the file cache, so neither side pays for the first read of the libraries.
+    subprocess.run([sys.executable, "-c", "import torch, diffusers, flwr, ray, datasets"], check=True)
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="feddm-overhead-") as tmp:
+        work = Path(tmp)
+        plain = run_plain(clients, steps, rounds, work)
+        if "simulation" in engines:
+            runs["federated"] = run_federated(clients, steps, rounds, work)
+        if "deployment" in engines:
+            runs["deployment"] = run_deployment(clients, steps, rounds, work)
+
+    results, table, notes_text = report(plain, runs, clients, steps, rounds)
     print(write_results("flower_overhead", results, table, notes_text, folder=args.results_dir))
     print(table)
     print(notes_text)

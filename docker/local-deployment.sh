@@ -115,6 +115,8 @@ address = "127.0.0.1:$LINK_PORT"
 $CONNECTION_SECURITY
 EOF
 
+CORES=$(python -c 'import os; print(len(os.sched_getaffinity(0)))')
+THREADS_PER_NODE=${OMP_NUM_THREADS:-$(( CORES / NODES > 0 ? CORES / NODES : 1 ))}
 for i in $(seq 1 "$NODES"); do
   NODE_CONFIG="partition-id=$((i - 1)) num-partitions=$NODES device='$DEVICE'"
   [ -n "$DATA_ROOT" ] && NODE_CONFIG="$NODE_CONFIG data-root='$(cd "$DATA_ROOT" && pwd)'"
@@ -125,7 +127,10 @@ for i in $(seq 1 "$NODES"); do
     AUTH=(--auth-supernode-private-key "$CREDS/keys/supernode_$i")
   fi
   # Its SuperExec looks for the next message every 0.2 s instead of Flower's 1 s (a local call, cheap).
+  # The nodes share this machine's cores: each ClientApp gets its share of torch threads, since N
+  # processes that each spin one thread per core slow each other down many times over.
   start "supernode_$i" env FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}" \
+    OMP_NUM_THREADS="$THREADS_PER_NODE" \
     flower-supernode "${NODE_SECURITY[@]}" "${AUTH[@]}" \
     --superlink "127.0.0.1:$LINK_PORT" --port "$(free_port)" --isolation subprocess \
     --node-config "$NODE_CONFIG"
