@@ -27,6 +27,7 @@ Targets (#19), on a GPU: feddm >= 0.95x plain at the same precision, and bf16
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -112,10 +113,7 @@ def variants(
     fp32 = Precision("fp32", device.type)
 
     def feddm(precision: Precision, compiled: bool) -> Callable[[int], None]:
-        unet = build_unet(OmegaConf.to_container(cfg.model.unet), image_size=size, channels=channels).to(
-            device
-        )
-        unet.load_state_dict(unet0.state_dict())
+        unet = copy.deepcopy(unet0).to(device)  # every variant starts from the same weights
 
         settings = {  # made before the timing: a client receives them in its message
             steps: read_settings(
@@ -134,10 +132,7 @@ def variants(
         return run
 
     def plain(precision: Precision, channels_last: bool = False) -> Callable[[int], None]:
-        unet = build_unet(OmegaConf.to_container(cfg.model.unet), image_size=size, channels=channels).to(
-            device
-        )
-        unet.load_state_dict(unet0.state_dict())
+        unet = copy.deepcopy(unet0).to(device)  # every variant starts from the same weights
 
         def run(steps: int) -> None:
             plain_diffusers_loop(
