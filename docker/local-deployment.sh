@@ -5,9 +5,11 @@
 #   docker/local-deployment.sh [--nodes N] [--insecure] [--device auto|cpu|cuda]
 #                              [--data-root DIR] [--workdir DIR] [-- HYDRA_OVERRIDES...]
 #
-# It creates credentials (docker/generate_credentials.py), starts the SuperLink,
-# registers every SuperNode's public key, starts the SuperNodes (node config:
-# partition-id, num-partitions, data-root, device), submits the run with
+# It creates credentials (docker/generate_credentials.py), starts the SuperLink
+# (all its APIs on 127.0.0.1) and the Fleet gateway (feddm-fleet-gateway: the only
+# port SuperNodes use; it refuses the Control API), registers every SuperNode's
+# public key, starts the SuperNodes (node config: partition-id, num-partitions,
+# data-root, device) against the gateway, submits the run with
 # `feddm-run superlink=feddm-local`, waits for it and prints the run folder.
 # Every process it started is stopped on exit, failure or Ctrl-C (SIGTERM, then
 # SIGKILL after STOP_GRACE_S seconds). Needs the project installed (pip install -e .).
@@ -22,7 +24,7 @@ OVERRIDES=()
 STOP_GRACE_S=${STOP_GRACE_S:-10}
 READY_TIMEOUT_S=${READY_TIMEOUT_S:-90}
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -76,11 +78,12 @@ start() {
   PIDS+=($!)
 }
 
+# Wait until the process started last (NAME, logging to logs/NAME.log) listens on PORT.
 wait_for_port() {
-  local port="$1" deadline=$((SECONDS + READY_TIMEOUT_S))
+  local name="$1" port="$2" pid="${PIDS[${#PIDS[@]}-1]}" deadline=$((SECONDS + READY_TIMEOUT_S))
   until python -c "import socket, sys; sys.exit(socket.socket().connect_ex(('127.0.0.1', $port)))" 2>/dev/null; do
-    [ $SECONDS -lt $deadline ] || { echo "SuperLink did not listen on $port within ${READY_TIMEOUT_S}s; see $WORKDIR/logs/superlink.log" >&2; exit 1; }
-    kill -0 "${PIDS[0]}" 2>/dev/null || { echo "SuperLink exited; see $WORKDIR/logs/superlink.log" >&2; tail -20 "$WORKDIR/logs/superlink.log" >&2; exit 1; }
+    [ $SECONDS -lt $deadline ] || { echo "$name did not listen on $port within ${READY_TIMEOUT_S}s; see $WORKDIR/logs/$name.log" >&2; exit 1; }
+    kill -0 "$pid" 2>/dev/null || { echo "$name exited; see $WORKDIR/logs/$name.log" >&2; tail -20 "$WORKDIR/logs/$name.log" >&2; exit 1; }
     sleep 0.5
   done
 }
@@ -90,12 +93,15 @@ CREDS="$WORKDIR/credentials"
 if [ "$INSECURE" -eq 1 ]; then
   echo "WARNING: --insecure: no TLS and no SuperNode authentication" >&2
   LINK_SECURITY=(--insecure)
+  GATEWAY_SECURITY=(--insecure)
   NODE_SECURITY=(--insecure)
   CONNECTION_SECURITY='insecure = true'
 else
   python "$REPO/docker/generate_credentials.py" --out "$CREDS" --nodes "$NODES" >/dev/null
   LINK_SECURITY=(--ssl-ca-certfile "$CREDS/certificates/ca.crt" --ssl-certfile "$CREDS/certificates/server.pem"
                  --ssl-keyfile "$CREDS/certificates/server.key" --enable-supernode-auth)
+  GATEWAY_SECURITY=(--ssl-ca-certfile "$CREDS/certificates/ca.crt" --ssl-certfile "$CREDS/certificates/server.pem"
+                    --ssl-keyfile "$CREDS/certificates/server.key")
   NODE_SECURITY=(--root-certificates "$CREDS/certificates/ca.crt")
   CONNECTION_SECURITY="root-certificates = \"$CREDS/certificates/ca.crt\""
 fi
@@ -104,7 +110,13 @@ fi
 start superlink flower-superlink "${LINK_SECURITY[@]}" --isolation subprocess \
   --disable-runtime-dependency-installation --host 127.0.0.1 --port "$LINK_PORT" \
   --database "$WORKDIR/superlink.db"
-wait_for_port "$LINK_PORT"
+wait_for_port superlink "$LINK_PORT"
+# SuperNodes reach the SuperLink only through the gateway, which forwards the Fleet API and
+# refuses the Control and Runtime APIs (on a real SuperLink host: --listen 0.0.0.0:PORT).
+FLEET_PORT=$(free_port)
+start fleet_gateway feddm-fleet-gateway "${GATEWAY_SECURITY[@]}" \
+  --listen "127.0.0.1:$FLEET_PORT" --superlink "127.0.0.1:$LINK_PORT"
+wait_for_port fleet_gateway "$FLEET_PORT"
 
 cat >"$FLWR_HOME/config.toml" <<EOF
 [superlink]
@@ -132,10 +144,10 @@ for i in $(seq 1 "$NODES"); do
   start "supernode_$i" env FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}" \
     OMP_NUM_THREADS="$THREADS_PER_NODE" \
     flower-supernode "${NODE_SECURITY[@]}" "${AUTH[@]}" \
-    --superlink "127.0.0.1:$LINK_PORT" --port "$(free_port)" --isolation subprocess \
+    --superlink "127.0.0.1:$FLEET_PORT" --port "$(free_port)" --isolation subprocess \
     --node-config "$NODE_CONFIG"
 done
-echo "SuperLink on 127.0.0.1:$LINK_PORT, $NODES SuperNodes; logs in $WORKDIR/logs" >&2
+echo "SuperLink on 127.0.0.1:$LINK_PORT (Control API), Fleet gateway on 127.0.0.1:$FLEET_PORT, $NODES SuperNodes; logs in $WORKDIR/logs" >&2
 
 feddm-run superlink=feddm-local num_clients="$NODES" "${OVERRIDES[@]}" 2>&1 | tee "$WORKDIR/logs/run.log"
 RUN_DIR=$(sed -n 's/^FedDM run folder: //p' "$WORKDIR/logs/run.log" | tail -1)
