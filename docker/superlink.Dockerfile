@@ -4,7 +4,7 @@
 FROM flwr/superlink:1.42.0
 
 WORKDIR /app
-COPY --chown=app:app pyproject.toml README.md ./
+COPY --chown=app:app pyproject.toml README.md constraints.txt ./
 COPY --chown=app:app models ./models
 COPY --chown=app:app client_app ./client_app
 COPY --chown=app:app server_app ./server_app
@@ -13,7 +13,7 @@ COPY --chown=app:app conf ./conf
 COPY --chown=app:app feddm ./feddm
 # The image already has flwr; keep it, install the rest (torch and friends).
 RUN sed -i 's/.*flwr\[simulation\].*//' pyproject.toml \
-    && python -m pip install --no-cache-dir . \
+    && python -m pip install --no-cache-dir -c constraints.txt . \
     && mkdir -p /app/state /app/outputs
 
 ENTRYPOINT ["flower-superlink"]

@@ -5,7 +5,7 @@
 FROM flwr/supernode:1.42.0
 
 WORKDIR /app
-COPY --chown=app:app pyproject.toml README.md ./
+COPY --chown=app:app pyproject.toml README.md constraints.txt ./
 COPY --chown=app:app models ./models
 COPY --chown=app:app client_app ./client_app
 COPY --chown=app:app server_app ./server_app
@@ -14,6 +14,6 @@ COPY --chown=app:app conf ./conf
 COPY --chown=app:app feddm ./feddm
 # PyPI's Linux torch wheels are CUDA builds; the NVIDIA container runtime supplies the driver.
 RUN sed -i 's/.*flwr\[simulation\].*//' pyproject.toml \
-    && python -m pip install --no-cache-dir .
+    && python -m pip install --no-cache-dir -c constraints.txt .
 
 ENTRYPOINT ["flower-supernode"]
