@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(f"{scheme}://{link_host}:{link_port}", verify=verify)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per forwarded request
-    log.info("serving the Fleet API on %s:%d, forwarded to %s://%s:%d", host, port, scheme, link_host, link_port)
+    log.info(
+        "serving the Fleet API on %s:%d, forwarded to %s://%s:%d", host, port, scheme, link_host, link_port
+    )
     uvicorn.run(
         app,
         host=host,

@@ -42,7 +42,9 @@ def _call(seen, method: str, path: str, **kwargs) -> httpx.Response:
     gateway = create_app("http://superlink.test", transport=upstream)
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gw") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=gateway), base_url="http://gw"
+        ) as client:
             return await client.request(method, path, **kwargs)
 
     return asyncio.run(go())
@@ -72,7 +74,9 @@ def test_an_unreachable_superlink_is_a_502_naming_it():
     gateway = create_app("http://127.0.0.1:9", transport=httpx.AsyncHTTPTransport(retries=0))
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gw") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=gateway), base_url="http://gw"
+        ) as client:
             return await client.post("/v1/fleet/pull-messages", content=b"")
 
     reply = asyncio.run(go())
@@ -118,7 +122,9 @@ def _stop(processes: list[subprocess.Popen]) -> None:
 def test_flwr_cli_through_the_gateway_is_refused_and_direct_works(tmp_path):
     """Real processes on 127.0.0.1: Flower's own CLI, its SuperLink, the gateway."""
     bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "home"), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    env = dict(
+        os.environ, FLWR_HOME=str(tmp_path / "home"), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    )
     link, gate = _free_port(), _free_port()
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "config.toml").write_text(
@@ -128,7 +134,9 @@ def test_flwr_cli_through_the_gateway_is_refused_and_direct_works(tmp_path):
     started = []
 
     def start(*cmd):
-        started.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stderr=subprocess.DEVNULL))
+        started.append(
+            subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stderr=subprocess.DEVNULL)
+        )
         return started[-1]
 
     try:
@@ -136,7 +144,9 @@ def test_flwr_cli_through_the_gateway_is_refused_and_direct_works(tmp_path):
         gateway_cmd = ("feddm-fleet-gateway", "--insecure", "--listen", f"127.0.0.1:{gate}")
         _wait_for(gate, start(*gateway_cmd, "--superlink", f"127.0.0.1:{link}"))
         direct = subprocess.run(["flwr", "ls", "direct"], env=env, capture_output=True, text=True, timeout=60)
-        through = subprocess.run(["flwr", "ls", "gateway"], env=env, capture_output=True, text=True, timeout=60)
+        through = subprocess.run(
+            ["flwr", "ls", "gateway"], env=env, capture_output=True, text=True, timeout=60
+        )
     finally:
         _stop(started)
     assert direct.returncode == 0, direct.stdout + direct.stderr

@@ -37,7 +37,9 @@ def test_flwr_is_bounded_below_its_next_minor_release():
     (flwr,) = [r for r in _requirements() if r.name == "flwr"]
     upper = [s for s in flwr.specifier if s.operator == "<"]
     assert upper, f"{flwr} has no upper bound"
-    lowest = Version(min((s for s in flwr.specifier if s.operator == ">="), key=lambda s: Version(s.version)).version)
+    lowest = Version(
+        min((s for s in flwr.specifier if s.operator == ">="), key=lambda s: Version(s.version)).version
+    )
     assert Version(upper[0].version) <= Version(f"{lowest.major}.{lowest.minor + 1}")
 
 
@@ -46,7 +48,9 @@ def test_every_requirement_is_pinned_within_its_range():
     for requirement in _requirements():
         name = _normalise(requirement.name)
         assert name in pins, f"{requirement.name} is not in constraints.txt: regenerate it (see its header)"
-        assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} vs {requirement}"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"{name}=={pins[name]} vs {requirement}"
+        )
 
 
 def test_this_environment_is_the_pinned_one_for_the_core_packages():
