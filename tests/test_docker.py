@@ -282,3 +282,63 @@ def test_owner_uid_without_root_fails_clearly_and_writes_nothing(tmp_path, monke
     with pytest.raises(SystemExit, match="needs root.*sudo"):
         module.main()
     assert not (tmp_path / "out").exists()
+
+
+def _mount(volume) -> tuple[str, str, bool]:
+    """(source, target, read-only) of a compose volume, short ("src:dst:ro") or long syntax."""
+    if isinstance(volume, dict):
+        return str(volume.get("source", "")), volume["target"], bool(volume.get("read_only"))
+    match = re.fullmatch(r"(\$\{[^}]*\}|[^:]+):([^:]+)(?::([\w,]+))?", volume)
+    assert match, f"unparsed volume {volume!r}"
+    source, target, options = match.groups()
+    return source, target, "ro" in (options or "").split(",")
+
+
+def _credential_mounts(service: dict) -> dict[str, str]:
+    """{file under docker/credentials: its path in the container} of a service; all read-only."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target, read_only = _mount(volume)
+        if "credentials" in source or "ca.key" in source:
+            assert read_only, f"credential volume {volume!r} is not read-only"
+            mounts[source.removeprefix("./credentials/").rstrip("/")] = target
+    return mounts
+
+
+def test_compose_mounts_each_container_only_its_own_credentials():
+    services = _compose()["services"]
+    for name, service in services.items():
+        for source in _credential_mounts(service):
+            # Files only: a folder would carry ca.key or the other SuperNodes' keys.
+            assert "ca.key" not in source and source in {
+                "certificates/ca.crt",
+                "certificates/server.pem",
+                "certificates/server.key",
+            } | {f"keys/supernode_{i}" for i in range(1, len(services) + 1)}, (name, source)
+    link = _credential_mounts(services["superlink"])
+    assert set(link) == {"certificates/ca.crt", "certificates/server.pem", "certificates/server.key"}
+    command = services["superlink"]["command"]
+    for flag, source in [
+        ("--ssl-ca-certfile", "certificates/ca.crt"),
+        ("--ssl-certfile", "certificates/server.pem"),
+        ("--ssl-keyfile", "certificates/server.key"),
+    ]:
+        assert f"{flag}={link[source]}" in command
+    for name, service in services.items():
+        index = re.fullmatch(r"supernode-(\d+)", name)
+        if index:
+            key = f"keys/supernode_{index.group(1)}"
+            node = _credential_mounts(service)
+            assert set(node) == {"certificates/ca.crt", key}, name
+            assert f"--auth-supernode-private-key={node[key]}" in service["command"]
+            assert f"--root-certificates={node['certificates/ca.crt']}" in service["command"]
+
+
+def test_compose_and_readme_give_the_credentials_to_flowers_uid():
+    header = (DOCKER / "compose.yaml").read_text().split("\nname:")[0]
+    readme = (REPO_ROOT / "README.md").read_text()
+    deploy = readme[readme.index("## Deploy on GPU nodes") :]
+    deploy = deploy[: deploy.index("\n## ", 1)]
+    for text in (header, deploy):
+        assert f"--owner-uid {FLOWER_UID}" in text and f"chown {FLOWER_UID}:{FLOWER_UID}" in text
+        assert "ca.key" in text
