@@ -254,7 +254,7 @@ def test_one_existing_file_stops_the_run_before_it_writes(tmp_path):
     (tmp_path / "keys" / "supernode_2").write_bytes(b"a key in use")
     refused = _generate(tmp_path, check=False)
     assert refused.returncode != 0 and "supernode_2" in refused.stderr
-    assert _snapshot(tmp_path) == {"keys/supernode_2": (b"a key in use", 0o644 & ~_umask())}
+    assert _snapshot(tmp_path) == {"keys/supernode_2": (b"a key in use", 0o666 & ~_umask())}
 
 
 def _umask() -> int:
