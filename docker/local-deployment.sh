@@ -97,7 +97,9 @@ if [ "$INSECURE" -eq 1 ]; then
   NODE_SECURITY=(--insecure)
   CONNECTION_SECURITY='insecure = true'
 else
-  python "$REPO/docker/generate_credentials.py" --out "$CREDS" --nodes "$NODES" >/dev/null
+  # The launcher's credentials live and die with its run (a reused --workdir gets new ones, as its
+  # SuperNodes are registered anew): --force, where an operator's credentials are kept by default.
+  python "$REPO/docker/generate_credentials.py" --out "$CREDS" --nodes "$NODES" --force >/dev/null
   LINK_SECURITY=(--ssl-ca-certfile "$CREDS/certificates/ca.crt" --ssl-certfile "$CREDS/certificates/server.pem"
                  --ssl-keyfile "$CREDS/certificates/server.key" --enable-supernode-auth)
   GATEWAY_SECURITY=(--ssl-ca-certfile "$CREDS/certificates/ca.crt" --ssl-certfile "$CREDS/certificates/server.pem"
