@@ -342,3 +342,25 @@ def test_compose_and_readme_give_the_credentials_to_flowers_uid():
     for text in (header, deploy):
         assert f"--owner-uid {FLOWER_UID}" in text and f"chown {FLOWER_UID}:{FLOWER_UID}" in text
         assert "ca.key" in text
+
+
+def _published(service: dict) -> list[str]:
+    return [str(p) for p in service.get("ports", [])]
+
+
+def test_compose_publishes_the_control_api_on_loopback_and_only_the_fleet_gateway_outside():
+    services = _compose()["services"]
+    (link_port,) = _published(services["superlink"])
+    assert link_port.startswith("${CONTROL_API_BIND:-127.0.0.1}:"), link_port  # loopback unless overridden
+    gateway = services["fleet-gateway"]
+    assert _published(gateway) == ["9092:9092"] and "feddm-fleet-gateway" in gateway["entrypoint"]
+    assert "--superlink=superlink:9093" in gateway["command"]
+    networks = _compose()["networks"]
+    assert networks["link"]["internal"] is True
+    for name, service in services.items():
+        if name.startswith("supernode"):
+            assert not _published(service), name
+            assert "--superlink=fleet-gateway:9092" in service["command"], name
+            # No network in common with the SuperLink: the gateway is their only way in.
+            assert not set(service["networks"]) & set(services["superlink"]["networks"]), name
+    assert "--hostname fleet-gateway" in (DOCKER / "compose.yaml").read_text()  # its certificate's name
