@@ -555,8 +555,15 @@ def state_cost_overrides(
 
 
 def client_state_files(state_dir: Path) -> list[Path]:
-    """The state files clients left: ``STATE_DIR/run-RUN_ID/partition-PID.safetensors``."""
-    return sorted(state_dir.glob("run-*/partition-*.safetensors"))
+    """Each client's newest state file: ``STATE_DIR/run-KEY/partition-PID/round-R.safetensors``."""
+    from client_app.state import round_files
+
+    newest = []
+    for folder in sorted(state_dir.glob("run-*/partition-*")):
+        files = round_files(folder)
+        if files:
+            newest.append(files[max(files)])
+    return newest
 
 
 def describe_state_files(paths: list[Path]) -> dict[str, Any]:

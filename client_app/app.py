@@ -31,7 +31,7 @@ from client_app.partial import (
     shared_names,
     wants_partial,
 )
-from client_app.state import client_state
+from client_app.state import StateRound, client_state
 from client_app.task import (
     ClientSettings,
     build_model,
@@ -105,9 +105,20 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 @app.train(mods=[secagg_mod, dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's data."""
-    settings = read_settings(msg.content["config"])
-    with client_state(context, settings.client_state, settings.client_state_dir, save=True) as state:
+    config = msg.content["config"]
+    settings = read_settings(config)
+    at = _state_round(config)
+    with client_state(context, settings.client_state, settings.client_state_dir, at, save=True) as state:
         return _train(msg, context, settings, state)
+
+
+def _state_round(config: ConfigRecord) -> StateRound:
+    """Where this message sits in the run, for state kept on disk (``client_app.state``)."""
+    return StateRound(
+        server_round=int(config.get("server-round", 0)),
+        run_key=str(config.get("run-key", "")),
+        checkpointed=int(config.get("checkpointed-round", 0)),
+    )
 
 
 def _train(msg: Message, context: Context, settings: ClientSettings, state: RecordDict) -> Message:
@@ -178,7 +189,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """
     config = msg.content["config"]
     settings = read_settings(config)
-    with client_state(context, settings.client_state, settings.client_state_dir, save=False) as state:
+    at = _state_round(config)
+    with client_state(context, settings.client_state, settings.client_state_dir, at, save=False) as state:
         return _evaluate(msg, context, settings, state)
 
 

@@ -50,6 +50,11 @@ def assemble(
     received = record.to_torch_state_dict()
     missing = [n for n in model_state if n not in received]
     if not missing:  # the whole model: first contact, USplit, or nothing local
+        if LOCAL_KEY in state and set(state[LOCAL_KEY]) <= set(received):
+            # A server that does not know this node holds local parts (a resumed simulation,
+            # whose nodes are new to it): the client's own parts, kept on disk, go on.
+            local = state[LOCAL_KEY].to_torch_state_dict()
+            return {n: local.get(n, received[n]) for n in model_state}
         return received
     if LOCAL_KEY not in state:
         raise MissingLocalPartsError(

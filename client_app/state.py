@@ -5,10 +5,19 @@ local parts and the client's own EMA, the ``int8_delta`` downlink's view) is one
 more. Flower keeps it in ``Context.state``, in memory, for every client a
 process serves: with 1000 simulated clients of the fashion_mnist UNet, about
 27 MB each, that is 27 GB. With ``client_state=disk`` each client's state lives
-in a safetensors file, loaded when the client is sampled and written back after
-it trained:
+in safetensors files, one per round it trained in, loaded when the client is
+sampled and written after it trained:
 
-    <dir>/run-<Flower run id>/partition-<partition id>.safetensors
+    <dir>/run-<run key>/partition-<partition id>/round-<server round>.safetensors
+
+The run key is the server's (``run-key``: the run folder's, the same after a
+resume; else the Flower run id). A message of round R reads the newest file of a
+round before R (evaluation: up to R), so a resumed run, which replays the rounds
+after its checkpoint, finds the state each client had at that checkpoint, and a
+restarted SuperNode finds its clients' state. Files of rounds from R on that a
+training message finds are left from an interrupted attempt and removed. After
+writing, a client removes the files older than the newest one of a round the
+server has checkpointed (``checkpointed-round``): a client keeps one or two files.
 
 ``<dir>`` is the node config's ``client-state-dir``, else the server's
 ``client_state_dir`` (in simulation, by default, the run folder's
@@ -25,6 +34,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,31 +72,72 @@ def default_state_dir() -> str:
     return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "feddm" / "client_state")
 
 
-def state_file(context: Context, configured_dir: str) -> Path:
-    """The file of this client's state in this run (see the module docstring for the folder)."""
+def state_folder(context: Context, configured_dir: str, run_key: str = "") -> Path:
+    """The folder of this client's state files in this run (see the module docstring)."""
     folder = str(context.node_config.get("client-state-dir", "")) or configured_dir or default_state_dir()
     partition = int(context.node_config["partition-id"])
-    return Path(folder).expanduser() / f"run-{context.run_id}" / f"partition-{partition}.safetensors"
+    return Path(folder).expanduser() / f"run-{run_key or context.run_id}" / f"partition-{partition}"
+
+
+def round_files(folder: Path) -> dict[int, Path]:
+    """The state files in ``folder``, by the server round that wrote them."""
+    files = {}
+    for path in folder.glob("round-*.safetensors"):
+        number = path.stem.removeprefix("round-")
+        if number.isdigit():
+            files[int(number)] = path
+    return files
+
+
+@dataclass(frozen=True)
+class StateRound:
+    """Where a message sits in the run, for the client's state files (module docstring).
+
+    ``server_round``: the message's round; ``run_key``: the server's name for the run
+    (empty: the Flower run id); ``checkpointed``: the last round the server checkpointed.
+    """
+
+    server_round: int
+    run_key: str = ""
+    checkpointed: int = 0
 
 
 @contextlib.contextmanager
-def client_state(context: Context, where: str, configured_dir: str, *, save: bool) -> Iterator[RecordDict]:
+def client_state(
+    context: Context, where: str, configured_dir: str, at: StateRound, *, save: bool
+) -> Iterator[RecordDict]:
     """The state to use while answering one message.
 
-    ``where="memory"``: ``Context.state`` itself. ``"disk"``: the client's file
+    ``where="memory"``: ``Context.state`` itself. ``"disk"``: the newest file of a
+    round before ``at.server_round`` (with ``save=False``, evaluation: up to it),
     loaded into a fresh ``RecordDict`` and, if ``save`` and the block ends without
-    an exception, written back (a failed training leaves the last good state).
+    an exception, written as this round's file (a failed training leaves the last
+    good state).
     """
     if where == "memory":
         yield context.state
         return
     if where != "disk":
         raise ValueError(f"client-state={where!r} is unknown; choose one of {CLIENT_STATES}")
-    path = state_file(context, configured_dir)
-    state = load_state(path)
+    folder = state_folder(context, configured_dir, at.run_key)
+    files = round_files(folder)
+    if save:  # training: files of this round and later are an interrupted attempt's
+        for number in [n for n in files if n >= at.server_round]:
+            files.pop(number).unlink(missing_ok=True)
+    usable = [n for n in files if n < at.server_round or (not save and n == at.server_round)]
+    state = load_state(files[max(usable)]) if usable else RecordDict()
     yield state
     if save:
-        save_state(state, path)
+        save_state(state, folder / f"round-{at.server_round}.safetensors", keep_empty=True)
+        _forget_before_checkpoint(round_files(folder), at.checkpointed)
+
+
+def _forget_before_checkpoint(files: dict[int, Path], checkpointed: int) -> None:
+    """Remove the files older than the newest one of a checkpointed round (a resume needs no older)."""
+    checkpointed_files = [n for n in files if n <= checkpointed]
+    if checkpointed_files:
+        for number in [n for n in files if n < max(checkpointed_files)]:
+            files[number].unlink(missing_ok=True)
 
 
 def load_state(path: Path) -> RecordDict:
@@ -119,8 +170,12 @@ def load_state(path: Path) -> RecordDict:
     return state
 
 
-def save_state(state: RecordDict, path: Path) -> None:
-    """Write the FedDM records of ``state`` to ``path`` atomically (no records: remove the file)."""
+def save_state(state: RecordDict, path: Path, keep_empty: bool = False) -> None:
+    """Write the FedDM records of ``state`` to ``path`` atomically.
+
+    No records: remove the file, or with ``keep_empty`` write a file without tensors
+    (a round's file that says "nothing kept", so that no older file is read instead).
+    """
     tensors: dict[str, np.ndarray] = {}
     configs: dict[str, dict[str, Any]] = {}
     order: dict[str, list[str]] = {}
@@ -133,7 +188,7 @@ def save_state(state: RecordDict, path: Path) -> None:
                 tensors[f"{record}{_SEPARATOR}{name}"] = np.ascontiguousarray(array.numpy())
         else:
             configs[record] = dict(state.config_records[record])
-    if not tensors and not configs:
+    if not tensors and not configs and not keep_empty:
         path.unlink(missing_ok=True)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,9 +205,11 @@ def save_state(state: RecordDict, path: Path) -> None:
 __all__ = [
     "FEDDM_KEYS",
     "ClientStateError",
+    "StateRound",
     "client_state",
     "default_state_dir",
     "load_state",
+    "round_files",
     "save_state",
-    "state_file",
+    "state_folder",
 ]

@@ -268,15 +268,25 @@ def in_simulation(grid: Grid) -> bool:
     return type(grid).__name__ == "InMemoryGrid"
 
 
+CHECKPOINTED_ROUND = "checkpointed-round"  # sent with client_state=disk (client_app.state)
+
+
 def place_client_state(grid: Grid, run: Run) -> None:
     """``client_state=disk`` with no folder set: in simulation, the run folder's ``client_state/``.
 
     Simulated clients share this machine's disk, so their state sits beside the
     run's other files (and is removed when the run finishes). On SuperNodes each
-    node chooses its own folder (``client_state.default_state_dir``).
+    node chooses its own folder (``client_state.default_state_dir``). Clients name
+    their files by the run folder's key, which a resumed run keeps, and keep those
+    of the last checkpointed round (``client_app.state``), so a resume or a
+    restarted SuperNode continues with the state each client had.
     """
     cfg = run.cfg
-    if cfg.client_state == "disk" and cfg.client_state_dir is None and in_simulation(grid):
+    if cfg.client_state != "disk":
+        return
+    run.settings["run-key"] = run.folder.run_key()
+    run.settings[CHECKPOINTED_ROUND] = run.done_rounds
+    if cfg.client_state_dir is None and in_simulation(grid):
         run.settings["client-state-dir"] = str(run.folder.client_state)
         log(INFO, "FedDM: clients keep their state between rounds in %s", run.folder.client_state)
 
@@ -434,6 +444,8 @@ class RoundRecorder:
         ):
             state = run.strategy.state_dict()
             save_checkpoint(run.folder.path, run.model.checkpoint(server_round, cfg.strategy.name, state))
+            if CHECKPOINTED_ROUND in run.settings:  # the next round's clients may forget older state
+                run.settings[CHECKPOINTED_ROUND] = server_round
         return None
 
     def evaluate(self, server_round: int) -> dict:

@@ -9,6 +9,7 @@ Layout::
       checkpoint.safetensors   the last checkpoint (weights, EMA, round, RNG states)
       model/             diffusers DDPMPipeline (save_pretrained)
       client_state/      simulated clients' state files while the run lasts (client_state=disk)
+      run-key            the run's name for clients' state files (client_state=disk; kept on resume)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,16 @@ class RunFolder:
         rows = [r for r in self.read_metrics() if r["round"] <= last_round]
         self._write_atomic(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         return rows
+
+    def run_key(self) -> str:
+        """This run's name for clients' state files: made once, kept by a resumed run (``run-key``)."""
+        key_file = self.path / "run-key"
+        if not key_file.exists():
+            self._write_atomic(key_file, uuid.uuid4().hex + "\n")
+        key = key_file.read_text(encoding="utf-8").strip()
+        if not key.isalnum():
+            raise ValueError(f"{key_file} holds {key!r}, not a run key (letters and digits)")
+        return key
 
     def remove_client_state(self) -> None:
         """Delete the simulated clients' state files (a finished run does not need them)."""

@@ -37,6 +37,13 @@ class Layer:
         """Why privacy ``mode`` (dp_server, dp_client, secagg) cannot work with this layer; None if it can."""
         return None
 
+    def state_dict(self) -> dict:
+        """What must survive a resume (JSON values or tensors; keys unique across layers)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`."""
+
 
 class Encoding(Layer):
     """Full weights both ways; the new global model is the aggregator's result itself."""

@@ -31,13 +31,6 @@ class Extra(Layer):
     def observe(self, server_round: int, row: dict) -> None:
         """The round's finished metrics row."""
 
-    def state_dict(self) -> dict:
-        """What must survive a resume (JSON values or tensors; keys unique across layers)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict`."""
-
 
 class ProximalTerm(Extra):
     """FedProx's client side (Li et al. 2020): clients add (mu/2)·‖w − w_global‖² to the loss.

@@ -51,6 +51,7 @@ from strategies.sparse import TOPK_KEYS, topk_names
 
 PARTIAL_PRESETS = (*PRESETS, "custom")
 SAMPLES_KEY = "samples"  # ArrayRecord of client-generated images in evaluate replies
+INITIALIZED_NODES = "partial.initialized_nodes"  # checkpoint key: nodes that hold local parts
 
 
 class PartialParts(Encoding):
@@ -213,6 +214,14 @@ class PartialParts(Encoding):
                 )
             addressed.append(message)
         return addressed
+
+    def state_dict(self) -> dict:
+        """The nodes that hold local parts: after a resume they get the shared parts only, as before."""
+        return {INITIALIZED_NODES: sorted(self._initialized)} if self._initialized else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`."""
+        self._initialized = {int(node) for node in state.get(INITIALIZED_NODES, [])}
 
     def decode(self, message: Message, global_arrays: ArrayRecord) -> ArrayRecord:
         """Validate the reply: whole shared parts only, as weights (or int8 or top-k update codes)."""

@@ -204,16 +204,16 @@ class FedDMStrategy:
         safetensors and the rest as JSON metadata; nothing is pickled.
         """
         state: dict[str, Any] = {"rounds_done": self._round, **optimizer_state(self)}
-        for extra in self.extras:
-            state.update(extra.state_dict())
+        for layer in [self.encoding, *self.extras]:
+            state.update(layer.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`: Flower counts rounds from 1 again, clients and logs see the true round."""
         self.round_offset = int(state.get("rounds_done", 0))
         load_optimizer_state(self, state)
-        for extra in self.extras:
-            extra.load_state_dict(state)
+        for layer in [self.encoding, *self.extras]:
+            layer.load_state_dict(state)
 
     # -- the round loop ----------------------------------------------------------
     def start(self, *, grid: Grid, timeout: float = 3600, **kwargs: Any) -> Any:

@@ -172,15 +172,19 @@ def test_every_scale_run_is_a_valid_config(strategy, tmp_path):
 def test_state_files_are_found_and_measured(tmp_path):
     from safetensors.numpy import save_file
 
-    folder = tmp_path / "run-123"
-    folder.mkdir()
+    first, second = tmp_path / "run-123" / "partition-0", tmp_path / "run-123" / "partition-1"
+    first.mkdir(parents=True), second.mkdir()
+    save_file({"a": np.zeros(1, np.float32)}, first / "round-1.safetensors")  # older: not counted
     save_file(
-        {"a": np.zeros((4, 8), np.float32), "b": np.zeros(3, np.float32)}, folder / "partition-0.safetensors"
+        {"a": np.zeros((4, 8), np.float32), "b": np.zeros(3, np.float32)}, first / "round-2.safetensors"
     )
-    save_file({"a": np.zeros((4, 8), np.float32)}, folder / "partition-1.safetensors")
+    save_file({"a": np.zeros((4, 8), np.float32)}, second / "round-1.safetensors")
     (tmp_path / "run-123" / "other.txt").write_text("not state")
     paths = scale.client_state_files(tmp_path)
-    assert [p.name for p in paths] == ["partition-0.safetensors", "partition-1.safetensors"]
+    assert [(p.parent.name, p.name) for p in paths] == [
+        ("partition-0", "round-2.safetensors"),
+        ("partition-1", "round-1.safetensors"),
+    ]
     cost = scale.describe_state_files(paths)
     assert cost["clients_with_state"] == 2 and cost["mean_tensors"] == 1.5 and cost["mean_values"] == 33.5
     assert cost["mean_bytes"] == sum(p.stat().st_size for p in paths) / 2

@@ -9,7 +9,15 @@ from safetensors.numpy import load_file
 
 from client_app.downlink import VIEW_KEY
 from client_app.partial import EMA_KEY, EMA_STEP_KEY, LOCAL_KEY
-from client_app.state import ClientStateError, client_state, load_state, save_state, state_file
+from client_app.state import (
+    ClientStateError,
+    StateRound,
+    client_state,
+    load_state,
+    round_files,
+    save_state,
+    state_folder,
+)
 from client_app.updates import RESIDUAL_KEY
 from server_app.config import compose_config, validate_config
 from tests.test_sampling import _grid, _rows, _sampled_run
@@ -88,31 +96,76 @@ def test_a_damaged_or_foreign_file_is_an_error_naming_it(tmp_path):
         load_state(path)
 
 
-def test_the_file_is_per_run_and_partition_and_the_node_config_folder_wins(tmp_path, monkeypatch):
-    assert state_file(_context(), str(tmp_path)) == tmp_path / "run-7" / "partition-3.safetensors"
+def test_the_folder_is_per_run_and_partition_and_the_node_config_folder_wins(tmp_path, monkeypatch):
+    assert state_folder(_context(), str(tmp_path)) == tmp_path / "run-7" / "partition-3"  # Flower's run id
+    assert (
+        state_folder(_context(), str(tmp_path), "abc") == tmp_path / "run-abc" / "partition-3"
+    )  # the server's
     node = _context(**{"client-state-dir": str(tmp_path / "node")})
-    assert state_file(node, str(tmp_path)) == tmp_path / "node" / "run-7" / "partition-3.safetensors"
+    assert state_folder(node, str(tmp_path)) == tmp_path / "node" / "run-7" / "partition-3"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    expected = tmp_path / "cache" / "feddm" / "client_state" / "run-7" / "partition-3.safetensors"
-    assert state_file(_context(), "") == expected
+    expected = tmp_path / "cache" / "feddm" / "client_state" / "run-7" / "partition-3"
+    assert state_folder(_context(), "") == expected
 
 
 def test_memory_state_is_the_contexts_and_disk_state_is_saved_only_after_success(tmp_path):
     context = _context()
-    with client_state(context, "memory", "", save=True) as state:
+    with client_state(context, "memory", "", StateRound(1), save=True) as state:
         assert state is context.state
-    with client_state(context, "disk", str(tmp_path), save=True) as state:
+    with client_state(context, "disk", str(tmp_path), StateRound(1), save=True) as state:
         state[RESIDUAL_KEY] = _feddm_state()[RESIDUAL_KEY]
-    path = state_file(context, str(tmp_path))
-    assert RESIDUAL_KEY in load_state(path) and len(context.state) == 0  # on disk, not in memory
+    files = round_files(state_folder(context, str(tmp_path)))
+    assert RESIDUAL_KEY in load_state(files[1]) and len(context.state) == 0  # on disk, not in memory
     with pytest.raises(RuntimeError, match="training failed"):
-        with client_state(context, "disk", str(tmp_path), save=True) as state:
+        with client_state(context, "disk", str(tmp_path), StateRound(2), save=True) as state:
             del state[RESIDUAL_KEY]
             raise RuntimeError("training failed")
-    assert RESIDUAL_KEY in load_state(path)  # the last good state is kept
-    with client_state(context, "disk", str(tmp_path), save=False) as state:  # evaluation reads only
+    assert sorted(round_files(state_folder(context, str(tmp_path)))) == [1]  # the last good state is kept
+    with client_state(context, "disk", str(tmp_path), StateRound(2), save=False) as state:  # evaluation reads
         del state[RESIDUAL_KEY]
-    assert RESIDUAL_KEY in load_state(path)
+    assert RESIDUAL_KEY in load_state(files[1])
+
+
+def _turn(context, folder, server_round: int, checkpointed: int, value: float) -> float | None:
+    """One training message: the residual it found (None: none), then ``value`` kept."""
+    at = StateRound(server_round, "run", checkpointed)
+    with client_state(context, "disk", str(folder), at, save=True) as state:
+        found = float(state[RESIDUAL_KEY]["w"].numpy()[0]) if RESIDUAL_KEY in state else None
+        state[RESIDUAL_KEY] = ArrayRecord({"w": Array(np.full(2, value, np.float32))})
+    return found
+
+
+def test_a_message_reads_the_newest_file_before_its_round_and_keeps_what_a_resume_needs(tmp_path):
+    context = _context()
+    folder = state_folder(context, str(tmp_path), "run")
+    assert _turn(context, tmp_path, 1, 0, 1.0) is None
+    assert _turn(context, tmp_path, 3, 2, 3.0) == 1.0  # sat out round 2
+    assert sorted(round_files(folder)) == [1, 3]  # round 1's file is the one a resume after round 2 needs
+    assert _turn(context, tmp_path, 4, 3, 4.0) == 3.0
+    assert sorted(round_files(folder)) == [3, 4]  # older than the checkpointed round's newest: gone
+    at = StateRound(4, "run", 3)
+    with client_state(context, "disk", str(tmp_path), at, save=False) as state:  # evaluation of round 4
+        assert float(state[RESIDUAL_KEY]["w"].numpy()[0]) == 4.0
+
+
+def test_a_resumed_round_ignores_and_removes_what_the_interrupted_attempt_kept(tmp_path):
+    context = _context()
+    folder = state_folder(context, str(tmp_path), "run")
+    for server_round in (1, 2, 3):  # the run is checkpointed after round 2, then dies in round 3
+        _turn(context, tmp_path, server_round, server_round - 1, float(server_round))
+    assert sorted(round_files(folder)) == [2, 3]
+    assert _turn(context, tmp_path, 3, 2, 33.0) == 2.0  # the resumed round 3 starts from round 2's state
+    assert sorted(round_files(folder)) == [2, 3]
+    assert float(load_state(round_files(folder)[3])[RESIDUAL_KEY]["w"].numpy()[0]) == 33.0
+
+
+def test_a_round_that_keeps_nothing_hides_older_state(tmp_path):
+    context = _context()
+    _turn(context, tmp_path, 1, 0, 1.0)
+    with client_state(context, "disk", str(tmp_path), StateRound(2, "run"), save=True) as state:
+        del state[RESIDUAL_KEY]
+    with client_state(context, "disk", str(tmp_path), StateRound(3, "run"), save=True) as state:
+        assert RESIDUAL_KEY not in state
 
 
 def test_client_state_is_a_checked_setting():
@@ -152,9 +205,11 @@ def test_a_run_with_state_on_disk_is_the_run_with_state_in_memory(
     assert [{k: r.get(k) for k in keys} for r in disk] == [{k: r.get(k) for k in keys} for r in memory]
     assert all(len(context.state) == 0 for context in grid.contexts.values())  # nothing kept in memory
     trained = {p for r in disk for p in r.get("sampled_partitions", [])}
-    files = sorted(p.name for p in (states / "run-1").iterdir())
-    assert files == [f"partition-{p}.safetensors" for p in sorted(trained)]
-    kept = load_state(states / "run-1" / files[0])
+    run_key = (tmp_path / "disk" / "run-key").read_text().strip()
+    folders = sorted((states / f"run-{run_key}").iterdir())
+    assert [f.name for f in folders] == [f"partition-{p}" for p in sorted(trained)]
+    files = round_files(folders[0])
+    kept = load_state(files[max(files)])
     wanted = VIEW_KEY if "strategy.downlink=int8_delta" in strategy else RESIDUAL_KEY
     wanted = LOCAL_KEY if "strategy=partial" in strategy else wanted
     assert wanted in kept

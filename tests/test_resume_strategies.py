@@ -2,24 +2,29 @@
 
 Also server optimizers (fedavgm; fedadam with int8 updates), whose momentum
 and moments are part of the strategy's state. The runs drive the real ClientApp functions through an in-process grid
-(``feddm.local_grid``; no Ray start per run). Every client fails from round 3,
-so the run ends with ``RoundFailedError`` and the checkpoint of round 2; the
-resumed run, with fresh clients as after a restart, then trains round 3. The strategy's own state
-(its round count, FedDDPM+'s progress history) comes back through its
-``state_dict()`` in the checkpoint. Client-side state is not checkpointed, so
-quant runs without error feedback and partial exchange with USplit (nothing
-stays on the clients).
+(``feddm.local_grid``; no Ray start per run). Every client trains round 3 and
+then fails, so the run ends with ``RoundFailedError`` and the checkpoint of round
+2; the resumed run, with fresh clients as after a restart, then trains round 3
+again. The strategy's own state (its round count, FedDDPM+'s progress history)
+comes back through its ``state_dict()`` in the checkpoint. Client-side state
+comes back with ``client_state=disk`` (quant's error-feedback residual, partial
+udec's local parts and EMA): each client reads its file of round 2, not the one
+its failed round 3 wrote. In memory it is lost with the clients, so those cases
+run quant without error feedback and partial exchange with USplit.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import UNet2DModel
+from safetensors.numpy import load_file
 
 from client_app.app import evaluate, train
+from client_app.state import default_state_dir, round_files
 from feddm.local_grid import LocalGrid
 from server_app.checkpoint import load_checkpoint
 from server_app.config import compose_config
@@ -56,6 +61,14 @@ CASES = {
     # server optimizers: momentum and moments come back from the checkpoint
     "fedavgm": ["aggregator=fedavgm", "aggregator.server_momentum=0.9"],
     "fedadam_quant": ["strategy=quant", "strategy.error_feedback=false", "aggregator=fedadam"],
+    # client-side state on disk: the residual, the local parts and the client's EMA come back
+    "quant_error_feedback_disk": ["strategy=quant", "strategy.error_feedback=true", "client_state=disk"],
+    "partial_udec_disk": [
+        "strategy=partial",
+        "strategy.preset=udec",
+        "strategy.quantize=true",
+        "client_state=disk",
+    ],
 }
 
 
@@ -65,9 +78,10 @@ def _run(cfg, run_dir, fail_from_round: int | None = None, clients: int = 2):
     def client(msg, context):
         if msg.metadata.message_type == "evaluate":
             return evaluate(msg, context)
+        reply = train(msg, context)  # trains (and keeps its state) even in the round that fails
         if fail_from_round is not None and int(msg.content["config"]["server-round"]) >= fail_from_round:
             raise RuntimeError("injected failure")
-        return train(msg, context)
+        return reply
 
     grid = LocalGrid(range(1, clients + 1), client)
     for partition, context in enumerate(grid.contexts.values()):
@@ -92,6 +106,10 @@ def test_stopped_after_round_2_and_resumed_equals_uninterrupted(
         _run(compose_config(overrides), stopped, fail_from_round=3)
     checkpoint, _ = load_checkpoint(stopped)
     assert checkpoint.round == 2 and checkpoint.strategy_state["rounds_done"] == 2
+    if "client_state=disk" in overrides:  # each client wrote round 3's file, which the resume must not use
+        run_key = (stopped / "run-key").read_text().strip()
+        folders = sorted((Path(default_state_dir()) / f"run-{run_key}").iterdir())
+        assert [sorted(round_files(f)) for f in folders] == [[2, 3], [2, 3]]
     if case == "fedddpm_plus":  # the progress signal since the last calibration, in the checkpoint
         assert isinstance(checkpoint.strategy_state["history"], list)
     if case.startswith("fed"):  # a server optimizer's state is in the checkpoint as tensors
@@ -103,6 +121,18 @@ def test_stopped_after_round_2_and_resumed_equals_uninterrupted(
     assert _rows(resumed) == _rows(through)
     if case == "fedddpm_plus":  # round 3 calibrates only if the history of rounds 1-2 came back
         assert _rows(through)[-1]["calibrated"] == 1
+    if "client_state=disk" in overrides:  # what each client keeps after round 3, to the bit
+        assert _client_states(through, 3) == _client_states(resumed, 3)
+    if "strategy.preset=udec" in overrides:
+        return  # each client keeps its own model: no global one in the run folder
     w_through = UNet2DModel.from_pretrained(through / "model" / "unet").state_dict()
     w_resumed = UNet2DModel.from_pretrained(resumed / "model" / "unet").state_dict()
     assert all(torch.equal(w_through[n], w_resumed[n]) for n in w_through)
+
+
+def _client_states(run_dir: Path, server_round: int) -> list[dict[str, bytes]]:
+    """Each partition's state file of ``server_round``, as raw tensor bytes by name."""
+    run_key = (run_dir / "run-key").read_text().strip()
+    folders = sorted((Path(default_state_dir()) / f"run-{run_key}").iterdir())
+    files = [load_file(round_files(folder)[server_round]) for folder in folders]
+    return [{name: array.tobytes() for name, array in tensors.items()} for tensors in files]
