@@ -24,6 +24,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from models import save_pipeline
+from models.durable import write_text_atomic
 from models.grid import save_grid
 
 AUTOENCODER_DIR = "autoencoder"
@@ -99,6 +100,4 @@ class RunFolder:
 
     @staticmethod
     def _write_atomic(path: Path, text: str) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, text)
