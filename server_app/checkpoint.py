@@ -1,9 +1,10 @@
 """Checkpoints of a run: global weights, EMA weights, round, strategy and RNG states.
 
 One safetensors file, ``RUN_DIR/checkpoint.safetensors``, replaced atomically
-(written beside it, then renamed), so a kill at any moment leaves either the
-previous or the new checkpoint. Tensors go in the file's tensors, everything
-else as JSON in its metadata; nothing is pickled.
+(written beside it, fsynced, renamed, its folder fsynced: ``models.durable``), so
+a kill or a power cut at any moment leaves either the previous or the new checkpoint.
+Tensors go in the file's tensors, everything else as JSON in its metadata;
+nothing is pickled.
 """
 
 from __future__ import annotations
