@@ -47,6 +47,7 @@ from client_app.downlink import VIEW_INFO_KEY, VIEW_KEY
 from client_app.partial import EMA_KEY, EMA_STEP_KEY, LOCAL_KEY
 from client_app.updates import RESIDUAL_KEY
 from conf.schema import CLIENT_STATES
+from models.durable import replace_durably
 
 # The state FedDM keeps for a client between rounds (record name -> kind).
 FEDDM_KEYS = {
@@ -197,7 +198,7 @@ def save_state(state: RecordDict, path: Path, keep_empty: bool = False) -> None:
     os.close(descriptor)
     try:
         save_file(tensors, temporary, metadata={_CONFIGS: json.dumps(configs), _ORDER: json.dumps(order)})
-        os.replace(temporary, path)
+        replace_durably(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)
 

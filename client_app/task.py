@@ -41,6 +41,7 @@ from models import (
 )
 from models.data import dataset_from_config
 from models.diffusion import Regularizer
+from models.durable import replace_durably
 from models.latent import CachedLatents, autoencoder_from_settings
 from models.precision import FP32, Precision
 
@@ -134,7 +135,7 @@ def _save_split(path: Path, train_idx: np.ndarray, holdout_idx: np.ndarray) -> N
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
             np.savez(tmp, train=train_idx, holdout=holdout_idx)
-        os.replace(tmp.name, path)
+        replace_durably(tmp.name, path)  # unique name: several processes may split at once
     except OSError as err:
         log(WARNING, "FedDM: cannot keep the data split in %s (%s); each process splits anew", path, err)
         if tmp is not None:

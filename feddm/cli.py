@@ -4,6 +4,7 @@
     feddm-run -m strategy=vanilla,prox,quant          # a sweep, one run folder each
     feddm-run superlink=my-superlink num_rounds=50     # submit to a SuperLink with flwr run
     feddm-run resume=outputs/2026-11-25_10-00-00_quant  # continue a run from its checkpoint
+    feddm-run superlink=my-superlink resume=/srv/feddm/run1  # ... in its folder where the ServerApp runs
 
 The run folder is Hydra's output directory (``hydra.run.dir=...`` moves it).
 """
@@ -54,8 +55,6 @@ def submit(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     """
     app_overrides = [o for o in overrides if not o.lstrip("+~").startswith("superlink=")]
     refuse_simulation_overrides(app_overrides)
-    if cfg.resume:
-        app_overrides = [f"resume={cfg.resume}"]
     # Paths must be absolute: the SuperLink runs the app in its own directory.
     absolute = resolve_paths(cfg)
     app_overrides += [f"dataset.root={absolute.dataset.root}", f"eval.fid_cache={absolute.eval.fid_cache}"]
@@ -63,22 +62,71 @@ def submit(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
         app_overrides.append(f"eval.fid_weights={absolute.eval.fid_weights}")
     if absolute.model.get("autoencoder") is not None and absolute.model.autoencoder.get("path"):
         app_overrides.append(f"model.autoencoder.path={absolute.model.autoencoder.path}")
-    # flwr's --run-config takes TOML literal strings: no single quotes inside.
-    if any("'" in o for o in app_overrides):
-        raise ValueError(f"overrides sent to a SuperLink may not contain single quotes: {app_overrides}")
     # run_dir=... names a folder on the SuperLink's machine (e.g. in its container).
-    remote_run_dir = cfg.run_dir or run_dir
+    return _flwr_run(str(cfg.superlink), app_overrides, str(cfg.run_dir or run_dir))
+
+
+def submit_resume(superlink: str, resume: str) -> Path:
+    """Continue the run folder ``resume`` on the SuperLink connection ``superlink``; return the folder.
+
+    Only the folder's path travels: the ServerApp reads the run's ``config.yaml``
+    and checkpoint where it runs, so nothing of the run is read on this machine.
+    """
+    run_dir = remote_resume_path(resume, superlink)
+    return _flwr_run(superlink, [f"resume={run_dir}"], run_dir)
+
+
+def remote_resume_path(resume: str, superlink: str) -> str:
+    """The run folder ``resume`` names on the ServerApp's machine: an absolute path, sent as given.
+
+    A relative path is resolved here only if it names a folder here (a SuperLink on
+    this machine, e.g. ``superlink=local``); elsewhere it would name nothing.
+    """
+    path = Path(str(resume)).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if path.is_dir():
+        return str(path.resolve())
+    raise ConfigError(
+        f"resume={resume} is not allowed with superlink={superlink}: a relative path that names no folder "
+        "here; give the run folder's absolute path on the machine where the SuperLink runs the ServerApp"
+    )
+
+
+def _flwr_run(superlink: str, app_overrides: list[str], remote_run_dir: str) -> Path:
+    """``flwr run`` this app on ``superlink`` with the overrides and run folder as its run config."""
+    # flwr's --run-config takes TOML literal strings: no single quotes inside.
+    if any("'" in o for o in [*app_overrides, remote_run_dir]):
+        raise ValueError(
+            f"overrides and paths sent to a SuperLink may not contain single quotes: {app_overrides} "
+            f"{remote_run_dir}"
+        )
     run_config = f"overrides='{' '.join(app_overrides)}' run-dir='{remote_run_dir}'"
-    command = ["flwr", "run", str(_app_dir()), str(cfg.superlink), "--stream", "--run-config", run_config]
+    command = ["flwr", "run", str(_app_dir()), superlink, "--stream", "--run-config", run_config]
     print("+", shlex.join(command), flush=True)
     subprocess.run(command, check=True)
     return Path(remote_run_dir)
 
 
-# hydra.run.dir in conf/config.yaml: a resumed run writes into its own folder.
-OmegaConf.register_new_resolver(
-    "feddm_run_dir", lambda resume, default: str(resume) if resume else default, replace=True
-)
+def _hydra_run_dir(resume: str | None, superlink: str | None, default: str) -> str:
+    """hydra.run.dir in conf/config.yaml: a resumed run writes into its own folder.
+
+    A resume submitted to a SuperLink writes nothing here (its folder is on the
+    ServerApp's machine, maybe not even a path that could exist here): the current
+    directory, with no ``.hydra/`` (see :func:`_hydra_output_subdir`).
+    """
+    if resume and superlink:
+        return "."
+    return str(resume) if resume else default
+
+
+def _hydra_output_subdir(resume: str | None, superlink: str | None) -> str | None:
+    """hydra.output_subdir: ``.hydra`` in the run folder; none for a resume submitted to a SuperLink."""
+    return None if resume and superlink else ".hydra"
+
+
+OmegaConf.register_new_resolver("feddm_run_dir", _hydra_run_dir, replace=True)
+OmegaConf.register_new_resolver("feddm_output_subdir", _hydra_output_subdir, replace=True)
 
 
 def _jobs(args: list[str]) -> list[list[str]] | None:
@@ -132,17 +180,34 @@ def _hydra_main(cfg: DictConfig) -> None:
 def _run(cfg: DictConfig) -> None:
     """Check, then simulate here or submit to a SuperLink; print the run folder."""
     superlink = cfg.superlink
+    hydra_cfg = HydraConfig.get()
+    if cfg.resume:
+        _warn_ignored_on_resume(list(hydra_cfg.overrides.task))
+    if cfg.resume and superlink:  # the run folder and its config.yaml are where the ServerApp runs
+        run_dir = submit_resume(str(superlink), str(cfg.resume))
+        print(f"FedDM run folder: {run_dir}", flush=True)
+        return
     if cfg.resume:
         cfg = resumed_config(cfg.resume)
         cfg.superlink = superlink
     validate_config(cfg)
-    hydra_cfg = HydraConfig.get()
     run_dir = Path(cfg.run_dir or hydra_cfg.runtime.output_dir).resolve()
     if cfg.superlink:
         run_dir = submit(cfg, run_dir, list(hydra_cfg.overrides.task))
     else:
         run_dir = simulate(cfg, run_dir)
     print(f"FedDM run folder: {run_dir}", flush=True)
+
+
+def _warn_ignored_on_resume(overrides: list[str]) -> None:
+    """Say which overrides a resume ignores: the run continues with its own saved config."""
+    ignored = [o for o in overrides if o.lstrip("+~").split("=")[0] not in ("resume", "superlink")]
+    if ignored:
+        print(
+            f"feddm-run: resume continues with the run folder's config.yaml; ignored: {' '.join(ignored)}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
 from models.data import LabeledImages
+from models.durable import write_atomic
 
 _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 _KID_REAL = "kid_real_features"  # the real features themselves, for KID's kernels
@@ -141,9 +142,7 @@ class FID:
         if _KID_REAL not in stored:  # no cache, or one written before KID
             stored = self._real_features(dataset, num_samples, name)
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + ".tmp")
-            save_file(stored, str(tmp))
-            tmp.replace(cache)
+            write_atomic(cache, lambda tmp: save_file(stored, str(tmp)))
         self.metric.reset()
         for state in _REAL_STATES:  # reset() keeps real states when reset_real_features=False
             getattr(self.metric, state).copy_(stored[state])

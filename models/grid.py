@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
+from models.durable import write_atomic
+
 MIN_GRID_SIDE = 256  # px: smaller grids are upscaled (nearest neighbour) to at least this
 
 
@@ -30,7 +32,5 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     """Write :func:`image_grid` of ``images`` as the PNG ``path``; replaced whole, never half written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    save_image(image_grid(images, nrow), tmp)
-    tmp.replace(path)
-    return path
+    # The temporary name ends in .png: save_image picks the format from it.
+    return write_atomic(path, lambda tmp: save_image(image_grid(images, nrow), tmp), suffix=".tmp.png")

@@ -24,6 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from models.durable import replace_durably
+
 AUTOENCODERS = {"kl": AutoencoderKL, "vq": VQModel}
 
 Autoencoder = AutoencoderKL | VQModel
@@ -218,7 +220,7 @@ def _write_latents(path: Path, indices: np.ndarray, latents: torch.Tensor) -> No
             "latents": latents.contiguous(),
         }
         save_file(tensors, partial)
-        os.replace(partial, path)
+        replace_durably(partial, path)
     except (OSError, SafetensorError) as err:
         warnings.warn(
             f"latent cache {path} could not be written ({err}); the latents stay in memory only", stacklevel=3

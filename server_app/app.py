@@ -4,6 +4,9 @@ Run config keys (``pyproject.toml``, ``flwr run . --run-config``):
 
 * ``overrides``: Hydra overrides of ``conf/config.yaml``, space separated;
 * ``run-dir``: the run folder (empty: a new folder under ``output_dir``).
+
+``overrides="resume=RUN_DIR"`` continues that run: its ``config.yaml`` and
+checkpoint are read here, on the ServerApp's machine (``run_federation``).
 """
 
 from __future__ import annotations

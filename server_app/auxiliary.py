@@ -24,6 +24,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from models import sample_images, unet_from_config
 from models.diffusion import train_on_images
+from models.durable import write_atomic
 from models.latent import sample_latents
 from models.precision import FP32, Precision
 from strategies import Calibration, FedDMStrategy
@@ -118,9 +119,7 @@ def _sample_local_models(
 
 def _save(cache: Path, images: torch.Tensor, metadata: dict[str, str]) -> None:
     """Write the images with the settings they were made with, atomically."""
-    tmp = cache.with_name(cache.name + ".tmp")
-    save_file({"images": images}, str(tmp), metadata=metadata)
-    tmp.replace(cache)
+    write_atomic(cache, lambda tmp: save_file({"images": images}, str(tmp), metadata=metadata))
 
 
 def _load(cache: Path, wanted: dict) -> torch.Tensor | None:

@@ -1,15 +1,15 @@
 """Checkpoints of a run: global weights, EMA weights, round, strategy and RNG states.
 
 One safetensors file, ``RUN_DIR/checkpoint.safetensors``, replaced atomically
-(written beside it, then renamed), so a kill at any moment leaves either the
-previous or the new checkpoint. Tensors go in the file's tensors, everything
-else as JSON in its metadata; nothing is pickled.
+(written beside it, fsynced, renamed, its folder fsynced: ``models.durable``), so
+a kill or a power cut at any moment leaves either the previous or the new checkpoint.
+Tensors go in the file's tensors, everything else as JSON in its metadata;
+nothing is pickled.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
+
+from models.durable import write_atomic
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -79,13 +81,10 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
         "strategy_state": json.dumps(state),
         "rng_state": json.dumps(rng_state),
     }
-    path = Path(run_dir) / CHECKPOINT_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with tmp.open("rb") as file:
-        os.fsync(file.fileno())
-    tmp.replace(path)
-    return path
+    # Written beside the old one, flushed, then renamed: a crash leaves the old or the new, whole.
+    return write_atomic(
+        Path(run_dir) / CHECKPOINT_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
+    )
 
 
 def has_checkpoint(run_dir: Path) -> bool:

@@ -207,7 +207,9 @@ def open_run_folder(cfg: DictConfig, run_dir: str | Path | None) -> RunFolder:
     """The run folder: the resumed one, or a new one holding the resolved config."""
     folder = RunFolder(cfg.resume or cfg.run_dir or run_dir or new_run_dir(cfg.output_dir, cfg.strategy.name))
     log(INFO, "FedDM run folder: %s", folder.path)
-    if not cfg.resume:
+    if cfg.resume:  # before anything reads or appends rows
+        folder.drop_partial_metrics()
+    else:
         if folder.read_metrics():
             raise FileExistsError(
                 f"run folder {folder.path} already holds metrics.jsonl; continue it with "

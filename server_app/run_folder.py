@@ -19,24 +19,74 @@ import os
 import shutil
 import time
 import uuid
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from flwr.supercore import log
 
 from models import save_pipeline
+from models.durable import write_text_atomic
 from models.grid import save_grid
 
 AUTOENCODER_DIR = "autoencoder"
 
 
-def read_metrics(metrics_file: Path) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl`` file (none if it does not exist)."""
+class MetricsError(ValueError):
+    """A line of ``metrics.jsonl`` other than the last is not a round's JSON object."""
+
+
+def parse_metrics(metrics_file: Path) -> tuple[list[dict[str, Any]], int | None]:
+    """The rows of a ``metrics.jsonl`` file, and the number (from 1) of a partial last line, if any.
+
+    Rows are appended one line at a time, so only the last can be cut short (a
+    disk that filled up, a power cut mid-write): it is left out, and its number
+    returned. A bad line before it is damage this run did not make: ``MetricsError``.
+    """
     if not metrics_file.exists():
-        return []
-    lines = metrics_file.read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+        return [], None
+    # Undecodable bytes (a cut-off or zero-filled tail) become U+FFFD, which no JSON line holds.
+    text = metrics_file.read_text(encoding="utf-8", errors="replace")
+    lines = [(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+    rows: list[dict[str, Any]] = []
+    for index, (number, line) in enumerate(lines):
+        row = _parse_row(line)
+        if row is None and index == len(lines) - 1:
+            return rows, number
+        if row is None:
+            raise MetricsError(
+                f"{metrics_file} line {number} is not a JSON object with a round: {line[:80]!r}; "
+                "only a partial last line is dropped on its own: repair or remove the line"
+            )
+        rows.append(row)
+    return rows, None
+
+
+def _parse_row(line: str) -> dict[str, Any] | None:
+    """One line's row; None if it is not a JSON object with a ``round``."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and "round" in row else None
+
+
+def read_metrics(metrics_file: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` file (none if it does not exist), without a partial last line.
+
+    A partial last line is logged as a WARNING naming the file and the line.
+    """
+    rows, partial = parse_metrics(metrics_file)
+    if partial is not None:
+        log(
+            WARNING,
+            "FedDM: %s line %d is cut short (a write that did not finish); ignored",
+            metrics_file,
+            partial,
+        )
+    return rows
 
 
 def new_run_dir(output_dir: str | Path, strategy: str) -> Path:
@@ -74,10 +124,26 @@ class RunFolder:
         """All rows of ``metrics.jsonl``."""
         return read_metrics(self.metrics_file)
 
+    def drop_partial_metrics(self) -> None:
+        """Rewrite ``metrics.jsonl`` without a partial last line (logged as a WARNING), before rows follow it.
+
+        Appending after a line cut short would glue the next row onto it.
+        """
+        rows, partial = parse_metrics(self.metrics_file)
+        if partial is None:
+            return
+        log(
+            WARNING,
+            "FedDM: %s line %d is cut short (a write that did not finish, e.g. a full disk); dropped",
+            self.metrics_file,
+            partial,
+        )
+        self._write_rows(rows)
+
     def truncate_metrics(self, last_round: int) -> list[dict[str, Any]]:
         """Keep the rows up to ``last_round`` (a resumed run redoes the later ones)."""
         rows = [r for r in self.read_metrics() if r["round"] <= last_round]
-        self._write_atomic(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        self._write_rows(rows)
         return rows
 
     def run_key(self) -> str:
@@ -89,6 +155,10 @@ class RunFolder:
         if not key.isalnum():
             raise ValueError(f"{key_file} holds {key!r}, not a run key (letters and digits)")
         return key
+
+    def _write_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Replace ``metrics.jsonl`` with ``rows``, atomically."""
+        self._write_atomic(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
     def remove_client_state(self) -> None:
         """Delete the simulated clients' state files (a finished run does not need them)."""
@@ -111,6 +181,4 @@ class RunFolder:
 
     @staticmethod
     def _write_atomic(path: Path, text: str) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, text)

@@ -125,3 +125,59 @@ def test_only_a_run_folder_without_trained_rounds_restarts_on_resume(tmp_path):
     (run / "metrics.jsonl").write_text("")
     save_checkpoint(run, _checkpoint())
     assert not trained_nothing(run)
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    """Fails if the checkpoint is written in place: the crash would cut the previous one short."""
+    import server_app.checkpoint as checkpoint_module
+
+    previous = _checkpoint()
+    save_checkpoint(tmp_path, previous)
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    real_save_file = checkpoint_module.save_file
+
+    def crash_halfway(tensors, filename, metadata=None):
+        """Write the new file's first half where asked, then fail as a full disk or a kill would."""
+        real_save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as file:
+            file.truncate(len(file.read()) // 2)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", crash_halfway)
+    later = _checkpoint()
+    later.round = 4
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, later)
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+    restored, _ = load_checkpoint(tmp_path)
+    assert restored.round == 3
+    assert all(torch.equal(restored.global_weights[k], v) for k, v in previous.global_weights.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]  # no half file left
+
+
+def test_a_checkpoint_is_flushed_before_and_after_its_rename(tmp_path, monkeypatch):
+    """fsync of the new file's data before the rename, of the folder's entry after it."""
+    import os
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name the synced files")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(("replace", str(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = save_checkpoint(tmp_path, _checkpoint())
+    folder = str(tmp_path.resolve())
+    assert events == [
+        ("fsync", str(path.resolve()) + ".tmp"),
+        ("replace", str(path)),
+        ("fsync", folder),
+    ]
