@@ -626,6 +626,17 @@ class DPServer:
         Number(ge=0),
         "Gaussian noise of std noise_multiplier · clipping_norm / k on the mean of k updates",
     )
+    delta: Any = setting(
+        1e-5,
+        Number(gt=0, lt=1),
+        "δ at which `epsilon` (client-level, Flower's RdpAccountant) is written to metrics.jsonl each round",
+    )
+    max_epsilon: Any = setting(
+        None,
+        Optional(Number(gt=0), "null (no limit)"),
+        "the run stops, checkpoint and model saved, before a round would take `epsilon` above this; needs "
+        "`weighting=uniform` and `max_update_norm_ratio=null` (see [Privacy](#privacy))",
+    )
 
 
 @dataclass

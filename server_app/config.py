@@ -15,6 +15,7 @@ from conf.schema import group_options as group_options  # the choices of a group
 from models.data import IMAGE_FOLDER
 from models.parts import SIDES
 from strategies import composition_errors
+from strategies.privacy_budget import guarantee_gap
 
 # Image size and channels of the datasets that are used as stored.
 NATIVE_GEOMETRY = {"fashion_mnist": (28, 1), "cifar10": (32, 3)}
@@ -57,6 +58,8 @@ def validate_config(cfg: DictConfig) -> None:
     _check_precision(e, cfg)
     if cfg.privacy.get("name") == "secagg":
         _check_secagg(e, cfg)
+    if cfg.privacy.get("name") in ("dp_server", "dp_client"):
+        _check_privacy_budget(e, cfg)
     if e:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))
 
@@ -232,6 +235,17 @@ def _over_selects(cfg: DictConfig) -> bool:
     """Whether training rounds draw clients beyond ``clients_per_round``."""
     over = cfg.get("over_select")
     return is_number(over) and over > 0 and cfg.get("clients_per_round") is not None
+
+
+def _check_privacy_budget(e: list[str], cfg: DictConfig) -> None:
+    """A ``privacy.max_epsilon`` needs settings under which the accountant's epsilon holds."""
+    pv = cfg.privacy
+    if pv.get("max_epsilon") is None or not is_number(pv.noise_multiplier):
+        return  # no limit to keep, or the noise's own rule says what is wrong
+    gap = guarantee_gap(pv, str(cfg.weighting), cfg.max_update_norm_ratio)
+    _check(
+        e, gap is None, "privacy.max_epsilon", pv.max_epsilon, f"null, since no epsilon can be stated: {gap}"
+    )
 
 
 def _check_secagg(e: list[str], cfg: DictConfig) -> None:

@@ -43,7 +43,7 @@ from server_app.evaluation import GlobalEvaluator
 from server_app.global_model import GlobalModel
 from server_app.run_folder import RunFolder, new_run_dir
 from server_app.tracking import Tracker, build_tracker
-from strategies import Calibration, FedDMStrategy, build_strategy
+from strategies import Calibration, FedDMStrategy, PrivacyBudgetSpent, build_strategy
 from strategies.reply_checks import ReplyChecks
 
 # Round-log keys copied to metrics.jsonl, besides round, wall_time_s and fid.
@@ -62,6 +62,7 @@ METRIC_KEYS = (
     "eval_downlink_bytes",
     "train_time_s",
     "calibrated",
+    "epsilon",
 )
 
 
@@ -433,7 +434,9 @@ class RoundRecorder:
         row.update(
             {k: v for k, v in run.strategy.round_log.get(server_round, {}).items() if k in METRIC_KEYS}
         )
-        if server_round % cfg.eval.every == 0 or server_round == cfg.num_rounds:
+        # Checked before the next round runs, so that no round takes epsilon above privacy.max_epsilon.
+        last = server_round == cfg.num_rounds or not privacy_allows_another_round(run)
+        if server_round % cfg.eval.every == 0 or last:
             row.update(self.evaluate(server_round))
         row["wall_time_s"] = round(run.elapsed_before + time.monotonic() - self.started, 3)
         run.tracker.log_round(row)
@@ -441,13 +444,13 @@ class RoundRecorder:
         log(INFO, "FedDM %s", _format_round(row))
         for warning in self.watch.observe(row):
             log(WARNING, "FedDM %s", warning)
-        if cfg.checkpoint_every and (
-            server_round % cfg.checkpoint_every == 0 or server_round == cfg.num_rounds
-        ):
+        if cfg.checkpoint_every and (server_round % cfg.checkpoint_every == 0 or last):
             state = run.strategy.state_dict()
             save_checkpoint(run.folder.path, run.model.checkpoint(server_round, cfg.strategy.name, state))
             if CHECKPOINTED_ROUND in run.settings:  # the next round's clients may forget older state
                 run.settings[CHECKPOINTED_ROUND] = server_round
+        if last and server_round < cfg.num_rounds:  # leaves Flower's loop; train_rounds ends the run
+            raise PrivacyBudgetSpent(run.strategy.privacy_budget.stop_message(server_round))
         return None
 
     def evaluate(self, server_round: int) -> dict:
@@ -461,12 +464,44 @@ class RoundRecorder:
             return self.evaluator(weights, run.scheduler, server_round)
 
 
+def privacy_allows_another_round(run: Run) -> bool:
+    """Whether one more round keeps epsilon within ``privacy.max_epsilon`` (always without DP or a limit)."""
+    budget = run.strategy.privacy_budget
+    return budget is None or budget.allows_another_round()
+
+
 def train_rounds(grid: Grid, run: Run, recorder: RoundRecorder) -> None:
-    """The federated rounds left to train, with Flower's ``Strategy.start``."""
+    """The federated rounds left to train, with Flower's ``Strategy.start``.
+
+    A DP run with ``privacy.max_epsilon`` ends after the last round that keeps
+    epsilon within it (``PrivacyBudgetSpent``, logged); ``finish`` then saves the
+    model as at the end of any run.
+    """
     cfg = run.cfg
     if cfg.num_rounds <= run.done_rounds:
         return
+    budget = run.strategy.privacy_budget
+    if budget is not None:
+        budget.warn_if_no_guarantee()
+    if not privacy_allows_another_round(run):
+        message = budget.stop_message(run.done_rounds)
+        if not run.done_rounds:  # nothing trained: say what to change rather than save an untrained model
+            raise ValueError(
+                f"{message}; a single round spends more than privacy.max_epsilon: raise it or "
+                "privacy.noise_multiplier"
+            )
+        log(WARNING, "FedDM %s", message)
+        return
     recorder.started = time.monotonic()
+    try:
+        _start(grid, run, recorder)
+    except PrivacyBudgetSpent as stop:
+        log(WARNING, "FedDM %s", stop)
+
+
+def _start(grid: Grid, run: Run, recorder: RoundRecorder) -> None:
+    """Flower's round loop over the rounds left, with the run's settings and the recorder as callback."""
+    cfg = run.cfg
     with quiet_config_records():
         run.strategy.start(
             grid=grid,

@@ -24,6 +24,7 @@ from strategies.extras import Extra, ProximalTerm
 from strategies.fedddpm import Calibration, StallCalibration
 from strategies.partial import PartialParts
 from strategies.privacy import CentralDP
+from strategies.privacy_budget import PrivacyBudget, PrivacyBudgetSpent
 from strategies.quant import Int8Updates
 from strategies.reply_checks import ReplyChecks
 from strategies.sampling import Sampling
@@ -148,8 +149,14 @@ def combination_table() -> str:
     return "\n".join(lines)
 
 
-def privacy_layers(privacy: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``privacy`` and ``secure_aggregation`` arguments of a FedDM strategy from the ``privacy=`` config."""
+def privacy_layers(
+    privacy: Mapping[str, Any] | None, num_clients: int = 1, reply_checks: ReplyChecks | None = None
+) -> dict[str, Any]:
+    """``privacy``, ``privacy_budget`` and ``secure_aggregation`` arguments of a FedDM strategy.
+
+    From the ``privacy=`` config; central DP's budget also depends on the clients
+    (``num_clients``) and on how replies are weighed and screened (``reply_checks``).
+    """
     name = (privacy or {}).get("name", "none")
     if name == "secagg":
         return {
@@ -161,8 +168,12 @@ def privacy_layers(privacy: Mapping[str, Any] | None) -> dict[str, Any]:
             )
         }
     if name in ("dp_server", "dp_client"):
+        checks = reply_checks or ReplyChecks()
         return {
-            "privacy": CentralDP(name, float(privacy["clipping_norm"]), float(privacy["noise_multiplier"]))
+            "privacy": CentralDP(name, float(privacy["clipping_norm"]), float(privacy["noise_multiplier"])),
+            "privacy_budget": PrivacyBudget.from_config(
+                privacy, num_clients, checks.weighting, checks.max_update_norm_ratio
+            ),
         }
     return {}
 
@@ -232,7 +243,7 @@ def build_strategy(
         aggregator=agg,
         reply_checks=reply_checks,
         extras=tuple(extra.from_config(strategy) for extra in recipe.extras),
-        **privacy_layers(privacy),
+        **privacy_layers(privacy, num_clients, reply_checks),
         evaluate_every=evaluate_every,
         last_round=last_round,
         sampling=sampling,
@@ -254,6 +265,8 @@ __all__ = [
     "FedDMStrategy",
     "Int8Updates",
     "PartialParts",
+    "PrivacyBudget",
+    "PrivacyBudgetSpent",
     "Recipe",
     "RoundFailedError",
     "Sampling",

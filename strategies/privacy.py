@@ -13,8 +13,9 @@ the FedDM strategy's hooks so that every reply is still checked (and a
 malformed one left out) before it is clipped and averaged; client-side, an
 update over the clipping norm is left out. The noise assumes
 equal client weights, as Flower's does; FedDM weights by ``num-examples``, so
-with unequal partitions the noise is smaller than the nominal calibration (no
-privacy accountant is attached).
+with unequal partitions the noise is smaller than the nominal calibration
+unless ``weighting=uniform``. ``strategies.privacy_budget`` accounts the epsilon
+the noisy means spend, where the settings allow one.
 """
 
 from __future__ import annotations

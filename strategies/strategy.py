@@ -64,6 +64,7 @@ from strategies.codec import PayloadError
 from strategies.downlink import Downlink
 from strategies.encoding import Encoding
 from strategies.privacy import KEY_CLIPPING_NORM, CentralDP
+from strategies.privacy_budget import PrivacyBudget
 from strategies.reply_checks import (
     ReplyChecks,
     check_float32_range,
@@ -99,6 +100,8 @@ class FedDMStrategy:
         optimizer or robust).
     privacy : CentralDP | None
         Central DP with fixed clipping, for encodings whose replies are full weights.
+    privacy_budget : PrivacyBudget | None
+        With ``privacy``: the epsilon its noisy means spend (``epsilon`` in the round log) and its limit.
     secure_aggregation : SecAggPlus | None
         Training rounds run Flower's SecAgg+ protocol.
     extras : sequence
@@ -124,6 +127,7 @@ class FedDMStrategy:
         downlink: Downlink | None = None,
         aggregator: Aggregator | None = None,
         privacy: CentralDP | None = None,
+        privacy_budget: PrivacyBudget | None = None,
         secure_aggregation: Any = None,
         extras: Sequence[Any] = (),
         evaluate_every: int = 1,
@@ -138,6 +142,7 @@ class FedDMStrategy:
         self.downlink = downlink or Downlink()
         self.aggregator = aggregator or AGGREGATORS["fedavg"]
         self.privacy = privacy
+        self.privacy_budget = privacy_budget
         self.secure_aggregation = secure_aggregation
         self.extras = tuple(extras)
         self.reply_checks = reply_checks or ReplyChecks()
@@ -178,6 +183,8 @@ class FedDMStrategy:
             log(INFO, "\t├──> %s", line)
         if self.privacy is not None:
             log(INFO, "\t├──> privacy: %s", self.privacy)
+        if self.privacy_budget is not None:
+            log(INFO, "\t├──> %s", self.privacy_budget.summary())
         if self.secure_aggregation is not None:
             log(INFO, "\t├──> privacy: %s", self.secure_aggregation)
         log(INFO, "\t├──> %s", self.reply_checks.summary())
@@ -206,6 +213,8 @@ class FedDMStrategy:
         state: dict[str, Any] = {"rounds_done": self._round, **optimizer_state(self)}
         for layer in [self.encoding, *self.extras]:
             state.update(layer.state_dict())
+        if self.privacy_budget is not None:
+            state.update(self.privacy_budget.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -214,6 +223,8 @@ class FedDMStrategy:
         load_optimizer_state(self, state)
         for layer in [self.encoding, *self.extras]:
             layer.load_state_dict(state)
+        if self.privacy_budget is not None:
+            self.privacy_budget.load_state_dict(state)
 
     # -- the round loop ----------------------------------------------------------
     def start(self, *, grid: Grid, timeout: float = 3600, **kwargs: Any) -> Any:
@@ -401,6 +412,8 @@ class FedDMStrategy:
             arrays = like_global(arrays, self._global_arrays)
         if self.privacy is not None:
             arrays = self.privacy.add_noise(arrays, len(accepted))
+            if self.privacy_budget is not None:  # the noisy mean is released: count it
+                self._log_round(server_round, epsilon=self.privacy_budget.record_release())
         arrays = self._apply_extras(self.encoding.apply(arrays, self._base_arrays))
         self._check_finite(server_round, arrays, accepted)
         if metrics is not None:

@@ -296,6 +296,9 @@ def test_every_config_key_has_a_bad_value_case():
     [
         (["privacy=dp_server", "privacy.clipping_norm=0"], "privacy.clipping_norm"),
         (["privacy=dp_client", "privacy.noise_multiplier=-1"], "privacy.noise_multiplier"),
+        (["privacy=dp_server", "privacy.delta=1"], "privacy.delta"),
+        (["privacy=dp_client", "privacy.delta=0"], "privacy.delta"),
+        (["privacy=dp_server", "privacy.max_epsilon=0"], "privacy.max_epsilon"),
         (["privacy=dp_server", "strategy=quant"], "privacy"),
         (["privacy=dp_client", "strategy=partial"], "privacy"),
         (["privacy=dp_server", "strategy=fedddpm"], "privacy"),
