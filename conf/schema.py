@@ -894,7 +894,8 @@ class Config:
         OneOf(CLIENT_STATES),
         "where each client keeps what it carries between rounds (quant's error-feedback residual, partial "
         "exchange's local parts and own EMA; about one model copy each): `memory` (Flower's `Context.state`) or "
-        "`disk` (a safetensors file per client, loaded when it is sampled; for many clients or large models)",
+        "`disk` (safetensors files per client, loaded when it is sampled; for many clients or large models, and kept "
+        "across a resume or a SuperNode restart)",
         client=Client("client-state", str),
     )
     client_state_dir: Any = setting(
