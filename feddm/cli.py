@@ -11,9 +11,12 @@ The run folder is Hydra's output directory (``hydra.run.dir=...`` moves it).
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -104,8 +107,61 @@ def _flwr_run(superlink: str, app_overrides: list[str], remote_run_dir: str) -> 
     run_config = f"overrides='{' '.join(app_overrides)}' run-dir='{remote_run_dir}'"
     command = ["flwr", "run", str(_app_dir()), superlink, "--stream", "--run-config", run_config]
     print("+", shlex.join(command), flush=True)
-    subprocess.run(command, check=True)
+    run_id = _stream(command)
+    # `flwr run --stream` exits 0 once the logs end, however the run ended: ask the SuperLink.
+    status = _final_status(superlink, run_id)
+    if status != RUN_COMPLETED:
+        raise RemoteRunFailed(
+            f"run {run_id} on superlink={superlink} ended {status!r}, not {RUN_COMPLETED!r}: the "
+            f"ServerApp failed or was stopped; the log above says why (again: flwr log {run_id} {superlink})",
+            Path(remote_run_dir),
+        )
     return Path(remote_run_dir)
+
+
+RUN_COMPLETED = "finished:completed"  # Flower's status of a run whose ServerApp returned
+STATUS_WAIT_S = 30.0  # how long a run may still be "running" after its log stream ended
+
+
+class RemoteRunFailed(RuntimeError):
+    """A run submitted to a SuperLink did not complete (its ServerApp failed or was stopped)."""
+
+    def __init__(self, message: str, run_dir: Path) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
+def _stream(command: list[str]) -> int:
+    """Run ``flwr run --stream``, echoing its output; the id of the run it started."""
+    run_id = None
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            found = re.search(r"started run (\d+)", line)
+            run_id = run_id if run_id is not None or not found else int(found.group(1))
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    if run_id is None:
+        raise RuntimeError(
+            "flwr run did not print the id of the run it started ('Successfully started run N')"
+        )
+    return run_id
+
+
+def _final_status(superlink: str, run_id: int) -> str:
+    """The run's status on the SuperLink (``flwr ls --run-id``), once it has finished."""
+    deadline = time.monotonic() + STATUS_WAIT_S
+    while True:
+        listed = subprocess.run(
+            ["flwr", "ls", superlink, "--run-id", str(run_id), "--format", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        (run,) = json.loads(listed.stdout)["runs"]
+        if run["status"].startswith("finished") or time.monotonic() > deadline:
+            return run["status"]
+        time.sleep(1.0)
 
 
 def _hydra_run_dir(resume: str | None, superlink: str | None, default: str) -> str:
@@ -175,6 +231,10 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as err:  # e.g. a resumed run's saved config; SystemExit passes Hydra by
         print(f"feddm-run: {err}", file=sys.stderr)
         sys.exit(CONFIG_ERROR_STATUS)
+    except RemoteRunFailed as err:  # the folder holds what the run did before it failed
+        print(f"FedDM run folder: {err.run_dir}", flush=True)
+        print(f"feddm-run: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _run(cfg: DictConfig) -> None:
