@@ -34,9 +34,7 @@ def _checked_base(path: str, expected_hash: str) -> dict[str, torch.Tensor]:
     return unet.state_dict()
 
 
-def adapted_unet(
-    unet: UNet2DModel, config: Mapping[str, Any], node_config: Mapping[str, Any]
-) -> UNet2DModel:
+def adapted_unet(unet: UNet2DModel, config: Mapping[str, Any], node_config: Mapping[str, Any]) -> UNet2DModel:
     """``unet`` (built from the server's UNet config) with this node's checked base and fresh adapters."""
     path = str(node_config.get(PRETRAINED_KEY, "")) or str(config[PRETRAINED_KEY])
     unet.load_state_dict(_checked_base(path, str(config[BASE_HASH_KEY])))

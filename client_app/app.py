@@ -31,6 +31,7 @@ from client_app.partial import (
     shared_names,
     wants_partial,
 )
+from client_app.adapters import adapted_unet, wants_adapter
 from client_app.state import StateRound, client_state
 from client_app.task import (
     ClientSettings,
@@ -45,6 +46,7 @@ from client_app.task import (
 )
 from client_app.updates import quantized_update, wants_quantized_update
 from models import resolve_device
+from models.adapters import exchanged_state, load_exchanged
 from models.latent import generate_images
 from models.precision import Precision, resolve_precision
 from strategies.secagg import to_fit_result, to_message_api, wants_secagg
@@ -72,6 +74,14 @@ def _weights(msg: Message, model_state: dict, state: RecordDict, *, keep: bool) 
     if wants_partial(config):
         return assemble(arrays, model_state, state)
     return arrays.to_torch_state_dict()  # fp32 weights: received_arrays decoded any codes
+
+
+def _model(settings: ClientSettings, config, context: Context, device: torch.device):
+    """The UNet (with LoRA: this node's checked pretrained base plus adapters) and the scheduler."""
+    unet, scheduler = build_model(settings, device)
+    if wants_adapter(config):
+        unet = adapted_unet(unet, config, context.node_config).to(device)
+    return unet, scheduler
 
 
 def _keeps_local_parts(config, names: list[str]) -> bool:
@@ -126,9 +136,9 @@ def _train(msg: Message, context: Context, settings: ClientSettings, state: Reco
     config = msg.content["config"]
     started = time.monotonic()
     device = _device(settings, context)
-    unet, scheduler = build_model(settings, device)
-    received = _weights(msg, unet.state_dict(), state, keep=True)
-    unet.load_state_dict(received)
+    unet, scheduler = _model(settings, config, context, device)
+    received = _weights(msg, exchanged_state(unet), state, keep=True)
+    load_exchanged(unet, received)
     if settings.ema_enabled and _keeps_local_parts(config, list(received)):
         personal_ema(unet, state, settings.ema_decay, persist=True)
     dataset, train_idx, _ = client_data(settings, context.node_config)
@@ -150,10 +160,11 @@ def _train(msg: Message, context: Context, settings: ClientSettings, state: Reco
     )
     trained = time.monotonic()
 
+    trained_state = exchanged_state(unet)  # with LoRA: the adapters only
     if wants_partial(config):
-        keep_local_parts(unet.state_dict(), shared_names(config, list(received)), state)
+        keep_local_parts(trained_state, shared_names(config, list(received)), state)
         arrays = reply_arrays(
-            unet.state_dict(),
+            trained_state,
             received,
             config,
             state,
@@ -162,9 +173,9 @@ def _train(msg: Message, context: Context, settings: ClientSettings, state: Reco
             seed=seed,
         )
     elif wants_quantized_update(config):
-        arrays = quantized_update(unet.state_dict(), received, config, state, seed)
+        arrays = quantized_update(trained_state, received, config, state, seed)
     else:
-        arrays = ArrayRecord(unet.state_dict())
+        arrays = ArrayRecord(trained_state)
     metrics = MetricRecord({"train_loss": train_loss, "num-examples": len(train_idx)})
     # The partition id lets the server sum replies in a fixed order (reproducible runs).
     info = ConfigRecord({"partition-id": partition_id})
@@ -199,8 +210,8 @@ def _evaluate(msg: Message, context: Context, settings: ClientSettings, state: R
     config = msg.content["config"]
     device = _device(settings, context)
     precision = _precision(settings, context, device)
-    unet, scheduler = build_model(settings, device)
-    unet.load_state_dict(_weights(msg, unet.state_dict(), state, keep=False))
+    unet, scheduler = _model(settings, config, context, device)
+    load_exchanged(unet, _weights(msg, exchanged_state(unet), state, keep=False))
     dataset, _, holdout_idx = client_data(settings, context.node_config)
 
     # The same noise every round, so the loss is comparable across rounds.

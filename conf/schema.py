@@ -395,6 +395,14 @@ _MODEL = {
         Anything("checked in server_app/config.py"),
         "keyword arguments of `diffusers.UNet2DModel`",
     ),
+    "pretrained": (
+        None,
+        Optional(Given("a diffusers pipeline folder or hub id")),
+        "a diffusers pipeline (folder with `unet/` and `scheduler/`, e.g. a FedDM run's `model/`; online a hub "
+        "id) whose UNet and scheduler start the run: the UNet's config comes from it, not `model.unet`; with "
+        "`adapter=lora` every node needs it (a SuperNode's node config `pretrained` wins); null = train from "
+        "scratch",
+    ),
 }
 
 
@@ -403,6 +411,7 @@ class Model:
     name: Any = setting(*_MODEL["name"])
     lr: Any = setting(*_MODEL["lr"])
     unet: Any = setting(*_MODEL["unet"])
+    pretrained: Any = setting(*_MODEL["pretrained"])
 
 
 @dataclass
@@ -431,6 +440,7 @@ class LatentModel:
     lr: Any = setting(*_MODEL["lr"])
     autoencoder: Any = section(Autoencoder)
     unet: Any = setting(*_MODEL["unet"])
+    pretrained: Any = setting(*_MODEL["pretrained"])
 
 
 # Strategies (``strategy=...``); quant and partial share the codec's settings.
@@ -673,6 +683,31 @@ class SecAgg:
     )
 
 
+# Adapters (``adapter=...``): what of the UNet is trained and exchanged (``models/adapters.py``).
+@dataclass
+class NoAdapter:
+    """The whole UNet is trained and exchanged."""
+
+    name: Any = option("none")
+
+
+@dataclass
+class LoraAdapter:
+    """LoRA on a pretrained UNet (``model.pretrained``): only the adapters train and travel."""
+
+    name: Any = option("lora")
+    rank: Any = setting(4, Int(min=1), "r: adapters B (out x r) and A (r x in) per targeted layer")
+    alpha: Any = setting(
+        None, Optional(Number(gt=0), "null (= rank)"), "the adapters' scale is alpha / rank; null = rank (1)"
+    )
+    target_modules: Any = setting(
+        ("to_q", "to_k", "to_v", "to_out.0"),
+        Anything("module names or name suffixes, checked against the UNet"),
+        "the layers that get adapters (peft's name matching): the attention projections by default; add "
+        "`conv1`, `conv2` for the ResNet convolutions",
+    )
+
+
 # Tracking (``tracking=...``): sinks besides metrics.jsonl and the sample grids, which are always written.
 @dataclass
 class NoTracking:
@@ -803,6 +838,7 @@ STRATEGIES = _options(Vanilla, Prox, Quant, Partial, FedDDPM, FedDDPMPlus)
 PARTITIONS = _options(Iid, Dirichlet, Pathological)
 PRIVACY = _options(NoPrivacy, DPServer, DPClient, SecAgg)
 TRACKING = _options(NoTracking, TensorBoard, WandB)
+ADAPTERS = _options(NoAdapter, LoraAdapter)
 AGGREGATOR_OPTIONS = _options(
     FedAvgAggregator,
     FedAvgMAggregator,
@@ -821,6 +857,7 @@ OPTIONS = {
     "partition": PARTITIONS,
     "privacy": PRIVACY,
     "tracking": TRACKING,
+    "adapter": ADAPTERS,
 }
 # The presets' schema bases (Hydra's "extending configs": ``defaults: [base_model, _self_]``).
 BASES = {
@@ -852,6 +889,7 @@ class Config:
     tracking: Any = group(
         "tracking", _option_of("tracking"), "where metrics and grids go besides the run folder"
     )
+    adapter: Any = group("adapter", _option_of("adapter"), "what of the UNet trains and travels")
     num_rounds: Any = setting(3, Int(min=1), "federated rounds")
     num_clients: Any = setting(
         2,
@@ -1124,6 +1162,8 @@ def client_values(cfg: Mapping) -> dict[str, Any]:
 def _cell(value: object) -> str:
     if value == "":
         return '`""`'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show(v) for v in value) + "]"
     if isinstance(value, str) and "${" in value:
         return f"`{value}`"
     return show(value).replace("|", "\\|")

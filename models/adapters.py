@@ -120,7 +120,9 @@ def load_exchanged(unet: torch.nn.Module, arrays: Mapping[str, torch.Tensor]) ->
     expected = set(exchanged_state(unet))
     if set(arrays) != expected:
         missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
-        raise ValueError(f"the arrays are not this model's exchanged ones: missing {missing[:3]}, extra {extra[:3]}")
+        raise ValueError(
+            f"the arrays are not this model's exchanged ones: missing {missing[:3]}, extra {extra[:3]}"
+        )
     unet.load_state_dict(dict(arrays), strict=not has_adapters(unet))
 
 

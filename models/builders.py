@@ -40,9 +40,9 @@ def build_scheduler(scheduler_kwargs: Mapping[str, Any]) -> DDPMScheduler:
     return DDPMScheduler(prediction_type="epsilon", **dict(scheduler_kwargs))
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Number of parameters (what FedAvg exchanges, besides buffers)."""
-    return sum(p.numel() for p in model.parameters())
+def count_parameters(model: torch.nn.Module, trainable: bool = False) -> int:
+    """Number of parameters (what FedAvg exchanges, besides buffers); ``trainable``: those that train."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
 def unet_from_config(config: Mapping[str, Any]) -> UNet2DModel:

@@ -26,8 +26,10 @@ Regularizer = Callable[[UNet2DModel], torch.Tensor]
 
 
 def make_optimizer(unet: UNet2DModel, *, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW over the UNet's parameters (the optimizer of the DDPM recipe)."""
-    return torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay)
+    """AdamW over the UNet's trainable parameters (the optimizer of the DDPM recipe; with LoRA: the adapters)."""
+    return torch.optim.AdamW(
+        [p for p in unet.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    )
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -56,6 +56,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_strategy(e, cfg)
     _check_combinations(e, cfg)
     _check_precision(e, cfg)
+    _check_adapter(e, cfg)
     if cfg.privacy.get("name") == "secagg":
         _check_secagg(e, cfg)
     if cfg.privacy.get("name") in ("dp_server", "dp_client"):
@@ -168,6 +169,35 @@ def _check_strategy(e: list[str], cfg: DictConfig) -> None:
         num_samples = cfg.eval.num_samples
         ok = is_int(num_samples) and num_samples > 0
         _check(e, ok, "strategy.signal", st.signal, "fid only with eval.num_samples > 0")
+
+
+# Strategies that need the whole UNet: partial exchange splits it by parts, FedDDPM's server trains it.
+WHOLE_MODEL_STRATEGIES = {
+    "partial": "partial exchange splits the whole UNet into shared and local parts",
+    "fedddpm": "FedDDPM's server calibrates the whole UNet on auxiliary images",
+    "fedddpm_plus": "FedDDPM+'s server calibrates the whole UNet on auxiliary images",
+}
+
+
+def _check_adapter(e: list[str], cfg: DictConfig) -> None:
+    """LoRA needs a pretrained base, and a strategy that exchanges what the model trains."""
+    if cfg.get("adapter", {}).get("name") != "lora":
+        return
+    _check(
+        e,
+        bool(cfg.model.get("pretrained")),
+        "adapter",
+        "lora",
+        "none without model.pretrained (adapters fine-tune a pretrained UNet: set model.pretrained=PIPELINE)",
+    )
+    reason = WHOLE_MODEL_STRATEGIES.get(str(cfg.strategy.name))
+    if reason:
+        _check(e, False, "adapter", "lora", f"none with strategy={cfg.strategy.name} ({reason})")
+    targets = cfg.adapter.target_modules
+    if isinstance(targets, str) or not (isinstance(targets, Sequence) and len(targets) > 0):
+        _check(
+            e, False, "adapter.target_modules", cfg.adapter.target_modules, "a non-empty list of module names"
+        )
 
 
 def _check_precision(e: list[str], cfg: DictConfig) -> None:

@@ -23,9 +23,19 @@ from flwr.supercore import log
 from flwr.supercore.logger import LOGGER_NAME
 from omegaconf import DictConfig, OmegaConf
 
+from client_app.adapters import ADAPTER_KEY, BASE_HASH_KEY, PRETRAINED_KEY
 from client_app.partition import partition_sizes
 from conf.schema import client_values
 from models import build_scheduler, build_unet, count_parameters, resolve_device
+from models.adapters import (
+    LoraSpec,
+    add_lora,
+    base_hash,
+    has_adapters,
+    load_pretrained,
+    merged_unet,
+    save_adapter,
+)
 from models.data import dataset_from_config
 from models.latent import autoencoder_from_settings, latent_geometry
 from models.precision import Precision, resolve_precision
@@ -37,7 +47,7 @@ from server_app.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from server_app.config import resolve_paths, resumed_config, to_yaml, validate_config
+from server_app.config import ConfigError, resolve_paths, resumed_config, to_yaml, validate_config
 from server_app.divergence import DivergenceWatch
 from server_app.evaluation import GlobalEvaluator
 from server_app.global_model import GlobalModel
@@ -241,9 +251,14 @@ def build_run(cfg: DictConfig, folder: RunFolder) -> Run:
     if autoencoder is not None:  # latent diffusion: the UNet works on the autoencoder's latents
         size, channels = latent_geometry(autoencoder, int(size))
         autoencoder.to(device)
-    unet = build_unet(plain["model"]["unet"], image_size=size, channels=channels)
-    # Latents are not images: no clipping of the predicted sample to [-1, 1].
-    scheduler = build_scheduler({**plain["scheduler"], **({"clip_sample": False} if autoencoder else {})})
+    if cfg.model.get("pretrained"):  # the pipeline's UNet (its config, not model.unet) and scheduler
+        unet, scheduler = load_pretrained(str(cfg.model.pretrained))
+        check_pretrained_geometry(unet, size, channels, str(cfg.model.pretrained))
+    else:
+        unet = build_unet(plain["model"]["unet"], image_size=size, channels=channels)
+        # Latents are not images: no clipping of the predicted sample to [-1, 1].
+        scheduler = build_scheduler({**plain["scheduler"], **({"clip_sample": False} if autoencoder else {})})
+    adapter_settings = add_adapter(cfg, unet)
     strategy = build_strategy(
         cfg.strategy,
         num_clients=cfg.num_clients,
@@ -261,9 +276,42 @@ def build_run(cfg: DictConfig, folder: RunFolder) -> Run:
         last_round=int(cfg.num_rounds),
     )
     settings = client_config(cfg, unet, scheduler)
+    settings.update(adapter_settings)
     model = GlobalModel(unet.to(device), cfg.ema)
     precision = resolve_precision(cfg.precision, device)
     return Run(cfg, folder, device, precision, autoencoder, model, scheduler, strategy, settings)
+
+
+def check_pretrained_geometry(unet: UNet2DModel, size: int, channels: int, path: str) -> None:
+    """A pretrained UNet must fit the data it fine-tunes on: sample size and channels."""
+    found = (int(unet.config.sample_size), int(unet.config.in_channels))
+    if found != (int(size), int(channels)):
+        raise ConfigError(
+            f"model.pretrained={path} is a UNet for {found[0]} px and {found[1]} channels, the dataset (or its "
+            f"latents) is {size} px and {channels} channels: pick a matching dataset or pipeline"
+        )
+
+
+def add_adapter(cfg: DictConfig, unet: UNet2DModel) -> dict[str, str]:
+    """``adapter=lora``: adapters on the pretrained UNet (in place); what clients need to do the same."""
+    if cfg.adapter.name != "lora":
+        return {}
+    spec = LoraSpec(
+        rank=int(cfg.adapter.rank),
+        alpha=float(cfg.adapter.alpha if cfg.adapter.alpha is not None else cfg.adapter.rank),
+        target_modules=tuple(str(m) for m in cfg.adapter.target_modules),
+    )
+    base = base_hash(unet)  # of the base alone, before adapters: every node checks its own against it
+    add_lora(unet, spec)
+    log(
+        INFO,
+        "FedDM: LoRA rank %d on %s: %d trainable of %d parameters",
+        spec.rank,
+        list(spec.target_modules),
+        count_parameters(unet, trainable=True),
+        count_parameters(unet),
+    )
+    return {ADAPTER_KEY: spec.to_json(), PRETRAINED_KEY: str(cfg.model.pretrained), BASE_HASH_KEY: base}
 
 
 def in_simulation(grid: Grid) -> bool:
@@ -505,7 +553,7 @@ def _start(grid: Grid, run: Run, recorder: RoundRecorder) -> None:
     with quiet_config_records():
         run.strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(run.model.unet.state_dict()),
+            initial_arrays=run.model.arrays(),
             num_rounds=cfg.num_rounds - run.done_rounds,
             timeout=float(cfg.round_timeout_s),
             train_config=run.settings,
@@ -520,9 +568,13 @@ def finish(run: Run) -> None:
         log(INFO, "Each client keeps its own model (shared and local parts); the run folder has no model/")
     else:
         with run.model.evaluation_weights() as weights:
+            unet = merged_unet(weights) if has_adapters(weights) else weights
             run.folder.save_model(
-                weights.cpu(), run.scheduler, run.autoencoder.cpu() if run.autoencoder else None
+                unet.cpu(), run.scheduler, run.autoencoder.cpu() if run.autoencoder else None
             )
+            if has_adapters(weights):  # and the adapters alone, for peft
+                spec = LoraSpec.from_json(str(run.settings[ADAPTER_KEY]))
+                save_adapter(weights, spec, str(run.cfg.model.pretrained), run.folder.model_dir / "adapter")
     if run.cfg.client_state_dir is None and run.settings["client-state-dir"] == str(run.folder.client_state):
         run.folder.remove_client_state()  # placed there by this run, which no longer needs it
     log(INFO, "FedDM run finished; results in %s", run.folder.path)

@@ -248,6 +248,8 @@ EVERY_KEY = [
     ("simulation.ray_address=head", "simulation.ray_address"),
     ("privacy.name=secret", "privacy.name"),
     ("tracking.name=mlflow", "tracking.name"),
+    ("adapter.name=qlora", "adapter.name"),
+    ("model.pretrained=''", "model.pretrained"),
     ("aggregator.name=fedsgd", "aggregator.name"),
 ]
 

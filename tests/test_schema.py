@@ -96,6 +96,7 @@ def test_readme_group_table_lists_each_groups_options():
         "partition",
         "privacy",
         "tracking",
+        "adapter",
         "experiment",
     ):
         row = re.search(rf"^\| `{group}` \| (.*?) \|", text, re.M).group(1)
