@@ -21,6 +21,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from client_app.adapters import adapted_unet, wants_adapter
 from client_app.downlink import received_arrays
 from client_app.partial import (
     assemble,
@@ -31,7 +32,6 @@ from client_app.partial import (
     shared_names,
     wants_partial,
 )
-from client_app.adapters import adapted_unet, wants_adapter
 from client_app.state import StateRound, client_state
 from client_app.task import (
     ClientSettings,

@@ -16,8 +16,8 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from flwr.app import Message
 from omegaconf import OmegaConf
 
-from client_app.app import app as feddm_app
 from client_app.adapters import adapted_unet
+from client_app.app import app as feddm_app
 from feddm.local_grid import LocalGrid
 from models import build_unet
 from models.adapters import (
@@ -99,7 +99,7 @@ def test_adapters_start_as_the_base_and_merge_into_a_plain_unet():
     assert torch.allclose(unet(x, t).sample, before)  # B = 0
     assert all(p.requires_grad == (ADAPTER_MARK in n) for n, p in unet.named_parameters())
     with torch.no_grad():
-        for name, p in unet.named_parameters():
+        for p in unet.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     merged = merged_unet(unet)
