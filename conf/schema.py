@@ -373,6 +373,12 @@ class Dataset:
         MISSING, Int(min=1), "image height and width in pixels (images are resized to it)"
     )
     channels: Any = setting(MISSING, Int(min=1), "image channels: 1 (grayscale) or 3 (RGB)")
+    classes: Any = setting(
+        None,
+        Anything("null or a list of labels"),
+        "keep only the images with these labels, in both splits (so the clients' data, their partitions and "
+        "FID's reference), e.g. `[5,6,7,8,9]`; null = all",
+    )
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 # torchvision class and the folder it expects under the root, per dataset name.
@@ -50,6 +50,18 @@ class LabeledImages(Dataset):
         if image.dtype == torch.uint8:
             image = image.float() / 127.5 - 1.0
         return image
+
+    def with_labels(self, classes: list[int]) -> LabeledImages:
+        """The images whose label is in ``classes`` (in their order); a label the data lacks is an error."""
+        missing = sorted(set(classes) - set(np.unique(self.labels).tolist()))
+        if missing:
+            raise ValueError(f"dataset.classes has labels the data does not: {missing}")
+        keep = np.flatnonzero(np.isin(self.labels, classes))
+        if isinstance(self._images, torch.Tensor):
+            images = self._images[torch.as_tensor(keep)]
+        else:
+            images = Subset(self._images, keep.tolist())
+        return LabeledImages(images, self.labels[keep])
 
     def uint8(self, indices: np.ndarray | list[int]) -> torch.Tensor:
         """The images at ``indices`` as uint8 N x C x H x W (for FID and grids)."""
@@ -183,7 +195,9 @@ def dataset_from_config(
     }
     if download is not None:
         options["download"] = download
-    return load_image_dataset(spec["name"], spec["root"] if root is None else root, train=train, **options)
+    images = load_image_dataset(spec["name"], spec["root"] if root is None else root, train=train, **options)
+    classes = spec.get("classes")
+    return images.with_labels([int(c) for c in classes]) if classes else images
 
 
 class _SquareResize:

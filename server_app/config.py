@@ -122,6 +122,16 @@ def round_clients(cfg: DictConfig) -> tuple[object, str]:
 
 def _check_dataset(e: list[str], ds: DictConfig) -> None:
     """The geometry of datasets used as stored; image folders' channels and download mode."""
+    classes = ds.get("classes")
+    if classes is not None:
+        labels = list(classes) if isinstance(classes, Sequence) and not isinstance(classes, str) else None
+        _check(
+            e,
+            bool(labels) and all(is_int(c) and c >= 0 for c in labels) and len(set(labels)) == len(labels),
+            "dataset.classes",
+            classes,
+            "null or a non-empty list of distinct labels (integers >= 0)",
+        )
     native = NATIVE_GEOMETRY.get(ds.name)
     if native:  # these datasets are not resized: the model must match their images
         _check(

@@ -50,7 +50,9 @@ class GlobalEvaluator:
                 batch_size=self.cfg.batch_size,
             )
             self.test_set = dataset_from_config(cfg.dataset, train=False)
-            self.real_name = f"{cfg.dataset.name}-{cfg.dataset.image_size}px-test"
+            classes = cfg.dataset.get("classes")
+            labels = "-classes" + "_".join(str(c) for c in classes) if classes else ""
+            self.real_name = f"{cfg.dataset.name}-{cfg.dataset.image_size}px-test{labels}"
             self._reference_count = 0
             self._reference(self.cfg.num_samples)
 

@@ -250,6 +250,7 @@ EVERY_KEY = [
     ("tracking.name=mlflow", "tracking.name"),
     ("adapter.name=qlora", "adapter.name"),
     ("model.pretrained=''", "model.pretrained"),
+    ("dataset.classes=[]", "dataset.classes"),
     ("aggregator.name=fedsgd", "aggregator.name"),
 ]
 

@@ -154,3 +154,18 @@ def test_image_folder_without_its_split_names_the_layout(tmp_path):
 
     with pytest.raises(DatasetNotFoundError, match=r"train/<label>/\*.png"):
         dataset_from_config({"name": "image_folder", "root": str(tmp_path), "image_size": 32}, train=True)
+
+
+def test_dataset_classes_keeps_those_labels_in_both_splits(data_root):
+    from models.data import dataset_from_config
+
+    spec = {"name": "fashion_mnist", "root": str(data_root), "classes": [5, 7]}
+    for train in (True, False):
+        full = dataset_from_config({**spec, "classes": None}, train=train)
+        kept = dataset_from_config(spec, train=train)
+        assert set(np.unique(kept.labels)) == {5, 7} and len(kept) == int(np.isin(full.labels, [5, 7]).sum())
+        assert torch.equal(
+            kept.uint8([0]), full.uint8([int(np.flatnonzero(np.isin(full.labels, [5, 7]))[0])])
+        )
+    with pytest.raises(ValueError, match=r"dataset.classes has labels the data does not: \[12\]"):
+        dataset_from_config({**spec, "classes": [5, 12]}, train=False)
