@@ -266,3 +266,28 @@ def test_flower_overhead_breaks_a_deployment_round_down_from_the_supernode_logs(
     assert phases["message to the node (SuperLink -> SuperNode)"] == 2.0
     assert phases["import of client_app.app"] == 3.4  # 7.6 - 2.6 - (0.5 + 1.0 + 0.1)
     assert phases["server side and polling (training phase minus the slowest node)"] == 2.2
+
+
+def test_finetune_report_compares_each_variant_with_full_fine_tuning():
+    from benchmarks import finetune
+
+    def variant(fid, uplink):
+        return {
+            "final_fid": fid, "final_kid": 0.01, "total_uplink_bytes": uplink, "rounds": 4, "wall_s": 10.0,
+            "forgetting": {"fid": 90.0, "kid": 0.05},
+        }  # fmt: skip
+
+    results = {
+        "base": {"final_fid": 50.0},
+        "variants": {"full": variant(40.0, 4_000_000), "lora4+int8": variant(44.0, 20_000)},
+    }
+    table, notes = finetune.report(results, "quick")
+    assert "| lora4+int8 | 44.0 |" in table and "200.0x" in table and "1.100x" in table
+    assert "200.0x fewer bytes at 1.100x the FID: met." in notes
+    results["variants"]["lora4+int8"] = variant(48.0, 20_000)  # 1.2x the FID: missed
+    assert "missed." in finetune.report(results, "quick")[1]
+    overrides = finetune.finetune_overrides("lora4+int8", finetune.SCALES["quick"], [], Path("/base/model"))
+    assert "model.pretrained=/base/model" in overrides and "dataset.classes=[5,6,7,8,9]" in overrides
+    assert (
+        "adapter=lora" in overrides and "strategy=quant" in overrides and "partition.alpha=0.3" in overrides
+    )
