@@ -43,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, cpu_model, markdown_table, write_results  # noqa: E402
 
 NUM_CLIENTS = 4
 PARTITIONS = {"iid": ["partition=iid"], "dirichlet-0.1": ["partition=dirichlet", "partition.alpha=0.1"]}
@@ -245,7 +245,7 @@ def execute(run: Run, overrides: list[str], work: Path, rounds: int) -> dict:
     earlier = finished_outcome(run_dir, overrides, rounds)
     if earlier is not None:
         print(f"[{time.strftime('%H:%M:%S')}] {run.name}: finished earlier in {run_dir}", flush=True)
-        return earlier
+        return {**earlier, "reused": True}
     if (run_dir / "metrics.jsonl").is_file():
         raise FileExistsError(f"{run_dir} holds an unfinished run; remove it or pick another --work-dir")
     log = work / f"{folder_name(run)}.log"
@@ -263,7 +263,13 @@ def execute(run: Run, overrides: list[str], work: Path, rounds: int) -> dict:
         + ", ".join(f"r{r['round']} {r['fid']:.1f}, {r['kid']:.4f}" for r in rows if "fid" in r),
         flush=True,
     )
-    outcome = {"wall_s": round(wall_s, 1), "rows": rows, "run_dir": str(run_dir), "overrides": overrides}
+    outcome = {
+        "wall_s": round(wall_s, 1),
+        "rows": rows,
+        "run_dir": str(run_dir),
+        "overrides": overrides,
+        "machine": cpu_model(),
+    }
     (run_dir / "outcome.json").write_text(json.dumps(outcome))
     return outcome
 
@@ -297,6 +303,9 @@ def summarize(run: Run, outcome: dict) -> dict:
         "total_uplink_bytes": cumulative if run.method != "centralized" else 0,
         "total_downlink_bytes": downlink if run.method != "centralized" else 0,
         "wall_s": outcome["wall_s"],
+        # Where the run ran (its wall time depends on it; its FID and bytes do not). A run
+        # finished before outcome.json said so ran in this machine's work folder.
+        "machine": outcome.get("machine") or cpu_model(),
     }
 
 
@@ -308,12 +317,15 @@ def merged_with_earlier(name: str, scale: dict, results: dict, suite: str) -> di
     path = RESULTS / f"{name}.json"
     if not path.is_file():
         return results
-    earlier = json.loads(path.read_text())["results"]
+    payload = json.loads(path.read_text())
+    earlier = payload["results"]
     # Settings added since (e.g. pretrain_steps) do not change the earlier runs.
     if any(scale.get(k) != v for k, v in earlier.get("settings", {"-": None}).items()):
         print(f"{path} holds another scale's results; they are replaced", flush=True)
         return results
     merged = {k: v for k, v in earlier["runs"].items() if k not in results}
+    for run in merged.values():  # written before runs said where they ran: the file's machine
+        run.setdefault("machine", payload.get("machine", {}).get("cpu", "unknown"))
     merged.update(results)
     order = [r.name for r in plan(scale, suite=suite)]
     return dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
@@ -437,7 +449,7 @@ def _vs_vanilla(results: dict, r: dict, key: str) -> float | None:
 
 def compression_notes(results: dict) -> str:
     """Both directions' savings per run, and #18's targets (4-bit; >= 30x at FID <= 1.1x vanilla)."""
-    lines, four_bit, thirty = [], [], []
+    lines, four_bit, thirty, delta = [], [], [], []
     for r in results.values():
         vanilla = results.get(f"vanilla_{r['partition']}")
         up, down = (
@@ -459,6 +471,11 @@ def compression_notes(results: dict) -> str:
             four_bit.append(("met" if up >= 7.5 and fid <= 1.05 else "missed") + f": {entry}")
         if up >= 30 and fid <= 1.1:
             thirty.append(entry)
+        if r["method"].endswith("int8_delta") and down:
+            delta.append(
+                ("met" if down >= 3.9 else "missed")
+                + f": {r['method']} ({r['partition']}: downlink {down:.2f}x, FID {fid:.3f}x)"
+            )
     return (
         "Savings against FedDM-vanilla under the same partition (uplink: the clients' replies; downlink: the "
         "training messages):\n\n"
@@ -467,7 +484,29 @@ def compression_notes(results: dict) -> str:
         + ("; ".join(four_bit) or "not measured yet")
         + ". Some configuration >= 30x fewer uplink bytes at FID <= 1.1x vanilla's: "
         + ("met by " + "; ".join(thirty) if thirty else "not met by any configuration run so far")
+        + ". Downlink >= 3.9x fewer bytes with int8_delta: "
+        + ("; ".join(delta) or "not measured yet")
         + "."
+    )
+
+
+def machine_notes(results: dict) -> str:
+    """Which machine ran which run, when they were not all run on one."""
+    by_machine: dict[str, list[str]] = {}
+    for name, r in results.items():
+        by_machine.setdefault(r.get("machine", "unknown"), []).append(name)
+    if len(by_machine) < 2:
+        return ""
+    vanillas = [
+        f"{name} on {results[name].get('machine', 'unknown')}"
+        for name in results
+        if name.startswith("vanilla_")
+    ]
+    return (
+        "Runs come from more than one machine: "
+        + "; ".join(f"{m}: {', '.join(names)}" for m, names in by_machine.items())
+        + ". FID, KID and bytes do not depend on the machine's speed (wall s does); each ratio to vanilla "
+        "compares with the vanilla run of the same partition (" + ", ".join(vanillas) + ")."
     )
 
 
@@ -507,6 +546,7 @@ def report(results: dict, scale_name: str, scale: dict, suite: str = "strategies
                 f"{r['total_uplink_bytes'] / 1e6:.1f}" if r["total_uplink_bytes"] else "0 (no federation)",
                 f"{byte_ratio:.2f}x" if byte_ratio else "-",
                 f"{r['wall_s']:.0f}",
+                r.get("machine", "-"),
             ]
         )
     evals = ", ".join(str(p["round"]) for p in next(iter(results.values()))["fid"])
@@ -522,6 +562,7 @@ def report(results: dict, scale_name: str, scale: dict, suite: str = "strategies
             "uplink MB (all clients)",
             "uplink saved vs vanilla",
             "wall s",
+            "machine",
         ],
         rows,
     )
@@ -535,6 +576,8 @@ def report(results: dict, scale_name: str, scale: dict, suite: str = "strategies
         f"{scale['eval_every']} rounds, and KID from the same features. "
         f"Plot: `{result_name(suite, scale_name)}.png`.\n\n"
     )
+    if machine_notes(results):
+        notes += machine_notes(results) + "\n\n"
     if suite == "aggregators":
         notes += aggregator_notes(results, scale)
         return table, notes
@@ -601,7 +644,7 @@ def main() -> None:
     work = (args.work_dir or args.work / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     fid_cache = args.work.resolve() / "fid_cache"  # real statistics, shared by invocations
-    results, started = {}, time.perf_counter()
+    results, reused, started = {}, [], time.perf_counter()
     for run in plan(scale, args.only, args.suite):
         overrides = run_overrides(
             run,
@@ -610,16 +653,21 @@ def main() -> None:
             args.fid_weights.resolve() if args.fid_weights else None,
             fid_cache,
         )
-        results[run.name] = summarize(run, execute(run, overrides, work, scale["rounds"]))
+        outcome = execute(run, overrides, work, scale["rounds"])
+        if outcome.get("reused"):
+            reused.append(run.name)
+        results[run.name] = summarize(run, outcome)
     total_s = time.perf_counter() - started
 
     name = result_name(args.suite, scale_name)
     results = merged_with_earlier(name, scale, results, args.suite)
     plot(results, RESULTS / f"{name}.png")
     table, notes = report(results, scale_name, scale, args.suite)
+    ran = len(plan(scale, args.only, args.suite)) - len(reused)
     notes += (
-        f"\n\nThis invocation ran {len(plan(scale, args.only, args.suite))} of the {len(results)} runs in "
-        f"{total_s / 60:.1f} minutes on this machine (run folders: `{work}`)."
+        f"\n\nThis invocation ran {ran} of the {len(results)} runs in {total_s / 60:.1f} minutes on this machine"
+        + (f" and reported {len(reused)} it had finished earlier ({', '.join(reused)})" if reused else "")
+        + f" (run folders: `{work}`)."
     )
     print(
         write_results(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -79,6 +80,73 @@ def test_the_aggregator_target_reads_the_best_server_optimizer_of_each_partition
 def test_only_names_unknown_runs():
     with pytest.raises(SystemExit, match="vanila_iid"):
         quality.plan(quality.SCALES["quick"], ["vanila_iid"])
+
+
+def _compression_run(method, partition, fid, up, down, machine="m1"):
+    return {
+        "method": method,
+        "partition": partition,
+        "final_fid": fid,
+        "total_uplink_bytes": up,
+        "total_downlink_bytes": down,
+        "machine": machine,
+    }
+
+
+def test_the_compression_notes_read_the_three_targets_per_partition():
+    results = {
+        "vanilla_iid": _compression_run("vanilla", "iid", 200.0, 8000, 8000),
+        "int4_iid": _compression_run("int4", "iid", 204.0, 1000, 8000),
+        "usplit4+int4_iid": _compression_run("usplit4+int4", "iid", 219.0, 250, 8000),
+        "int4+int8_delta_iid": _compression_run("int4+int8_delta", "iid", 202.0, 1000, 2000),
+        "vanilla_dirichlet-0.1": _compression_run("vanilla", "dirichlet-0.1", 200.0, 8000, 8000),
+        "int4_dirichlet-0.1": _compression_run("int4", "dirichlet-0.1", 220.0, 1000, 8000),
+        "int4+int8_delta_dirichlet-0.1": _compression_run(
+            "int4+int8_delta", "dirichlet-0.1", 200.0, 1000, 2100
+        ),
+    }
+    text = quality.compression_notes(results)
+    assert "met: int4 (iid: 8.000x, FID 1.020x)" in text
+    assert "missed: int4 (dirichlet-0.1: 8.000x, FID 1.100x)" in text
+    assert "met by usplit4+int4 (iid: 32.000x, FID 1.095x)" in text
+    assert "met: int4+int8_delta (iid: downlink 4.00x" in text
+    assert "missed: int4+int8_delta (dirichlet-0.1: downlink 3.81x" in text
+    del results["usplit4+int4_iid"], results["int4+int8_delta_iid"], results["int4+int8_delta_dirichlet-0.1"]
+    text = quality.compression_notes(results)
+    assert "not met by any configuration" in text and "int8_delta: not measured yet" in text
+
+
+def test_the_notes_say_which_machine_ran_which_run_only_when_there_are_several():
+    results = {
+        "vanilla_iid": _compression_run("vanilla", "iid", 200.0, 8000, 8000, "Xeon"),
+        "int4_iid": _compression_run("int4", "iid", 204.0, 1000, 8000, "Xeon"),
+    }
+    assert quality.machine_notes(results) == ""
+    results["vanilla_dirichlet-0.1"] = _compression_run("vanilla", "dirichlet-0.1", 200.0, 8000, 8000, "EPYC")
+    text = quality.machine_notes(results)
+    assert "Xeon: vanilla_iid, int4_iid; EPYC: vanilla_dirichlet-0.1" in text
+    assert "vanilla_iid on Xeon, vanilla_dirichlet-0.1 on EPYC" in text
+
+
+def test_earlier_runs_are_kept_with_their_fields_and_the_machine_that_wrote_them(tmp_path, monkeypatch):
+    scale = dict(quality.SCALES["quick"])
+    old = _compression_run("int4", "iid", 204.0, 1000, 8000)
+    del old["machine"]
+    old["extra"] = [1, 2]
+    replaced = _compression_run("vanilla", "iid", 1.0, 1, 1, "old")
+    payload = {
+        "machine": {"cpu": "Xeon"},
+        "results": {"settings": scale, "runs": {"int4_iid": old, "vanilla_iid": replaced}},
+    }
+    (tmp_path / "q.json").write_text(json.dumps(payload))
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    new = {"vanilla_iid": _compression_run("vanilla", "iid", 200.0, 8000, 8000, "EPYC")}
+    merged = quality.merged_with_earlier("q", scale, new, "compression")
+    assert list(merged) == ["vanilla_iid", "int4_iid"]  # the suite's order
+    assert merged["vanilla_iid"]["machine"] == "EPYC" and merged["vanilla_iid"]["final_fid"] == 200.0
+    assert merged["int4_iid"] == {**old, "machine": "Xeon"}
+    other = dict(scale, eval_every=4 if scale["eval_every"] != 4 else 8)  # another scale: replaced
+    assert quality.merged_with_earlier("q", other, new, "compression") == new
 
 
 def test_pareto_frontier_keeps_the_points_nothing_beats():
