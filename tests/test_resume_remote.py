@@ -28,9 +28,15 @@ def _feddm_run(monkeypatch, *args: str) -> None:
 
 @pytest.fixture
 def submitted(monkeypatch):
-    """The ``flwr run`` commands feddm-run would start (none is started)."""
+    """The ``flwr run`` commands feddm-run would start (none is started; each run "completes")."""
     commands: list[list[str]] = []
-    monkeypatch.setattr(feddm.cli.subprocess, "run", lambda command, check: commands.append(command))
+
+    def stream(command: list[str]) -> int:
+        commands.append(command)
+        return len(commands)  # the run id
+
+    monkeypatch.setattr(feddm.cli, "_stream", stream)
+    monkeypatch.setattr(feddm.cli, "_final_status", lambda superlink, run_id: feddm.cli.RUN_COMPLETED)
     return commands
 
 

@@ -181,6 +181,7 @@ def test_feddm_run_refuses_simulation_keys_for_a_superlink(monkeypatch, tmp_path
         raise AssertionError("flwr run started")
 
     monkeypatch.setattr(subprocess, "run", no_flwr_run)
+    monkeypatch.setattr(feddm.cli, "_stream", no_flwr_run)
     cfg = compose_config(["simulation.client_resources.num_gpus=0.5", "superlink=remote"])
     overrides = ["superlink=remote", "simulation.client_resources.num_gpus=0.5"]
     with pytest.raises(ConfigError, match=r"num_gpus=0.5 is not allowed with flwr run.*--federation-config"):
