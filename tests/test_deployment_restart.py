@@ -32,7 +32,7 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
 
 
-def _wait_for_round(run_dir: Path, server_round: int, run: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_for_round(run_dir: Path, server_round: int, run: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not any(r["round"] == server_round for r in _rows(run_dir)):
         assert run.poll() is None, f"the run ended (status {run.returncode}) before round {server_round}"
@@ -46,11 +46,13 @@ def _state_rounds(workdir: Path, node: int) -> list[int]:
 
 
 def test_a_deployment_survives_a_frozen_node_a_restarted_node_and_a_restarted_superlink(tmp_path, data_root):
+    # The deadline is far above a round's time on a loaded 2-core machine (a round of this micro
+    # model took up to 82 s beside the other tests): only the frozen node may miss it.
     fed = LocalFederation(tmp_path / "fed", 2, data_root)
     run_dir = tmp_path / "run"
     overrides = [
         *MICRO_MODEL, *SHORT_RUN, "num_rounds=4", "num_clients=2", "strategy=quant",
-        "strategy.error_feedback=true", "client_state=disk", "round_timeout_s=45", "eval.every=4",
+        "strategy.error_feedback=true", "client_state=disk", "round_timeout_s=150", "eval.every=4",
         f"run_dir={run_dir}",
     ]  # fmt: skip
     try:
