@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -161,9 +161,3 @@ def save_adapter(unet: UNet2DModel, spec: LoraSpec, base: str, folder: Path) -> 
     config.base_model_name_or_path = base
     config.save_pretrained(str(folder))
     return folder
-
-
-def count(tensors: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> int:
-    """Number of values in ``tensors``."""
-    values = tensors.values() if isinstance(tensors, Mapping) else tensors
-    return sum(t.numel() for t in values)

@@ -165,8 +165,8 @@ def test_lora_composes(combination, pipeline, tmp_path, flower_task_identity, da
 def test_a_node_with_another_base_is_refused(pipeline, tmp_path):
     other = _pretrained(tmp_path / "other", seed=5)
     spec = LoraSpec(2, 2.0, tuple(ATTENTION))
-    config = {"adapter": spec.to_json(), "pretrained": str(pipeline), "base-hash": base_hash(_micro_unet(0))}
-    config["base-hash"] = base_hash(UNet2DModel.from_pretrained(pipeline, subfolder="unet"))
+    served = base_hash(UNet2DModel.from_pretrained(pipeline, subfolder="unet"))
+    config = {"adapter": spec.to_json(), "pretrained": str(pipeline), "base-hash": served}
     assert exchanged_state(adapted_unet(_micro_unet(9), config, {}))  # its own base: fine
     with pytest.raises(BaseMismatchError, match="has weights hash .* the server's is"):
         adapted_unet(_micro_unet(9), config, {"pretrained": str(other)})  # the node config's base wins
