@@ -8,7 +8,9 @@ classes 0-4; the same app, no federation) and kept in ``--work-dir`` (a later
 invocation reuses it). Then 4 clients holding classes 5-9 (Dirichlet alpha 0.3
 among them) fine-tune it federatedly, each variant for the same rounds and local
 steps: the whole UNet, LoRA rank 4 and 16 (attention projections and the ResNet
-convolutions), and LoRA rank 4 with int8 update codes. FID and KID on classes 5-9
+convolutions), and LoRA ranks 4 and 2 with int8 update codes (a rank-r LoRA of a
+3x3 convolution with C channels has about C/r times fewer parameters: on a small
+UNet rank 4 alone cannot reach the target). FID and KID on classes 5-9
 come from each run's evaluation (``dataset.classes``: the test images of those
 classes are the reference), with the cumulative uplink bytes at each evaluation;
 the final models are also scored against classes 0-4 to show what the base
@@ -37,6 +39,7 @@ LORA = ["adapter=lora", "adapter.target_modules=[to_q,to_k,to_v,to_out.0,conv1,c
 VARIANTS = {
     "full": [],
     "lora4+int8": [*LORA, "adapter.rank=4", "strategy=quant"],
+    "lora2+int8": [*LORA, "adapter.rank=2", "strategy=quant"],
     "lora4": [*LORA, "adapter.rank=4"],
     "lora16": [*LORA, "adapter.rank=16"],
 }
@@ -130,15 +133,20 @@ def report(results: dict, scale_name: str) -> tuple[str, str]:
         f"Scale `{scale_name}`: base trained centrally on classes 0-4 (FID {base['final_fid']:.1f} on 0-4); "
         f"{NUM_CLIENTS} clients with classes 5-9, Dirichlet 0.3; every variant the same rounds and local steps.",
     ]
-    lora = results["variants"].get("lora4+int8")
-    if full and lora:
-        bytes_ratio = full["total_uplink_bytes"] / lora["total_uplink_bytes"]
-        fid_ratio = lora["final_fid"] / full["final_fid"]
-        met = bytes_ratio >= TARGET_BYTES_RATIO and fid_ratio <= TARGET_FID_RATIO
+    coded = {k: v for k, v in results["variants"].items() if k.startswith("lora") and k.endswith("+int8")}
+    if full and coded:
+        outcomes = []
+        for variant, lora in coded.items():
+            bytes_ratio = full["total_uplink_bytes"] / lora["total_uplink_bytes"]
+            fid_ratio = lora["final_fid"] / full["final_fid"]
+            met = bytes_ratio >= TARGET_BYTES_RATIO and fid_ratio <= TARGET_FID_RATIO
+            outcomes.append(
+                f"{variant} {bytes_ratio:.1f}x fewer bytes at {fid_ratio:.3f}x the FID: "
+                + ("met" if met else "missed")
+            )
         notes.append(
             f"Target (LoRA + int8 >= {TARGET_BYTES_RATIO:.0f}x fewer uplink bytes per round than full fine-tuning, "
-            f"FID within {TARGET_FID_RATIO}x): {bytes_ratio:.1f}x fewer bytes at {fid_ratio:.3f}x the FID: "
-            + ("met." if met else "missed.")
+            f"FID within {TARGET_FID_RATIO}x): " + "; ".join(outcomes) + "."
         )
     return markdown_table(header, rows), "\n\n".join(notes)
 

@@ -21,7 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from client_app.partial import shared_names, wants_partial
-from strategies.codec import CODEC_KEYS, decode_arrays, is_quantized
+from strategies.codec import decode_arrays, encoded_names, is_quantized
 from strategies.downlink import (
     BASE_HASH_KEY,
     BASE_ROUND_KEY,
@@ -61,7 +61,7 @@ def received_arrays(
     if mode != "int8_delta":
         if not is_quantized(record):
             return record
-        names = [n for n in record.keys() if n not in CODEC_KEYS]
+        names = encoded_names(record)
         unknown = [n for n in names if n not in model_state]
         if unknown:
             raise DownlinkMismatchError(f"the server sent codes of arrays this model lacks: {unknown[:5]}")

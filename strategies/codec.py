@@ -3,19 +3,25 @@
 This is the single codec shared by clients (encode updates before sending),
 the server (decode before averaging), tests and benchmarks.
 
-A record of float arrays travels as an ``ArrayRecord`` with
+A record of float arrays travels as an ``ArrayRecord`` of four entries at
+most, whatever the number of arrays (Flower frames every array it carries:
+its npy header alone is 128 bytes, which on a small UNet's hundred-odd
+tensors would eat 4 % of a 4-bit message):
 
-* one entry per array ``name``: its quantized values. With 5 to 8 bits they
-  are ``int8`` with the array's shape. With 4 or fewer they are packed into a
-  flat ``uint8`` array, several codes per byte (offset by ``qmax`` so they are
-  unsigned, lowest bits first): two 4-bit codes (``bits`` 3 and 4), four 2-bit
-  codes, or eight signs (``bits=1``);
-* one entry ``SCALES_KEY``: every ``float32`` scale, concatenated in sorted
-  name order; an array has one scale per output channel (axis 0) or a single
-  per-tensor scale. One scale array per message instead of one per tensor
-  keeps Flower's per-array framing (about 450 bytes each) from eating the 4x;
-* with packed codes, one entry ``BITS_KEY``: the bit width (a ``uint8``
-  scalar), which the decoder checks against every array's length and codes.
+* ``NAMES_KEY``: the arrays' names, sorted, joined by ``\\n``, as UTF-8
+  ``uint8`` (a partial-exchange reply names the parts it sends);
+* ``CODES_KEY``: every array's codes, flat, concatenated in name order. With
+  5 to 8 bits they are ``int8``. With 4 or fewer each array's codes are packed
+  into whole bytes, several per byte (offset by ``qmax`` so they are unsigned,
+  lowest bits first, the array's last byte padded with zeros): two 4-bit codes
+  (``bits`` 3 and 4), four 2-bit codes, or eight signs (``bits=1``);
+* ``SCALES_KEY``: every ``float32`` scale, concatenated in name order; an
+  array has one scale per output channel (axis 0) or a single per-tensor scale;
+* with packed codes, ``BITS_KEY``: the bit width (a ``uint8`` scalar), which
+  the decoder checks against the codes' length and values.
+
+The receiver knows every array's shape, so it splits the codes and scales
+itself and checks that their lengths match exactly.
 
 ``bits=1`` sends the sign of each value with a scale: the mean magnitude of
 its channel (nearest), or the largest one with stochastic rounding, where
@@ -38,12 +44,16 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+NAMES_KEY = "@names"
+"""Key of the sorted names of the encoded arrays (UTF-8 bytes, joined by newlines)."""
+CODES_KEY = "@codes"
+"""Key of every array's codes, concatenated in name order (``int8``, or packed ``uint8``)."""
 SCALES_KEY = "@scales"
 """Key of the one ``float32`` array holding every scale of a record (names sorted)."""
 BITS_KEY = "@bits"
 """Key of the bit width of a record whose codes are packed (4 bits or fewer)."""
 
-CODEC_KEYS = (SCALES_KEY, BITS_KEY)
+CODEC_KEYS = (NAMES_KEY, CODES_KEY, SCALES_KEY, BITS_KEY)
 """The entries of an encoded record that are not arrays of the model."""
 
 MIN_BITS = 1
@@ -341,7 +351,7 @@ def encode_arrays(
     ----------
     arrays : dict[str, np.ndarray | torch.Tensor]
         Float arrays keyed by parameter name, NumPy or torch on any device
-        (encoded there). ``SCALES_KEY`` and ``BITS_KEY`` are reserved.
+        (encoded there). Names must not contain a newline.
     bits, granularity, stochastic, rng
         As in ``quantize``. One torch generator, seeded from ``rng``, draws
         every tensor's noise in ``arrays`` order, so a fixed seed gives a
@@ -350,21 +360,19 @@ def encode_arrays(
     Returns
     -------
     tuple[ArrayRecord, dict[str, np.ndarray | torch.Tensor]]
-        The record, holding for each name its codes under ``name`` (``int8``,
-        or packed ``uint8`` for 4 bits or fewer, with ``BITS_KEY``), and
-        every ``float32`` scale in one array under ``SCALES_KEY`` (names
-        sorted, see ``scale_lengths``): one array instead of one per tensor
-        halves Flower's per-array framing. And the ``float32`` residuals
-        ``x - dequantize(quantize(x))`` per name, which clients keep for error
-        feedback: NumPy arrays for NumPy input, tensors on the input's device otherwise.
+        The record (``NAMES_KEY``, ``CODES_KEY``, ``SCALES_KEY`` and, for 4
+        bits or fewer, ``BITS_KEY``; see the module docstring), and the
+        ``float32`` residuals ``x - dequantize(quantize(x))`` per name, which
+        clients keep for error feedback: NumPy arrays for NumPy input, tensors
+        on the input's device otherwise.
     """
-    for reserved in CODEC_KEYS:
-        if reserved in arrays:
-            raise ValueError(f"array name {reserved!r} is reserved for the codec")
+    if not arrays:
+        raise ValueError("there are no arrays to encode")
     _qmax(bits)  # checks the bit width before anything is encoded
     _check_granularity(granularity)
+    names = sorted(arrays)
     packed_codes = bits in CONTAINER_BITS
-    entries: dict[str, Array] = {}
+    codes: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     residuals: dict[str, Tensor] = {}
     generators: dict[torch.device, torch.Generator | None] = {}
@@ -372,16 +380,17 @@ def encode_arrays(
         x = _as_real_tensor(array, name)
         if x.device not in generators:
             generators[x.device] = _generator(stochastic, rng, x.device)
-        codes, scale, residual = _quantize(
+        flat, scale, residual = _quantize(
             x, bits, granularity, generators[x.device], name, offset=packed_codes
         )
-        sent = _pack(codes.reshape(-1), bits) if packed_codes else codes
-        entries[name] = Array(sent.cpu().numpy())
+        codes[name] = (_pack(flat.reshape(-1), bits) if packed_codes else flat.reshape(-1)).cpu()
         scales[name] = scale.cpu()
         residuals[name] = residual.numpy() if isinstance(array, np.ndarray) else residual
-    packed = [scales[name] for name in sorted(scales)]
-    all_scales = torch.cat(packed) if packed else torch.zeros(0, dtype=torch.float32)
-    entries[SCALES_KEY] = Array(all_scales.numpy())
+    entries = {
+        NAMES_KEY: names_array(names),
+        CODES_KEY: Array(torch.cat([codes[name] for name in names]).numpy()),
+        SCALES_KEY: Array(torch.cat([scales[name] for name in names]).numpy()),
+    }
     if packed_codes:
         entries[BITS_KEY] = Array(np.asarray(bits, dtype=np.uint8))
     return ArrayRecord(entries), residuals
@@ -410,30 +419,63 @@ def decode_arrays(
     Raises
     ------
     PayloadError
-        If an array is missing or unexpected, a value array has the wrong
-        dtype or shape (packed: the wrong length for its bit width, a code out
-        of range), the bit width is not 1..4, or the packed scales have the wrong dtype or length
+        If the record's entries are not the codec's, an array is missing or
+        unexpected, the codes have the wrong dtype or length for these arrays
+        and this bit width (packed: a code out of range, non-zero padding), the
+        bit width is not 1..4, or the scales have the wrong dtype or length
         (neither per-channel nor per-tensor for these arrays) or hold a
         non-finite or non-positive scale, or one so large that its codes
         would decode beyond float32. The message names the array.
     """
-    keys = set(record.keys())
-    missing = [name for name in reference if name not in keys]
+    if not is_quantized(record):
+        raise PayloadError(f"the payload has no {SCALES_KEY!r} array: it is not int8-encoded")
+    extra = sorted(set(record.keys()) - set(CODEC_KEYS))
+    if extra:
+        raise PayloadError(f"unexpected array(s) in payload: {', '.join(extra[:5])}")
+    names = load_names(record, NAMES_KEY)
+    missing = [name for name in reference if name not in names]
     if missing:
         raise PayloadError(f"array {missing[0]!r} is missing from the payload ({len(missing)} missing)")
-    extra = sorted(keys - set(reference) - set(CODEC_KEYS))
-    if extra:
-        raise PayloadError(f"unexpected array(s) in payload: {', '.join(extra)}")
+    unexpected = sorted(set(names) - set(reference))
+    if unexpected:
+        raise PayloadError(f"unexpected array(s) in payload: {', '.join(unexpected[:5])}")
     scales = _load_scales(record, reference)
     bits = _load_bits(record)
-
+    shapes = {name: tuple(int(d) for d in reference[name][0]) for name in names}
+    codes = _load_codes(record, shapes, bits)
     decoded: dict[str, np.ndarray] = {}
-    for name, (shape, dtype) in reference.items():
-        shape = tuple(int(d) for d in shape)
-        values = _load_values(record, name, shape, bits)
-        out = _dequantize(values, torch.from_numpy(scales[name])).numpy()
+    for name, (_, dtype) in reference.items():
+        out = _dequantize(codes[name], torch.from_numpy(scales[name])).numpy()
         decoded[name] = out.astype(np.dtype(dtype), copy=False)
     return decoded
+
+
+def names_array(names: list[str]) -> Array:
+    """Sorted, distinct ``names`` as one ``uint8`` array of UTF-8 text joined by newlines."""
+    if any(b <= a for a, b in zip(names, names[1:])) or any("\n" in name for name in names):
+        raise ValueError("array names must be sorted, distinct and free of newlines")
+    return Array(np.frombuffer("\n".join(names).encode(), dtype=np.uint8).copy())
+
+
+def load_names(record: ArrayRecord, key: str) -> list[str]:
+    """The names written by :func:`names_array` under ``key``, checked to be sorted and distinct."""
+    if key not in record:
+        raise PayloadError(f"the payload has no {key!r} array naming its tensors")
+    raw = load_array(record, key)
+    if raw.dtype != np.uint8 or raw.ndim != 1 or raw.size == 0:
+        raise PayloadError(f"{key!r} is {raw.dtype}{list(raw.shape)}, expected 1-D uint8 (UTF-8 names)")
+    try:
+        names = raw.tobytes().decode("utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        raise PayloadError(f"{key!r} is not UTF-8: {err}") from err
+    if any(b <= a for a, b in zip(names, names[1:])):
+        raise PayloadError(f"{key!r} names are not sorted and distinct")
+    return names
+
+
+def encoded_names(record: ArrayRecord) -> list[str]:
+    """The names of the model arrays a quantized record carries (``NAMES_KEY``)."""
+    return load_names(record, NAMES_KEY)
 
 
 def is_quantized(record: ArrayRecord) -> bool:
@@ -541,20 +583,29 @@ def _load_bits(record: ArrayRecord) -> int:
     return int(bits)
 
 
-def _load_values(
-    record: ArrayRecord, name: str, shape: tuple[int, ...], bits: int = MAX_BITS
-) -> torch.Tensor:
-    """The ``int8`` codes of array ``name`` (unpacked for 4 bits or fewer), checked against ``shape``."""
-    if name not in record:
-        raise PayloadError(f"array {name!r} is missing from the payload")
-    values = load_array(record, name)
-    if bits in CONTAINER_BITS:
-        return _unpack(values, bits, shape, name)
-    if values.dtype != np.int8:
-        raise PayloadError(f"array {name!r} has dtype {values.dtype}, expected int8")
-    if values.shape != shape:
-        raise PayloadError(f"array {name!r} has shape {values.shape}, expected {shape}")
-    return torch.from_numpy(values)
+def _load_codes(
+    record: ArrayRecord, shapes: dict[str, tuple[int, ...]], bits: int
+) -> dict[str, torch.Tensor]:
+    """Every array's ``int8`` codes (unpacked for 4 bits or fewer), split from ``CODES_KEY`` in name order."""
+    if CODES_KEY not in record:
+        raise PayloadError(f"array {CODES_KEY!r} is missing from the payload")
+    codes = load_array(record, CODES_KEY)
+    packed = bits in CONTAINER_BITS
+    per_byte = 8 // CONTAINER_BITS[bits] if packed else 1
+    lengths = {name: -(-int(np.prod(shape, dtype=np.int64)) // per_byte) for name, shape in shapes.items()}
+    dtype = np.uint8 if packed else np.int8
+    if codes.dtype != dtype or codes.shape != (sum(lengths.values()),):
+        raise PayloadError(
+            f"{CODES_KEY!r} is {codes.dtype}{list(codes.shape)}, expected {np.dtype(dtype)}"
+            f"[{sum(lengths.values())}] for these {len(shapes)} arrays of {bits}-bit codes"
+        )
+    split, offset = {}, 0
+    for name in sorted(shapes):
+        part = codes[offset : offset + lengths[name]]
+        offset += lengths[name]
+        shape = shapes[name]
+        split[name] = _unpack(part, bits, shape, name) if packed else torch.from_numpy(part).reshape(shape)
+    return split
 
 
 def _load_scales(

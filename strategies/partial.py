@@ -36,18 +36,18 @@ from flwr.supercore import log
 
 from models.parts import PRESETS, expand, names_in, parts_of
 from strategies.accounting import check_full_weights, partition_of, single_array_record
-from strategies.codec import CODEC_KEYS, PayloadError
+from strategies.codec import PayloadError
 from strategies.encoding import Encoding
 from strategies.quant import (
     check_topk_mode,
     decode_update,
     quant_client_keys,
     reference_of,
+    sent_names,
     to_numpy,
     to_record,
     topk_summary,
 )
-from strategies.sparse import TOPK_KEYS, topk_names
 
 PARTIAL_PRESETS = (*PRESETS, "custom")
 SAMPLES_KEY = "samples"  # ArrayRecord of client-generated images in evaluate replies
@@ -226,11 +226,8 @@ class PartialParts(Encoding):
     def decode(self, message: Message, global_arrays: ArrayRecord) -> ArrayRecord:
         """Validate the reply: whole shared parts only, as weights (or int8 or top-k update codes)."""
         record = single_array_record(message)
-        # A top-k record names its tensors in TOPK_KEY; in the others, the keys are the names.
-        if check_topk_mode(record, self.quant_config):
-            names = topk_names(record)
-        else:
-            names = [n for n in record.keys() if n not in CODEC_KEYS + TOPK_KEYS]
+        check_topk_mode(record, self.quant_config)
+        names = sent_names(record)
         unknown = sorted(set(names) - set(self.shared_names))
         if unknown:
             raise PayloadError(f"arrays that are not shared: {unknown[:5]}")

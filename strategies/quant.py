@@ -26,9 +26,17 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from strategies.accounting import single_array_record
-from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS, PayloadError, decode_arrays
+from strategies.codec import (
+    GRANULARITIES,
+    MAX_BITS,
+    MIN_BITS,
+    PayloadError,
+    decode_arrays,
+    encoded_names,
+    is_quantized,
+)
 from strategies.encoding import Encoding
-from strategies.sparse import TOPK_VALUES, decode_topk, is_topk
+from strategies.sparse import TOPK_VALUES, decode_topk, is_topk, topk_names
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -39,6 +47,15 @@ def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     """A record of the given arrays."""
     return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
+def sent_names(record: ArrayRecord) -> list[str]:
+    """The model arrays a record carries: named in its top-k or codec entry, else its keys (fp32 weights)."""
+    if is_topk(record):
+        return topk_names(record)
+    if is_quantized(record):
+        return encoded_names(record)
+    return list(record.keys())
 
 
 def reference_of(record: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -29,7 +29,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from strategies.accounting import NUM_EXAMPLES_KEY
-from strategies.codec import SCALES_KEY, PayloadError
+from strategies.codec import PayloadError
 
 WEIGHTINGS = ("examples", "uniform")
 # The bound on num-examples when none is configured and the server cannot compute the partitions
@@ -163,8 +163,6 @@ def update_rms(decoded: ArrayRecord, global_arrays: ArrayRecord, decodes_updates
     """
     total, count = 0.0, 0
     for name, array in decoded.items():
-        if name == SCALES_KEY:
-            continue
         values = array.numpy().astype(np.float64)
         if not decodes_updates:
             values = values - global_arrays[name].numpy().astype(np.float64)

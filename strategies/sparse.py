@@ -40,6 +40,8 @@ from strategies.codec import (
     SCALES_KEY,
     PayloadError,
     load_array,
+    load_names,
+    names_array,
     pack_codes,
     quantize,
     unpack_codes,
@@ -131,7 +133,7 @@ def encode_topk(
         flats[name] = x.astype(np.float32).reshape(-1)
         positions.append(top_indices(flats[name], keep_count(x.size, fraction)))
         kept.append(flats[name][positions[-1]])
-    entries = {TOPK_KEY: Array(np.frombuffer("\n".join(names).encode(), dtype=np.uint8).copy())}
+    entries = {TOPK_KEY: names_array(names)}
     entries.update(_position_entries(positions, [flats[n].size for n in names]))
     if values == "float32":
         entries[VALUES_KEY] = Array(np.concatenate(kept))
@@ -163,16 +165,7 @@ def topk_names(record: ArrayRecord) -> list[str]:
     """The names of the tensors a top-k record carries, checked to be sorted and distinct."""
     if TOPK_KEY not in record:
         raise PayloadError(f"the payload has no {TOPK_KEY!r} array: it is not a top-k record")
-    raw = load_array(record, TOPK_KEY)
-    if raw.dtype != np.uint8 or raw.ndim != 1:
-        raise PayloadError(f"{TOPK_KEY!r} is {raw.dtype}{list(raw.shape)}, expected 1-D uint8 (UTF-8 names)")
-    try:
-        names = raw.tobytes().decode("utf-8").split("\n")
-    except UnicodeDecodeError as err:
-        raise PayloadError(f"{TOPK_KEY!r} is not UTF-8: {err}") from err
-    if any(b <= a for a, b in zip(names, names[1:])):
-        raise PayloadError(f"{TOPK_KEY!r} names are not sorted and distinct")
-    return names
+    return load_names(record, TOPK_KEY)
 
 
 def decode_topk(

@@ -1,7 +1,8 @@
 """A FedDM ClientApp that writes down what each reply carries (for tests).
 
-Every reply's ArrayRecords (name -> array names) are appended as a JSON line
-to the file named by ``FEDDM_RECORD_REPLIES``; the replies themselves are
+Every reply's ArrayRecords (name -> the model arrays it carries, and name ->
+its entries: for encoded records the codec's) are appended as a JSON line to
+the file named by ``FEDDM_RECORD_REPLIES``; the replies themselves are
 FedDM's, unchanged. It lives in its own module so Ray's workers can load it.
 """
 
@@ -15,15 +16,19 @@ from flwr.clientapp import ClientApp
 
 from client_app.app import evaluate as feddm_evaluate
 from client_app.app import train as feddm_train
+from strategies.quant import sent_names
 
 app = ClientApp()
 
 
 def _record(kind: str, reply: Message, context: Context) -> Message:
-    arrays = {
-        key: list(value.keys()) for key, value in reply.content.items() if isinstance(value, ArrayRecord)
+    records = {key: value for key, value in reply.content.items() if isinstance(value, ArrayRecord)}
+    line = {
+        "kind": kind,
+        "partition": int(context.node_config["partition-id"]),
+        "arrays": {key: sent_names(record) for key, record in records.items()},
+        "entries": {key: list(record.keys()) for key, record in records.items()},
     }
-    line = {"kind": kind, "partition": int(context.node_config["partition-id"]), "arrays": arrays}
     with open(os.environ["FEDDM_RECORD_REPLIES"], "a", encoding="utf-8") as file:
         file.write(json.dumps(line) + "\n")
     return reply

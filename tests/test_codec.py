@@ -10,6 +10,9 @@ from flwr.app import Array, ArrayRecord
 
 from strategies.codec import (
     BITS_KEY,
+    CODEC_KEYS,
+    CODES_KEY,
+    NAMES_KEY,
     SCALES_KEY,
     PayloadError,
     QuantizedTensor,
@@ -17,6 +20,7 @@ from strategies.codec import (
     dequantize,
     encode_arrays,
     is_quantized,
+    names_array,
     pack_codes,
     payload_nbytes,
     quantize,
@@ -30,6 +34,9 @@ SHAPES = {
     "bias": (32,),
     "scalar": (),
 }
+
+
+PER_BYTE = {4: 2, 3: 2, 2: 4, 1: 8}
 
 
 def _random_arrays(seed: int = 0) -> dict[str, np.ndarray]:
@@ -51,34 +58,54 @@ def _npy_header_size(x: np.ndarray) -> int:
     return _npy_size(x) - x.nbytes
 
 
-def _tamper(record: ArrayRecord, **changes: np.ndarray | None) -> ArrayRecord:
-    """Copy ``record``, replacing (ndarray) or dropping (None) entries.
+def _tamper(record: ArrayRecord, ref: dict, **changes: np.ndarray | None) -> ArrayRecord:
+    """Copy ``record``, replacing (ndarray) or dropping (None) entries or one array's part of them.
 
-    ``NAME__scale=...`` replaces (or, with None, drops) the scales of array
-    ``NAME`` inside the packed scale array.
+    ``NAME=...`` replaces the codes of array ``NAME`` inside ``CODES_KEY`` (None: drops
+    the array from the names and the codes); ``NAME__scale=...`` replaces (None: drops)
+    its scales inside ``SCALES_KEY``; a codec key replaces (None: drops) that entry.
     """
     entries = {k: v for k, v in record.items()}
-    scale_changes = {k[: -len("__scale")]: v for k, v in changes.items() if k.endswith("__scale")}
-    if scale_changes:
-        names = sorted(k for k in entries if k != SCALES_KEY)
-        lengths = scale_lengths({n: (entries[n].shape, "float32") for n in names}, "channel")
-        packed, offset, parts = entries[SCALES_KEY].numpy(), 0, []
+    names = sorted(ref)
+    packed = BITS_KEY in entries
+    per_byte = PER_BYTE[int(entries[BITS_KEY].numpy())] if packed else 1
+    code_lengths = {n: -(-int(np.prod(ref[n][0], dtype=np.int64)) // per_byte) for n in names}
+    scale_counts = scale_lengths(ref, "channel")
+    segments = {}
+    for key, lengths in ((CODES_KEY, code_lengths), (SCALES_KEY, scale_counts)):
+        flat, offset, parts = entries[key].numpy(), 0, {}
         for name in names:
-            part = packed[offset : offset + lengths[name]]
+            parts[name] = flat[offset : offset + lengths[name]]
             offset += lengths[name]
-            if name in scale_changes:
-                part = scale_changes[name]
-            if part is not None:
-                parts.append(part)
-        entries[SCALES_KEY] = Array(np.concatenate(parts))
+        segments[key] = parts
     for key, value in changes.items():
-        if key.endswith("__scale"):
+        if key in CODEC_KEYS:
             continue
-        if value is None:
-            del entries[key]
-        else:
-            entries[key] = Array(value)
+        name, target = (key[: -len("__scale")], SCALES_KEY) if key.endswith("__scale") else (key, CODES_KEY)
+        segments[target][name] = value
+        if value is None and target == CODES_KEY:
+            names.remove(name)
+    entries[NAMES_KEY] = names_array(names)
+    for key in (CODES_KEY, SCALES_KEY):
+        entries[key] = Array(np.concatenate([p.reshape(-1) for p in segments[key].values() if p is not None]))
+    for key, value in changes.items():
+        if key in CODEC_KEYS:
+            if value is None:
+                del entries[key]
+            else:
+                entries[key] = Array(value)
     return ArrayRecord(entries)
+
+
+def _segments(record: ArrayRecord, ref: dict) -> dict[str, np.ndarray]:
+    """Each array's part of ``CODES_KEY`` (packed: whole bytes), split in name order."""
+    per_byte = PER_BYTE[int(record[BITS_KEY].numpy())] if BITS_KEY in record else 1
+    codes, offset, parts = record[CODES_KEY].numpy(), 0, {}
+    for name in sorted(ref):
+        length = -(-int(np.prod(ref[name][0], dtype=np.int64)) // per_byte)
+        parts[name] = codes[offset : offset + length]
+        offset += length
+    return parts
 
 
 def _scale_bcast(q: QuantizedTensor) -> np.ndarray:
@@ -157,9 +184,10 @@ def test_payload_nbytes_is_sum_of_npy_sizes():
     expected_from_record = sum(len(a.data) for _, a in record.items())
     assert payload_nbytes(record) == expected_from_record
 
-    expected = _npy_size(np.concatenate([quantize(arrays[n]).scale for n in sorted(arrays)]))
-    for x in arrays.values():
-        expected += _npy_size(quantize(x).values)
+    names = sorted(arrays)
+    expected = _npy_size(np.concatenate([quantize(arrays[n]).scale for n in names]))
+    expected += _npy_size(np.concatenate([quantize(arrays[n]).values.reshape(-1) for n in names]))
+    expected += _npy_size(np.frombuffer("\n".join(names).encode(), dtype=np.uint8))
     assert payload_nbytes(record) == expected
 
 
@@ -169,8 +197,10 @@ def test_payload_nbytes_exact_formula():
     channels = sum(x.shape[0] if x.ndim >= 2 else 1 for x in arrays.values())
     scales = np.zeros((channels,), dtype=np.float32)
     expected = 4 * channels + _npy_header_size(scales)  # one packed scale array
-    for x in arrays.values():
-        expected += x.size * 1 + _npy_header_size(np.zeros(x.shape, dtype=np.int8))
+    values = sum(x.size for x in arrays.values())
+    expected += values + _npy_header_size(np.zeros(values, dtype=np.int8))  # one array of int8 codes
+    names = len("\n".join(sorted(arrays)))
+    expected += names + _npy_header_size(np.zeros(names, dtype=np.uint8))
     assert payload_nbytes(record) == expected
     # count_bytes additionally counts key lengths.
     keys = sum(len(k) for k in record.keys())
@@ -329,10 +359,14 @@ def test_stochastic_stays_within_one_step():
 def test_encode_record_layout():
     arrays = _random_arrays()
     record, _ = encode_arrays(arrays)
-    assert set(record.keys()) == set(arrays) | {SCALES_KEY}
-    for name in arrays:
-        assert record[name].dtype == "int8"
-        assert tuple(record[name].shape) == arrays[name].shape
+    assert set(record.keys()) == {NAMES_KEY, CODES_KEY, SCALES_KEY}
+    assert bytes(record[NAMES_KEY].numpy()).decode().split("\n") == sorted(arrays)
+    # every array's codes, flat, in sorted name order
+    codes = record[CODES_KEY].numpy()
+    assert codes.dtype == np.int8
+    np.testing.assert_array_equal(
+        codes, np.concatenate([quantize(arrays[n]).values.reshape(-1) for n in sorted(arrays)])
+    )
     # every scale in one float32 array, in sorted name order
     scales = record[SCALES_KEY].numpy()
     assert scales.dtype == np.float32
@@ -371,9 +405,13 @@ def test_is_quantized():
     assert not is_quantized(ArrayRecord({k: Array(v) for k, v in arrays.items()}))
 
 
-def test_encode_rejects_reserved_name():
-    with pytest.raises(ValueError, match=SCALES_KEY):
-        encode_arrays({SCALES_KEY: np.ones(3, dtype=np.float32)})
+def test_encode_rejects_names_it_cannot_carry():
+    with pytest.raises(ValueError, match="newlines"):
+        encode_arrays({"a\nb": np.ones(3, dtype=np.float32)})
+    with pytest.raises(ValueError, match="no arrays"):
+        encode_arrays({})
+    with pytest.raises(ValueError, match="sorted, distinct"):
+        names_array(["b", "a"])
 
 
 # ---------------------------------------------------------------------------
@@ -391,35 +429,47 @@ def payload():
 def test_decode_rejects_missing_value(payload):
     record, ref = payload
     with pytest.raises(PayloadError, match="linear.*missing"):
-        decode_arrays(_tamper(record, linear=None, linear__scale=None), ref)
+        decode_arrays(_tamper(record, ref, linear=None, linear__scale=None), ref)
 
 
 def test_decode_rejects_missing_scale(payload):
     record, ref = payload
     with pytest.raises(PayloadError, match="49 scales, expected 50 .channel. or 4 .tensor."):
-        decode_arrays(_tamper(record, scalar__scale=None), ref)
+        decode_arrays(_tamper(record, ref, scalar__scale=None), ref)
     with pytest.raises(PayloadError, match="not int8-encoded"):
-        decode_arrays(_tamper(record, **{SCALES_KEY: None}), ref)
+        decode_arrays(_tamper(record, ref, **{SCALES_KEY: None}), ref)
 
 
 def test_decode_rejects_extra_key(payload):
     record, ref = payload
-    bad = _tamper(record, intruder=np.zeros(3, dtype=np.int8))
+    bad = ArrayRecord({**dict(record.items()), "intruder": Array(np.zeros(3, dtype=np.int8))})
     with pytest.raises(PayloadError, match="intruder"):
         decode_arrays(bad, ref)
+    # an array the receiver does not expect, named with the others
+    with pytest.raises(PayloadError, match="unexpected array.*scalar"):
+        decode_arrays(record, {k: v for k, v in ref.items() if k != "scalar"})
+
+
+def test_decode_rejects_names_out_of_order(payload):
+    record, ref = payload
+    names = np.frombuffer("\n".join(sorted(ref, reverse=True)).encode(), dtype=np.uint8)
+    with pytest.raises(PayloadError, match="not sorted and distinct"):
+        decode_arrays(_tamper(record, ref, **{NAMES_KEY: names}), ref)
 
 
 def test_decode_rejects_wrong_shape(payload):
     record, ref = payload
-    bad = _tamper(record, linear=np.zeros((32, 63), dtype=np.int8))
-    with pytest.raises(PayloadError, match=r"linear.*shape"):
+    bad = _tamper(record, ref, linear=np.zeros((32, 63), dtype=np.int8))
+    with pytest.raises(
+        PayloadError, match=r"'@codes' is int8\[3201\], expected int8\[3233\] for these 4 arrays"
+    ):
         decode_arrays(bad, ref)
 
 
 def test_decode_rejects_float32_values(payload):
     record, ref = payload
-    bad = _tamper(record, bias=np.zeros(32, dtype=np.float32))
-    with pytest.raises(PayloadError, match=r"bias.*int8"):
+    bad = _tamper(record, ref, **{CODES_KEY: record[CODES_KEY].numpy().astype(np.float32)})
+    with pytest.raises(PayloadError, match=r"'@codes' is float32.*expected int8"):
         decode_arrays(bad, ref)
 
 
@@ -436,7 +486,7 @@ def test_decode_rejects_non_positive_scale(payload, value):
     scale = np.full(16, 0.01, dtype=np.float32)
     scale[3] = value
     with pytest.raises(PayloadError, match=r"'conv'.*non-positive"):
-        decode_arrays(_tamper(record, conv__scale=scale), ref)
+        decode_arrays(_tamper(record, ref, conv__scale=scale), ref)
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
@@ -444,14 +494,14 @@ def test_decode_rejects_non_finite_scale(payload, value):
     record, ref = payload
     scale = np.array([value], dtype=np.float32)
     with pytest.raises(PayloadError, match=r"'bias'.*non-finite"):
-        decode_arrays(_tamper(record, bias__scale=scale), ref)
+        decode_arrays(_tamper(record, ref, bias__scale=scale), ref)
 
 
 def test_decode_rejects_float64_scales(payload):
     record, ref = payload
     scales = record[SCALES_KEY].numpy().astype(np.float64)
     with pytest.raises(PayloadError, match=r"@scales.*float64.*float32"):
-        decode_arrays(_tamper(record, **{SCALES_KEY: scales}), ref)
+        decode_arrays(_tamper(record, ref, **{SCALES_KEY: scales}), ref)
 
 
 @pytest.mark.parametrize(
@@ -462,14 +512,14 @@ def test_decode_rejects_wrong_number_of_scales(payload, name, scale_shape):
     record, ref = payload
     scale = np.full(scale_shape, 0.01, dtype=np.float32)
     with pytest.raises(PayloadError, match=r"@scales.*holds \d+ scales, expected 50"):
-        decode_arrays(_tamper(record, **{f"{name}__scale": scale}), ref)
+        decode_arrays(_tamper(record, ref, **{f"{name}__scale": scale}), ref)
 
 
 def test_decode_rejects_two_dimensional_scales(payload):
     record, ref = payload
     scales = record[SCALES_KEY].numpy().reshape(1, -1)
     with pytest.raises(PayloadError, match=r"1-D float32"):
-        decode_arrays(_tamper(record, **{SCALES_KEY: scales}), ref)
+        decode_arrays(_tamper(record, ref, **{SCALES_KEY: scales}), ref)
 
 
 def test_decode_accepts_per_tensor_scales():
@@ -505,14 +555,12 @@ def test_decode_rejects_scales_that_overflow_to_infinity(payload):
     scales = record[SCALES_KEY].numpy().copy()
     scales[1:17] = 3e38  # conv's (after bias's one): finite and positive, but 127 * 3e38 is inf in float32
     with pytest.raises(PayloadError, match="'conv' is so large that its codes decode beyond float32"):
-        decode_arrays(_tamper(record, **{SCALES_KEY: scales}), ref)
+        decode_arrays(_tamper(record, ref, **{SCALES_KEY: scales}), ref)
 
 
 # ---------------------------------------------------------------------------
 # Packed codes: 4, 3, 2 and 1 bits
 # ---------------------------------------------------------------------------
-
-PER_BYTE = {4: 2, 3: 2, 2: 4, 1: 8}
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
@@ -533,11 +581,12 @@ def test_packing_round_trips_every_code(bits, shape):
 def test_packed_record_layout_and_decode(bits):
     arrays = _random_arrays()
     record, residuals = encode_arrays(arrays, bits=bits)
-    assert set(record.keys()) == set(arrays) | {SCALES_KEY, BITS_KEY}
+    assert set(record.keys()) == {NAMES_KEY, CODES_KEY, SCALES_KEY, BITS_KEY}
     assert int(record[BITS_KEY].numpy()) == bits and record[BITS_KEY].dtype == "uint8"
+    segments = _segments(record, _reference(arrays))  # each array's codes in whole bytes
     for name, x in arrays.items():
-        assert record[name].dtype == "uint8"
-        assert tuple(record[name].shape) == (-(-x.size // PER_BYTE[bits]),)
+        assert segments[name].dtype == np.uint8
+        np.testing.assert_array_equal(segments[name], pack_codes(quantize(x, bits=bits).values, bits))
     decoded = decode_arrays(record, _reference(arrays))
     for name, x in arrays.items():  # what the receiver gets is exactly what the sender's codes mean
         np.testing.assert_array_equal(decoded[name], dequantize(quantize(x, bits=bits)))
@@ -548,7 +597,10 @@ def test_fewer_bits_send_fewer_bytes():
     x = {"w": np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)}
     fp32 = payload_nbytes(ArrayRecord({"w": Array(x["w"])}))
     sizes = {bits: payload_nbytes(encode_arrays(x, bits=bits)[0]) for bits in (8, 4, 2, 1)}
-    assert fp32 / sizes[8] > 3.9 and fp32 / sizes[4] > 7.6 and fp32 / sizes[2] > 14.5 and fp32 / sizes[1] > 27
+    # Below the ideal 4, 8, 16 and 32x by the framing of names, codes and scales (~400 bytes).
+    assert (
+        fp32 / sizes[8] > 3.9 and fp32 / sizes[4] > 7.6 and fp32 / sizes[2] > 14.5 and fp32 / sizes[1] > 26.5
+    )
     # 3-bit codes use 4-bit slots: as many bytes as 4 bits.
     assert payload_nbytes(encode_arrays(x, bits=3)[0]) == sizes[4]
 
@@ -579,28 +631,28 @@ def packed_payload():
 
 def test_decode_rejects_a_truncated_packed_array(packed_payload):
     record, ref = packed_payload
-    short = record["linear"].numpy()[:-1]
+    short = record[CODES_KEY].numpy()[:-1]
     with pytest.raises(
-        PayloadError, match=r"'linear' is uint8\[1023\], expected uint8\[1024\] \(2048 3-bit codes"
+        PayloadError, match=r"'@codes' is uint8\[1616\], expected uint8\[1617\] .* 3-bit codes"
     ):
-        decode_arrays(_tamper(record, linear=short), ref)
+        decode_arrays(_tamper(record, ref, **{CODES_KEY: short}), ref)
 
 
 def test_decode_rejects_codes_outside_the_bit_width(packed_payload):
     record, ref = packed_payload
-    codes = record["bias"].numpy().copy()
+    codes = _segments(record, ref)["bias"].copy()
     codes[0] = 0x07  # a 3-bit code is at most 6 (-3..3 offset by 3)
     with pytest.raises(PayloadError, match="'bias' holds a code above 6, outside 3-bit values"):
-        decode_arrays(_tamper(record, bias=codes), ref)
+        decode_arrays(_tamper(record, ref, bias=codes), ref)
 
 
 def test_decode_rejects_non_zero_padding():
     arrays = {"odd": np.linspace(-1, 1, 7, dtype=np.float32)}
     record, _ = encode_arrays(arrays, bits=2)
-    codes = record["odd"].numpy().copy()
+    codes = record[CODES_KEY].numpy().copy()
     codes[-1] |= 0b0100_0000  # the 8th 2-bit slot: padding
     with pytest.raises(PayloadError, match="'odd' has non-zero padding after its 7 codes"):
-        decode_arrays(_tamper(record, odd=codes), _reference(arrays))
+        decode_arrays(_tamper(record, _reference(arrays), odd=codes), _reference(arrays))
 
 
 @pytest.mark.parametrize(
@@ -611,18 +663,13 @@ def test_decode_rejects_non_zero_padding():
 def test_decode_rejects_a_bad_bit_width(packed_payload, bits):
     record, ref = packed_payload
     with pytest.raises(PayloadError, match=r"'@bits' is .*expected a uint8 scalar in 1..4"):
-        decode_arrays(_tamper(record, **{BITS_KEY: np.asarray(bits)}), ref)
+        decode_arrays(_tamper(record, ref, **{BITS_KEY: np.asarray(bits)}), ref)
 
 
 def test_decode_rejects_a_bit_width_that_does_not_match_the_lengths(packed_payload):
     record, ref = packed_payload
-    wrong_width = r"'conv' is uint8\[576\], expected uint8\[288\] \(1152 2-bit codes, 4 per byte\)"
+    wrong_width = r"'@codes' is uint8\[1617\], expected uint8\[809\] for these 4 arrays of 2-bit codes"
     with pytest.raises(PayloadError, match=wrong_width):
-        decode_arrays(_tamper(record, **{BITS_KEY: np.asarray(2, dtype=np.uint8)}), ref)
-    with pytest.raises(PayloadError, match=r"'conv' has dtype uint8, expected int8"):
-        decode_arrays(_tamper(record, **{BITS_KEY: None}), ref)  # packed codes read as int8
-
-
-def test_encode_rejects_the_reserved_bits_name():
-    with pytest.raises(ValueError, match=BITS_KEY):
-        encode_arrays({BITS_KEY: np.ones(3, dtype=np.float32)})
+        decode_arrays(_tamper(record, ref, **{BITS_KEY: np.asarray(2, dtype=np.uint8)}), ref)
+    with pytest.raises(PayloadError, match=r"'@codes' is uint8\[1617\], expected int8\[3233\]"):
+        decode_arrays(_tamper(record, ref, **{BITS_KEY: None}), ref)  # packed codes read as int8

@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from strategies.accounting import check_full_weights
-from strategies.codec import PayloadError, decode_arrays, encode_arrays
+from strategies.codec import CODES_KEY, PayloadError, decode_arrays, encode_arrays
 from tests.conftest import REPO_ROOT
 
 SOURCES = [
@@ -46,6 +46,6 @@ def test_a_pickled_array_in_a_reply_is_refused_not_loaded():
     with pytest.raises(PayloadError, match="cannot be decoded"):
         check_full_weights(ArrayRecord({"w": pickled}), reference)
     record, _ = encode_arrays({"w": np.ones((2, 2), np.float32)})
-    tampered = ArrayRecord({"w": pickled, "@scales": record["@scales"]})
+    tampered = ArrayRecord({**dict(record.items()), CODES_KEY: pickled})
     with pytest.raises(PayloadError, match="could not be deserialized"):
         decode_arrays(tampered, {"w": ((2, 2), "float32")})

@@ -20,7 +20,8 @@ from client_app.partial import (
 from models import build_unet
 from models.parts import PRESETS, expand, names_in, parameter_fraction, part_of, parts_of, usplit_assignment
 from strategies import PartialParts, build_strategy
-from strategies.codec import SCALES_KEY, payload_nbytes
+from strategies.codec import is_quantized, payload_nbytes
+from strategies.quant import sent_names
 from tests.conftest import reply
 from tests.test_strategies import FakeGrid
 
@@ -251,7 +252,7 @@ def test_quantized_partial_moves_the_shared_parts_by_the_mean_update():
     shared = strategy.encoding.shared_names
     local = {n: state[n] + 0.01 * torch.randn_like(state[n]) for n in shared}
     record = quantized_update(local, {n: state[n] for n in shared}, QUANT, RecordDict(), seed=0)
-    assert set(record.keys()) == set(shared) | {SCALES_KEY}
+    assert is_quantized(record) and set(sent_names(record)) == set(shared)
     arrays, _ = strategy.aggregate_train(1, [_train_reply(record, 1, 0)])
     new = arrays.to_torch_state_dict()
     for name, tensor in state.items():
@@ -348,7 +349,8 @@ def test_client_sends_only_shared_parts(quantize):
         "server-round": 1,
     } | (QUANT if quantize else {})
     record = reply_arrays(trained, state, config, RecordDict(), partition_id=0, num_partitions=2, seed=0)
-    sent = set(record.keys()) - {SCALES_KEY}
+    assert is_quantized(record) == quantize
+    sent = set(sent_names(record))
     assert sent == set(shared_names(config, list(state)))
     assert all(n.startswith(("up_blocks", "conv_out", "conv_norm_out")) for n in sent)
 

@@ -10,7 +10,7 @@ from feddm.simulation import simulate
 from models import build_unet
 from models.parts import PRESETS, expand, names_in
 from server_app.config import compose_config
-from strategies.codec import SCALES_KEY
+from strategies.codec import BITS_KEY, CODEC_KEYS
 from tests.conftest import MICRO_OVERRIDES, REPO_ROOT
 from tests.recording_client import app as recording_app
 
@@ -58,7 +58,8 @@ def test_udec_with_int8_keeps_local_parts_on_the_clients(tmp_path, monkeypatch, 
     assert len(train) == 4  # 2 clients x 2 rounds
     for r in train:  # only shared parts, as int8 codes with their scales
         assert set(r["arrays"]) == {"arrays"}
-        assert set(r["arrays"]["arrays"]) == shared | {SCALES_KEY}
+        assert set(r["arrays"]["arrays"]) == shared
+        assert set(r["entries"]["arrays"]) == set(CODEC_KEYS) - {BITS_KEY}
     for r in (r for r in replies if r["kind"] == "evaluate"):  # generated images, no weights
         assert set(r["arrays"]) == {"samples"} and r["arrays"]["samples"] == ["images"]
     rows = _rows(run_dir)

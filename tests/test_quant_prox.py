@@ -14,7 +14,8 @@ from client_app.updates import RESIDUAL_KEY, quantized_update
 from models import build_unet
 from server_app.config import compose_config
 from strategies import Int8Updates, ProximalTerm, build_strategy
-from strategies.codec import BITS_KEY, CODEC_KEYS, SCALES_KEY, decode_arrays, payload_nbytes
+from strategies.codec import BITS_KEY, CODEC_KEYS, CODES_KEY, SCALES_KEY, decode_arrays, payload_nbytes
+from strategies.quant import sent_names
 from tests.conftest import reply
 from tests.test_strategies import FakeGrid
 
@@ -126,8 +127,7 @@ def test_quant_reply_is_int8_and_about_four_times_smaller():
     global_state = unet.state_dict()
     local = {k: v + 1e-3 for k, v in global_state.items()}
     record = quantized_update(local, global_state, QUANT_CONFIG, RecordDict(), seed=0)
-    values = [a for k, a in record.items() if k != SCALES_KEY]
-    assert values and all(a.dtype == "int8" for a in values)
+    assert record[CODES_KEY].dtype == "int8" and sent_names(record) == sorted(global_state)
     assert payload_nbytes(ArrayRecord(global_state)) / payload_nbytes(record) >= 3.9
 
 
@@ -140,7 +140,7 @@ def test_packed_quant_reply_is_smaller_by_its_bit_width(bits, ratio):
     config = QUANT_CONFIG | {"quant-bits": bits}
     record = quantized_update(local, global_state, config, RecordDict(), seed=0)
     assert int(record[BITS_KEY].numpy()) == bits
-    assert all(a.dtype == "uint8" for k, a in record.items() if k not in CODEC_KEYS)
+    assert set(record.keys()) == set(CODEC_KEYS) and record[CODES_KEY].dtype == "uint8"
     assert payload_nbytes(ArrayRecord(global_state)) / payload_nbytes(record) >= ratio
 
 
@@ -178,7 +178,7 @@ def test_error_feedback_keeps_the_residual_in_client_state():
     # Round 2 with no training: the update is exactly the carried residual.
     second = quantized_update(global_state, global_state, config, state, seed=1)
     no_feedback = quantized_update(global_state, global_state, QUANT_CONFIG, RecordDict(), seed=1)
-    assert any(not np.array_equal(second[k].numpy(), no_feedback[k].numpy()) for k in second.keys())
+    assert not np.array_equal(second[CODES_KEY].numpy(), no_feedback[CODES_KEY].numpy())
     assert first.keys() == second.keys()
 
 
@@ -202,15 +202,14 @@ def test_quantized_downlink_is_what_clients_decode():
 
 def _corrupt(record: ArrayRecord, how: str) -> ArrayRecord:
     arrays = {k: a.numpy() for k, a in record.items()}
-    value = next(k for k in arrays if k != SCALES_KEY and arrays[k].ndim >= 2)
     if how == "nan-scale":
         arrays[SCALES_KEY][0] = np.nan
     elif how == "zero-scale":
         arrays[SCALES_KEY][-1] = 0.0
     elif how == "float-values":
-        arrays[value] = arrays[value].astype(np.float32)
+        arrays[CODES_KEY] = arrays[CODES_KEY].astype(np.float32)
     elif how == "wrong-shape":
-        arrays[value] = arrays[value].reshape(-1)[:-1].copy()
+        arrays[CODES_KEY] = arrays[CODES_KEY][:-1].copy()
     elif how == "missing":
         del arrays[SCALES_KEY]
     return ArrayRecord({k: Array(v) for k, v in arrays.items()})
