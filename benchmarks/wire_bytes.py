@@ -430,11 +430,11 @@ def main() -> None:
         + " of fp32's uplink; the downlink is the fp32 model plus the key exchange."
         + "\nFedDDPM and FedDDPM+ send what FedDM-vanilla sends every round, plus one upload of each client's"
         " local model (one fp32 model per client) before training."
-        + "\nSizes are Flower's serialized objects (npy buffers, record and chunk framing). The int8 record"
-        " holds one int8 array per tensor and one packed fp32 array of all scales (4 bits and fewer: one"
-        " uint8 array of packed codes per tensor and the bit width); the remaining gap to 4x (8x, 16x, 32x)"
-        " is those scales and the per-array framing (a 128-byte npy header plus about 330 bytes of Flower"
-        " object framing per array, paid once per tensor by fp32 and int8 alike)."
+        + "\nSizes are Flower's serialized objects (npy buffers, record and chunk framing). An encoded record"
+        " holds four arrays whatever the model: the tensors' names, every tensor's codes concatenated (int8,"
+        " or packed uint8 for 4 bits and fewer), every fp32 scale, and the bit width; the remaining gap to"
+        " 4x (8x, 16x, 32x) is the scales and the names (fp32 weights travel as one array per tensor, each"
+        " with a 128-byte npy header and about 330 bytes of Flower object framing)."
     )
     print(write_results("wire_bytes", results, table, notes))
     print(table)

@@ -228,3 +228,60 @@ def test_full_fine_tuning_starts_from_the_pipeline(pipeline, tmp_path, flower_ta
     received = _arrays(sent[0][0])
     assert set(received) == set(base)
     assert all(np.array_equal(received[n].numpy(), base[n].numpy()) for n in base)
+
+
+def test_a_latent_pipeline_is_fine_tuned_with_lora(tmp_path, monkeypatch, flower_task_identity):
+    from tests.test_data import _image_folder
+    from tests.test_latent import save_tiny_autoencoder
+
+    # A latent pipeline folder as diffusers lays it out: unet/ and scheduler/ on 8x8x4 latents, vae/.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where nodes keep their latents
+    pipe = tmp_path / "ldm"
+    unet = {
+        "block_out_channels": [8, 16],
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+        "norm_num_groups": 4,
+        "attention_head_dim": 4,
+        "layers_per_block": 1,
+    }
+    torch.manual_seed(0)
+    save_pipeline(build_unet(unet, image_size=8, channels=4), DDPMScheduler(num_train_timesteps=100), pipe)
+    save_tiny_autoencoder(pipe / "vae")
+    _image_folder(tmp_path / "images", [(20, 20)] * 12)
+    overrides = [
+        "model=ldm",
+        f"model.pretrained={pipe}",
+        f"model.autoencoder.path={pipe}",
+        "model.autoencoder.subfolder=vae",
+        "model.autoencoder.scaling_factor=3.05",  # the random autoencoder's latents to unit variance
+        "adapter=lora",
+        "adapter.rank=2",
+        f"adapter.target_modules=[{','.join(ATTENTION)}]",
+        "dataset=image_folder",
+        f"dataset.root={tmp_path / 'images'}",
+        "dataset.image_size=16",
+        "strategy=quant",
+        "num_rounds=2",
+        "local_steps=2",
+        "batch_size=4",
+        "eval.grid_size=4",
+        "eval.ddim_steps=2",
+        "eval.every=2",
+    ]
+    sent = []
+    run_dir = _run(compose_config(overrides), tmp_path / "run", sent)
+    base = UNet2DModel.from_pretrained(pipe, subfolder="unet").state_dict()
+    travelled = set().union(*(_names(m) for pair in sent for m in pair))
+    assert travelled and all(ADAPTER_MARK in n for n in travelled)  # adapters only, as int8 codes
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and all(r["num_aggregated"] == 2 for r in rows)
+    merged = UNet2DModel.from_pretrained(run_dir / "model", subfolder="unet").state_dict()
+    changed = {n for n, p in merged.items() if not torch.equal(p, base[n])}
+    assert changed and all(
+        any(f".{m}." in f"{n}." or n.endswith(f".{m}.weight") for m in ATTENTION) for n in changed
+    )
+    assert (
+        run_dir / "model" / "autoencoder" / "config.json"
+    ).is_file()  # the latent pipeline, decoder included
+    assert (run_dir / "model" / "adapter" / "adapter_config.json").is_file()
