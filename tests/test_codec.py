@@ -67,17 +67,7 @@ def _tamper(record: ArrayRecord, ref: dict, **changes: np.ndarray | None) -> Arr
     """
     entries = {k: v for k, v in record.items()}
     names = sorted(ref)
-    packed = BITS_KEY in entries
-    per_byte = PER_BYTE[int(entries[BITS_KEY].numpy())] if packed else 1
-    code_lengths = {n: -(-int(np.prod(ref[n][0], dtype=np.int64)) // per_byte) for n in names}
-    scale_counts = scale_lengths(ref, "channel")
-    segments = {}
-    for key, lengths in ((CODES_KEY, code_lengths), (SCALES_KEY, scale_counts)):
-        flat, offset, parts = entries[key].numpy(), 0, {}
-        for name in names:
-            parts[name] = flat[offset : offset + lengths[name]]
-            offset += lengths[name]
-        segments[key] = parts
+    segments = {CODES_KEY: _segments(record, ref), SCALES_KEY: _segments(record, ref, SCALES_KEY)}
     for key, value in changes.items():
         if key in CODEC_KEYS:
             continue
@@ -97,14 +87,16 @@ def _tamper(record: ArrayRecord, ref: dict, **changes: np.ndarray | None) -> Arr
     return ArrayRecord(entries)
 
 
-def _segments(record: ArrayRecord, ref: dict) -> dict[str, np.ndarray]:
-    """Each array's part of ``CODES_KEY`` (packed: whole bytes), split in name order."""
+def _segments(record: ArrayRecord, ref: dict, key: str = CODES_KEY) -> dict[str, np.ndarray]:
+    """Each array's part of ``CODES_KEY`` (packed: whole bytes) or of ``SCALES_KEY``, split in name order."""
     per_byte = PER_BYTE[int(record[BITS_KEY].numpy())] if BITS_KEY in record else 1
-    codes, offset, parts = record[CODES_KEY].numpy(), 0, {}
+    lengths = {n: -(-int(np.prod(ref[n][0], dtype=np.int64)) // per_byte) for n in ref}
+    if key == SCALES_KEY:
+        lengths = scale_lengths(ref, "channel")
+    flat, offset, parts = record[key].numpy(), 0, {}
     for name in sorted(ref):
-        length = -(-int(np.prod(ref[name][0], dtype=np.int64)) // per_byte)
-        parts[name] = codes[offset : offset + length]
-        offset += length
+        parts[name] = flat[offset : offset + lengths[name]]
+        offset += lengths[name]
     return parts
 
 
