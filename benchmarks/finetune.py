@@ -8,7 +8,7 @@ classes 0-4; the same app, no federation) and kept in ``--work-dir`` (a later
 invocation reuses it). Then 4 clients holding classes 5-9 (Dirichlet alpha 0.3
 among them) fine-tune it federatedly, each variant for the same rounds and local
 steps: the whole UNet, LoRA rank 4 and 16 (attention projections and the ResNet
-convolutions), and LoRA ranks 4 and 2 with int8 update codes (a rank-r LoRA of a
+convolutions), and LoRA ranks 4, 2 and 1 with int8 update codes (a rank-r LoRA of a
 3x3 convolution with C channels has about C/r times fewer parameters: on a small
 UNet rank 4 alone cannot reach the target). FID and KID on classes 5-9
 come from each run's evaluation (``dataset.classes``: the test images of those
@@ -40,6 +40,7 @@ VARIANTS = {
     "full": [],
     "lora4+int8": [*LORA, "adapter.rank=4", "strategy=quant"],
     "lora2+int8": [*LORA, "adapter.rank=2", "strategy=quant"],
+    "lora1+int8": [*LORA, "adapter.rank=1", "strategy=quant"],
     "lora4": [*LORA, "adapter.rank=4"],
     "lora16": [*LORA, "adapter.rank=16"],
 }
@@ -88,7 +89,12 @@ def finetune_overrides(variant: str, scale: dict, common: list[str], base_model:
 def forgetting_fid(
     model_dir: Path, scale: dict, data_root: Path, fid_weights: Path | None, cache: Path
 ) -> dict:
-    """FID and KID of a final model against the test images of the base's classes (0-4)."""
+    """FID and KID of a final model against the test images of the base's classes (0-4).
+
+    Kept beside the model (``forgetting.json``), so a later invocation that reuses the run reuses it.
+    """
+    import json
+
     import torch
     from diffusers import DDPMPipeline
 
@@ -96,6 +102,9 @@ def forgetting_fid(
     from models.fid import FID
     from models.latent import generate_images
 
+    kept = model_dir.parent / "forgetting.json"
+    if kept.is_file():
+        return json.loads(kept.read_text())
     pipeline = DDPMPipeline.from_pretrained(model_dir)
     spec = {"name": "fashion_mnist", "root": str(data_root), "classes": BASE_CLASSES}
     fid = FID(
@@ -109,7 +118,9 @@ def forgetting_fid(
             pipeline.unet, pipeline.scheduler, scale["num_samples"], seed=0, ddim_steps=scale["ddim_steps"],
             batch_size=scale["batch_size"],
         )  # fmt: skip
-    return fid.score(images)
+    scores = fid.score(images)
+    kept.write_text(json.dumps(scores))
+    return scores
 
 
 def report(results: dict, scale_name: str) -> tuple[str, str]:
