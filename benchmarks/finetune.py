@@ -95,16 +95,18 @@ def forgetting_fid(
     """
     import json
 
+    kept = model_dir.parent / "forgetting.json"
+    if kept.is_file():
+        return json.loads(kept.read_text())
+
     import torch
     from diffusers import DDPMPipeline
 
     from models.data import dataset_from_config
+    from models.durable import write_text_atomic
     from models.fid import FID
     from models.latent import generate_images
 
-    kept = model_dir.parent / "forgetting.json"
-    if kept.is_file():
-        return json.loads(kept.read_text())
     pipeline = DDPMPipeline.from_pretrained(model_dir)
     spec = {"name": "fashion_mnist", "root": str(data_root), "classes": BASE_CLASSES}
     fid = FID(
@@ -119,7 +121,7 @@ def forgetting_fid(
             batch_size=scale["batch_size"],
         )  # fmt: skip
     scores = fid.score(images)
-    kept.write_text(json.dumps(scores))
+    write_text_atomic(kept, json.dumps(scores))
     return scores
 
 

@@ -272,7 +272,7 @@ def _unpack(packed: np.ndarray, bits: int, shape: tuple[int, ...], name: str) ->
     """``unpack_codes`` as a CPU tensor."""
     width = CONTAINER_BITS[bits]
     per_byte, count = 8 // width, int(np.prod(shape, dtype=np.int64))
-    expected = -(-count // per_byte)
+    expected = _code_bytes(shape, bits)
     if packed.dtype != np.uint8 or packed.shape != (expected,):
         raise PayloadError(
             f"array {name!r} is {packed.dtype}{list(packed.shape)}, expected uint8[{expected}] "
@@ -591,8 +591,7 @@ def _load_codes(
         raise PayloadError(f"array {CODES_KEY!r} is missing from the payload")
     codes = load_array(record, CODES_KEY)
     packed = bits in CONTAINER_BITS
-    per_byte = 8 // CONTAINER_BITS[bits] if packed else 1
-    lengths = {name: -(-int(np.prod(shape, dtype=np.int64)) // per_byte) for name, shape in shapes.items()}
+    lengths = {name: _code_bytes(shape, bits) for name, shape in shapes.items()}
     dtype = np.uint8 if packed else np.int8
     if codes.dtype != dtype or codes.shape != (sum(lengths.values()),):
         raise PayloadError(
@@ -606,6 +605,12 @@ def _load_codes(
         shape = shapes[name]
         split[name] = _unpack(part, bits, shape, name) if packed else torch.from_numpy(part).reshape(shape)
     return split
+
+
+def _code_bytes(shape: tuple[int, ...], bits: int) -> int:
+    """Bytes an array of ``shape`` takes in ``CODES_KEY``: one per int8 code, whole bytes of packed codes."""
+    per_byte = 8 // CONTAINER_BITS[bits] if bits in CONTAINER_BITS else 1
+    return -(-int(np.prod(shape, dtype=np.int64)) // per_byte)
 
 
 def _load_scales(
