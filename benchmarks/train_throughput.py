@@ -112,13 +112,20 @@ def variants(
     bf16 = resolve_precision("bf16", device)
     fp32 = Precision("fp32", device.type)
 
-    def feddm(precision: Precision, compiled: bool) -> Callable[[int], None]:
+    def feddm(precision: Precision, compiled: bool, memory_format: str = "auto") -> Callable[[int], None]:
         unet = copy.deepcopy(unet0).to(device)  # every variant starts from the same weights
 
         settings = {  # made before the timing: a client receives them in its message
             steps: read_settings(
                 client_config(
-                    compose_config([*overrides, f"local_steps={steps}", f"compile={compiled}"]),
+                    compose_config(
+                        [
+                            *overrides,
+                            f"local_steps={steps}",
+                            f"compile={compiled}",
+                            f"memory_format={memory_format}",
+                        ]
+                    ),
                     unet,
                     scheduler,
                 )
@@ -156,8 +163,10 @@ def variants(
     }
     if compile_:
         runs["feddm bf16 + compile"] = feddm(bf16, True)
-    if device.type == "cpu":
+    if device.type == "cpu":  # auto is contiguous on a CPU: does channels-last pay off here?
         runs["plain fp32 channels-last"] = plain(fp32, channels_last=True)
+        runs["feddm fp32 channels-last"] = feddm(fp32, False, "channels_last")
+        runs["feddm bf16 channels-last"] = feddm(bf16, False, "channels_last")
     return runs
 
 
@@ -197,7 +206,17 @@ def measure(
             else {}
         ),
         **(
-            {"ratio_channels_last_vs_fp32": round(per_s["plain fp32 channels-last"] / per_s["plain fp32"], 3)}
+            {
+                "ratio_channels_last_vs_fp32": round(
+                    per_s["plain fp32 channels-last"] / per_s["plain fp32"], 3
+                ),
+                "ratio_feddm_channels_last_vs_fp32": round(
+                    per_s["feddm fp32 channels-last"] / per_s["feddm fp32"], 3
+                ),
+                "ratio_feddm_channels_last_vs_bf16": round(
+                    per_s["feddm bf16 channels-last"] / per_s["feddm bf16"], 3
+                ),
+            }
             if "plain fp32 channels-last" in per_s
             else {}
         ),
@@ -222,7 +241,10 @@ def report(results: dict, device: torch.device) -> tuple[str, str]:
         if "ratio_compile_vs_bf16" in r:
             ratios += f", compile/bf16 {r['ratio_compile_vs_bf16']}x"
         if "ratio_channels_last_vs_fp32" in r:
-            ratios += f", channels-last/contiguous fp32 {r['ratio_channels_last_vs_fp32']}x"
+            ratios += (
+                f", channels-last/contiguous: plain fp32 {r['ratio_channels_last_vs_fp32']}x, feddm fp32 "
+                f"{r['ratio_feddm_channels_last_vs_fp32']}x, feddm bf16 {r['ratio_feddm_channels_last_vs_bf16']}x"
+            )
         lines.append(f"- {model}: {ratios} ({r['repeats']} x {r['steps']} steps each).")
     if device.type == "cuda":
         for model, r in results.items():

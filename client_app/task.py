@@ -43,7 +43,7 @@ from models.data import dataset_from_config
 from models.diffusion import Regularizer
 from models.durable import replace_durably
 from models.latent import CachedLatents, autoencoder_from_settings
-from models.precision import FP32, Precision
+from models.precision import FP32, Precision, resolve_memory_format
 
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
@@ -274,10 +274,10 @@ def local_train(
     """Train ``unet`` in place on ``dataset[indices]``; returns (mean loss, steps).
 
     Everything random (order, noise, timesteps, dropout) follows ``seed``. The
-    forward passes run in ``precision`` (the weights stay fp32); on a GPU the
-    UNet and the batches are channels-last and the losses are read once, at
-    the end, so the loop never waits for the GPU; ``settings.compile``
-    compiles the UNet with ``torch.compile`` first.
+    forward passes run in ``precision`` (the weights stay fp32); the UNet and
+    the batches take ``settings.memory_format`` (``auto``: channels-last on a
+    GPU) and the losses are read once, at the end, so the loop never waits for
+    the GPU; ``settings.compile`` compiles the UNet with ``torch.compile`` first.
     """
     device = next(unet.parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -294,9 +294,7 @@ def local_train(
     steps = settings.local_steps
     if settings.local_epochs > 0:
         steps = settings.local_epochs * len(loader)
-    # Channels-last convolutions are faster on GPUs (tensor cores). On the CPU the plain loop of
-    # benchmarks/train_throughput.py measured 1.06-1.18x too (Intel Xeon), not yet adopted here.
-    memory_format = torch.channels_last if on_gpu else torch.contiguous_format
+    memory_format = resolve_memory_format(settings.memory_format, device)
     unet.to(memory_format=memory_format)
     if settings.compile:
         unet.compile()  # in place: the state dict keeps its names

@@ -28,7 +28,7 @@ from omegaconf import MISSING, OmegaConf
 from models.data import SUPPORTED_DATASETS
 from models.latent import AUTOENCODERS
 from models.parts import PRESETS
-from models.precision import PRECISIONS
+from models.precision import MEMORY_FORMATS, PRECISIONS
 from strategies.codec import GRANULARITIES, MAX_BITS, MIN_BITS
 from strategies.downlink import DOWNLINK_MODES
 from strategies.fedddpm import AUX_ALLOCATIONS, SIGNALS
@@ -1000,6 +1000,13 @@ class Config:
         "`torch.compile` the UNet for client training (compiles once per ClientApp process: pays off for long "
         "local rounds on a GPU, costs tens of seconds on a CPU)",
         client=Client("compile", bool),
+    )
+    memory_format: Any = setting(
+        "auto",
+        OneOf(MEMORY_FORMATS),
+        "layout of the UNet and the batches in client training: `channels_last`, `contiguous`, or `auto` = "
+        "channels-last on a GPU, contiguous on a CPU; the weights travel contiguous either way",
+        client=Client("memory-format", str),
     )
     dataloader_workers: Any = setting(
         0,

@@ -65,3 +65,16 @@ def resolve_precision(name: str, device: torch.device | str) -> Precision:
             f"precision=bf16: the GPU {torch.cuda.get_device_name(device)} has no bf16; use fp16"
         )
     return Precision(name, device.type)
+
+
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+
+
+def resolve_memory_format(name: str, device: torch.device | str) -> torch.memory_format:
+    """The layout of the UNet and the batches while training: ``auto`` is channels-last on a CUDA GPU
+    (tensor-core convolutions) and contiguous on the CPU."""
+    if name not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format={name!r} is not one of {' | '.join(MEMORY_FORMATS)}")
+    if name == "auto":
+        name = "channels_last" if torch.device(device).type == "cuda" else "contiguous"
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format

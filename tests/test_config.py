@@ -220,6 +220,7 @@ EVERY_KEY = [
     ("device=tpu", "device"),
     ("precision=fp8", "precision"),
     ("compile=maybe", "compile"),
+    ("memory_format=sideways", "memory_format"),
     ("dataloader_workers=-1", "dataloader_workers"),
     ("round_timeout_s=0", "round_timeout_s"),
     ("client_state=ssd", "client_state"),

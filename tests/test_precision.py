@@ -14,7 +14,7 @@ from conf.schema import client_values
 from feddm.simulation import simulate
 from models import build_scheduler, build_unet, train_step
 from models.data import LabeledImages
-from models.precision import FP32, Precision, resolve_precision
+from models.precision import FP32, Precision, resolve_memory_format, resolve_precision
 from server_app.config import ConfigError, compose_config, validate_config
 from server_app.federation import client_config
 from tests.conftest import MICRO_OVERRIDES
@@ -155,6 +155,35 @@ def test_a_bf16_simulation_completes_with_losses_near_fp32(tmp_path, data_root):
 
 
 def test_client_values_carry_the_new_settings():
-    cfg = compose_config(["precision=bf16", "compile=true", "dataloader_workers=3"])
+    cfg = compose_config(
+        ["precision=bf16", "compile=true", "dataloader_workers=3", "memory_format=channels_last"]
+    )
     values = client_values(cfg)
     assert values["precision"] == "bf16" and values["compile"] is True and values["dataloader-workers"] == 3
+    assert values["memory-format"] == "channels_last"
+
+
+def test_memory_format_auto_is_channels_last_on_a_gpu_only():
+    assert resolve_memory_format("auto", "cuda") == torch.channels_last
+    assert resolve_memory_format("auto", "cpu") == torch.contiguous_format
+    assert resolve_memory_format("channels_last", "cpu") == torch.channels_last
+    with pytest.raises(ValueError, match="memory_format='nhwc'"):
+        resolve_memory_format("nhwc", "cpu")
+
+
+def test_channels_last_training_matches_contiguous_and_hands_back_contiguous_weights():
+    """The layout changes how convolutions run, not what they compute: same losses and weights (to
+    float rounding), and the state dict goes on the wire in the ordinary layout."""
+    trained = {}
+    for layout in ("contiguous", "channels_last"):
+        torch.manual_seed(0)
+        unet, scheduler, settings = _micro_setup(["local_steps=3", f"memory_format={layout}"])
+        data = _images(16)
+        loss, _ = local_train(unet, scheduler, data, np.arange(len(data)), settings, seed=1)
+        state = unet.state_dict()
+        assert all(t.is_contiguous() for t in state.values()), layout
+        trained[layout] = (loss, state)
+    (loss_a, state_a), (loss_b, state_b) = trained.values()
+    assert loss_b == pytest.approx(loss_a, rel=1e-4)
+    for name, tensor in state_a.items():
+        torch.testing.assert_close(state_b[name], tensor, rtol=1e-3, atol=1e-5)
