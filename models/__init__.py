@@ -10,6 +10,7 @@ from models.builders import (
     count_parameters,
     resolve_device,
     scheduler_from_config,
+    seeded_unet,
     unet_from_config,
 )
 from models.data import DatasetNotFoundError, LabeledImages, load_image_dataset
@@ -28,6 +29,7 @@ __all__ = [
     "make_optimizer",
     "resolve_device",
     "scheduler_from_config",
+    "seeded_unet",
     "unet_from_config",
     "sample_images",
     "save_pipeline",

@@ -50,6 +50,18 @@ def unet_from_config(config: Mapping[str, Any]) -> UNet2DModel:
     return UNet2DModel.from_config(dict(config))
 
 
+def seeded_unet(config: Mapping[str, Any], seed: int) -> UNet2DModel:
+    """The UNet of ``unet.config`` initialised from ``seed`` alone, leaving torch's global generator as it was.
+
+    A run's server builds its initial model from the seed too, so a client can
+    rebuild that model instead of receiving it (the ``int8_delta`` downlink
+    checks the two agree by hash).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return unet_from_config(config)
+
+
 def scheduler_from_config(config: Mapping[str, Any]) -> DDPMScheduler:
     """Rebuild the scheduler from ``scheduler.config``."""
     return DDPMScheduler.from_config(dict(config))

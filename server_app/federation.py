@@ -26,11 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 from client_app.adapters import ADAPTER_KEY, BASE_HASH_KEY, PRETRAINED_KEY
 from client_app.partition import partition_sizes
 from conf.schema import client_values
-from models import build_scheduler, build_unet, count_parameters, resolve_device
+from models import build_scheduler, build_unet, count_parameters, resolve_device, seeded_unet
 from models.adapters import (
     LoraSpec,
     add_lora,
     base_hash,
+    exchanged_state,
     has_adapters,
     load_pretrained,
     merged_unet,
@@ -54,6 +55,7 @@ from server_app.global_model import GlobalModel
 from server_app.run_folder import RunFolder, new_run_dir
 from server_app.tracking import Tracker, build_tracker
 from strategies import Calibration, FedDMStrategy, PrivacyBudgetSpent, build_strategy
+from strategies.downlink import view_hash
 from strategies.reply_checks import ReplyChecks
 
 # Round-log keys copied to metrics.jsonl, besides round, wall_time_s and fid.
@@ -187,6 +189,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
     run = build_run(cfg, folder)
     watch = DivergenceWatch(float(cfg.lr), str(cfg.model.name), latent=run.autoencoder is not None)
     restore_progress(run, watch)
+    share_initial_model(run)
     log_summary(run)
     run.tracker = build_tracker(
         cfg.get("tracking"), folder, OmegaConf.to_container(cfg, resolve=True), resumed_after=run.done_rounds
@@ -364,6 +367,32 @@ def bound_num_examples(grid: Grid, run: Run) -> None:
         bound,
         num_partitions,
     )
+
+
+def share_initial_model(run: Run) -> None:
+    """``int8_delta``: if every client can rebuild the initial model from the seed, none is sent it in fp32.
+
+    The server checks by hash that ``models.seeded_unet`` gives exactly this
+    model; a pretrained or adapted start fails the check, a resumed run does
+    not make it, and their first messages carry fp32 weights as before.
+    """
+    downlink = run.strategy.downlink
+    if downlink.mode != "int8_delta" or run.done_rounds:
+        return
+    initial = {name: array.numpy() for name, array in run.model.arrays().items()}
+    unet_config = json.loads(str(run.settings["unet"]))
+    rebuilt = {n: t.numpy() for n, t in exchanged_state(seeded_unet(unet_config, int(run.cfg.seed))).items()}
+    if rebuilt.keys() == initial.keys() and view_hash(rebuilt) == view_hash(initial):
+        downlink.hold_initial(initial)
+        log(
+            INFO,
+            "FedDM: clients rebuild the initial model from seed %d; round 1 sends its int8 change",
+            run.cfg.seed,
+        )
+    else:
+        log(
+            INFO, "FedDM: clients cannot rebuild this initial model from the seed; round 1 sends fp32 weights"
+        )
 
 
 def restore_progress(run: Run, watch: DivergenceWatch) -> None:

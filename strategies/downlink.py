@@ -16,6 +16,9 @@ UNet parts); this layer decides in which *form*:
   change, so quantization error does not accumulate. Any other node (new,
   sampled out, failed, late or left out last round, every node after a
   resume) gets v(t) as fp32 weights, counted in the bytes like the rest.
+  When every client can rebuild the initial model from the run's seed (the
+  server checks it can, see ``hold_initial``), that model is v(0), held by
+  every node: round 1 sends its change too, with base round 0.
 
 With ``int8_*`` clients start from the view v rather than w, so the server
 decodes their updates and checks, clips and applies them against v
@@ -110,6 +113,7 @@ class Downlink(Layer):
         self.view_hash = ""
         self.view_round = 0
         self.holders: set[int] = set()
+        self.everyone_holds = False  # v(0): the initial model, which every client rebuilds from the seed
 
     @classmethod
     def from_config(cls, strategy: Mapping, **context: object) -> Downlink:
@@ -137,6 +141,32 @@ class Downlink(Layer):
             )
         return None  # dp_server clips each update against the view the client started from
 
+    def hold_initial(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """``int8_delta``: every node holds ``arrays``, the initial model, because it rebuilds it from the seed.
+
+        The first messages then carry the change since it (base round 0) rather
+        than fp32 weights. Call it only before round 1 of a run that starts
+        afresh, with the model the clients rebuild (``models.seeded_unet``).
+        """
+        if self.mode != "int8_delta":
+            return
+        self.view = {name: np.asarray(array) for name, array in arrays.items()}
+        self.view_hash = view_hash(self.view)
+        self.view_round = 0
+        self.everyone_holds = True
+
+    def _held_base(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """The view the change of ``weights`` is taken against: the last view, or the parts of the initial
+        model that are sent (partial exchange); None when the nodes hold nothing ``weights`` fits."""
+        if self.view is None:
+            return None
+        if reference_of(self.view) == reference_of(weights):
+            return self.view
+        if self.view_round == 0 and set(weights) <= set(self.view):
+            parts = {name: self.view[name] for name in weights}
+            return parts if reference_of(parts) == reference_of(weights) else None
+        return None
+
     # -- one round ---------------------------------------------------------------
     def prepare(self, payload: ArrayRecord, server_round: int) -> Prepared:
         """The downlink of ``payload`` (fp32 arrays to send) for ``server_round``; nothing is kept yet."""
@@ -148,13 +178,15 @@ class Downlink(Layer):
             # Exactly what the clients decode: they train from it and send Δ against it.
             view = decode_arrays(codes, reference_of(weights))
             return Prepared(codes, view, {MODE_KEY: self.mode})
-        if self.view is None or reference_of(self.view) != reference_of(weights):
+        base = self._held_base(weights)
+        if base is None:
             view, delta, base_config = weights, None, {}  # nobody holds a base: full weights for all
         else:
-            change = {name: w - self.view[name] for name, w in weights.items()}
+            change = {name: w - base[name] for name, w in weights.items()}
             delta, _ = encode_arrays(change, bits=DOWNLINK_BITS, granularity=DOWNLINK_GRANULARITY)
-            view = apply_delta(self.view, decode_arrays(delta, reference_of(self.view)))
-            base_config = {BASE_HASH_KEY: self.view_hash, BASE_ROUND_KEY: self.view_round}
+            view = apply_delta(base, decode_arrays(delta, reference_of(base)))
+            base_hash = self.view_hash if base is self.view else view_hash(base)
+            base_config = {BASE_HASH_KEY: base_hash, BASE_ROUND_KEY: self.view_round}
         full = to_record(view)
         config = {MODE_KEY: self.mode, VIEW_HASH_KEY: view_hash(view), VIEW_ROUND_KEY: server_round}
         return Prepared(full, view, config, full=full, delta=delta, base_config=base_config)
@@ -174,7 +206,7 @@ class Downlink(Layer):
         forms: dict[bool, RecordDict] = {}
         addressed = []
         for message in messages:
-            holds_base = message.metadata.dst_node_id in self.holders
+            holds_base = self.everyone_holds or message.metadata.dst_node_id in self.holders
             if holds_base not in forms:
                 content = RecordDict(dict(message.content.items()))
                 config = ConfigRecord(dict(message.content["config"]))
@@ -199,6 +231,7 @@ class Downlink(Layer):
             self.view_hash = str(prepared.config[VIEW_HASH_KEY])
             self.view_round = int(prepared.config[VIEW_ROUND_KEY])
             self.holders = set()  # until the round's replies say who holds it
+            self.everyone_holds = False
 
     def observe(self, accepted: Iterable[Message]) -> None:
         """The nodes whose training reply was accepted hold this round's view; nobody else counts."""

@@ -47,10 +47,12 @@ class Client:
     def __init__(self, node: int, model: dict[str, torch.Tensor]) -> None:
         self.node, self.model, self.state = node, model, RecordDict()
         self.received: dict[str, torch.Tensor] = {}
+        self.initial = None  # rebuilds the run's initial model (a change since round 0)
 
     def receive(self, message: Message, keep: bool = True) -> dict[str, torch.Tensor]:
+        config = message.content["config"]
         arrays = received_arrays(
-            message.content["arrays"], message.content["config"], self.model, self.state, keep=keep
+            message.content["arrays"], config, self.model, self.state, keep=keep, initial=self.initial
         )
         self.received = arrays.to_torch_state_dict()
         return self.received
@@ -124,6 +126,41 @@ def test_int8_delta_views_agree_bit_for_bit_and_a_node_that_missed_a_round_gets_
             assert min(full) > 3 * max(delta)
         previous_view = {n: a.numpy() for n, a in view.items()}
         arrays = new
+
+
+def test_every_node_rebuilds_the_initial_model_so_round_1_sends_its_change():
+    model = _state(0)
+    initial = {n: t.numpy() for n, t in model.items()}
+    clients = {node: Client(node, _state(1)) for node in (1, 2, 3)}
+    for client in clients.values():
+        client.initial = lambda: initial
+    full_message = next(
+        iter(_strategy().configure_train(1, ArrayRecord(model), ConfigRecord(), FakeGrid([1])))
+    )
+    strategy = _strategy()
+    strategy.downlink.hold_initial(initial)
+    arrays, messages, forms = _train_round(strategy, 1, ArrayRecord(model), clients, (1, 2, 3))
+    assert forms == {1: "delta", 2: "delta", 3: "delta"}
+    assert {int(m.content["config"]["downlink-base-round"]) for m in messages} == {0}
+    for client in clients.values():  # each decoded the server's view from the model it rebuilt
+        assert _same(client.received, strategy._base_arrays)
+    assert max(message_nbytes(m) for m in messages) * 3 < message_nbytes(full_message)
+    # From round 2 on, as before: the nodes that trained hold round 1's view; a new one gets weights.
+    clients[4] = Client(4, _state(1))
+    _, _, forms = _train_round(strategy, 2, arrays, clients, (1, 4))
+    assert forms == {1: "delta", 4: "full"}
+
+
+def test_an_initial_model_the_client_rebuilds_differently_is_refused():
+    strategy = _strategy()
+    strategy.downlink.hold_initial({n: t.numpy() for n, t in _state(0).items()})
+    (message,) = strategy.configure_train(1, ArrayRecord(_state(0)), ConfigRecord(), FakeGrid([1]))
+    client = Client(1, _state(1))
+    with pytest.raises(DownlinkMismatchError, match="cannot rebuild"):
+        client.receive(message)
+    client.initial = lambda: {n: t.numpy() for n, t in _state(2).items()}  # another torch, another init
+    with pytest.raises(DownlinkMismatchError, match="initial model rebuilt from the run's seed has hash"):
+        client.receive(message)
 
 
 def test_a_node_whose_training_failed_or_that_is_new_gets_full_weights():
@@ -341,6 +378,9 @@ def test_sampled_int8_delta_runs_send_changes_to_last_rounds_clients_only(case, 
     assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
     assert all(r["num_aggregated"] == 2 and np.isfinite(r["eval_loss"]) for r in rows)
     assert not any(m.has_error() for m in grid.received)  # every client agreed with the server's view
+    # Each rebuilt the initial model from the seed; UDec's nodes first get the whole model in fp32
+    # (the start of the parts they keep), as a node new to a partial exchange always does.
+    assert [delta for _, delta, _ in sent[1]] == [case != "partial_udec"] * 2
     forms = {True: 0, False: 0}
     for server_round in range(2, 6):
         trained_before = {node for node, _, _ in sent[server_round - 1]}
