@@ -38,6 +38,7 @@ from models import build_unet  # noqa: E402
 from server_app.config import compose_config  # noqa: E402
 from strategies import build_strategy  # noqa: E402
 from strategies.codec import payload_nbytes  # noqa: E402
+from strategies.packing import packed_if_asked  # noqa: E402
 from strategies.secagg import recorddict_nbytes  # noqa: E402
 
 GEOMETRY = {"fashion_mnist": (28, 1), "cifar10": (32, 3), "celeba": (64, 3)}
@@ -113,14 +114,17 @@ def measure_partial(global_state: dict, local_state: dict) -> dict:
             messages = list(strategy.configure_train(2, ArrayRecord(global_state), ConfigRecord(), grid))
             config = dict(messages[0].content["config"])
             uplinks = [
-                reply_arrays(
-                    local_state,
-                    global_state,
+                packed_if_asked(
+                    reply_arrays(
+                        local_state,
+                        global_state,
+                        config,
+                        RecordDict(),
+                        partition_id=p,
+                        num_partitions=PARTIAL_CLIENTS,
+                        seed=p,
+                    ),
                     config,
-                    RecordDict(),
-                    partition_id=p,
-                    num_partitions=PARTIAL_CLIENTS,
-                    seed=p,
                 )
                 for p in range(PARTIAL_CLIENTS)
             ]
@@ -267,8 +271,8 @@ def measure(model: str) -> dict:
             strategy = build_strategy(quant | options, num_clients=1)
         (message,) = strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), _OneNode())
         downlink = message.content["arrays"]
-        if options is None:
-            uplink = ArrayRecord(local_state)
+        if options is None:  # full weights, packed as the server asks (strategies.packing)
+            uplink = packed_if_asked(ArrayRecord(local_state), message.content["config"])
         else:  # the client's settings as the strategy sends them
             config, state = dict(message.content["config"]), RecordDict()
             quantized_update(local_state, global_state, config, state, seed=0)  # round 1 fills the residual
@@ -414,9 +418,7 @@ def main() -> None:
         )
         + ". `strategy.downlink` rows: round 2's message per client, arrays and config (the hashes) together; a"
         " client that missed the last round gets the fp32 weights of the view instead (the 'missed' rows),"
-        " and USplit sends the whole model, so its downlink equals quant's. Their model is round 1's moved by"
-        " a round's change, so no two arrays are equal; the fp32 row's initial model has equal arrays (zeros,"
-        " ones) that Flower's serialization stores once, hence its slightly smaller downlink."
+        " and USplit sends the whole model, so its downlink equals quant's."
         + "\nPartial exchange (strategy=partial): uplink and round-2 downlink per client, averaged over 4 clients"
         " (a node's first contact receives the whole model once). The largest uplink saving: "
         + ", ".join(f"{m} {name} {ratio:.1f}x" for m, (name, ratio) in best.items())
@@ -433,8 +435,9 @@ def main() -> None:
         + "\nSizes are Flower's serialized objects (npy buffers, record and chunk framing). An encoded record"
         " holds four arrays whatever the model: the tensors' names, every tensor's codes concatenated (int8,"
         " or packed uint8 for 4 bits and fewer), every fp32 scale, and the bit width; the remaining gap to"
-        " 4x (8x, 16x, 32x) is the scales and the names (fp32 weights travel as one array per tensor, each"
-        " with a 128-byte npy header and about 330 bytes of Flower object framing)."
+        " 4x (8x, 16x, 32x) is the scales and the names. fp32 weights travel packed as well"
+        " (strategies.packing): the names, the shapes and every value in one float32 array, as the app"
+        " sends them (vanilla's reply is packed because the server asks for it)."
     )
     print(write_results("wire_bytes", results, table, notes))
     print(table)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from logging import DEBUG
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
@@ -45,10 +46,11 @@ from client_app.task import (
     round_seed,
 )
 from client_app.updates import quantized_update, wants_quantized_update
-from models import resolve_device
+from models import resolve_device, seeded_unet
 from models.adapters import exchanged_state, load_exchanged
 from models.latent import generate_images
 from models.precision import Precision, resolve_precision
+from strategies.packing import packed_if_asked
 from strategies.secagg import to_fit_result, to_message_api, wants_secagg
 
 app = ClientApp()
@@ -63,14 +65,20 @@ def _precision(settings: ClientSettings, context: Context, device: torch.device)
     return resolve_precision(str(context.node_config.get("precision", settings.precision)), device)
 
 
-def _weights(msg: Message, model_state: dict, state: RecordDict, *, keep: bool) -> dict[str, torch.Tensor]:
+def _weights(
+    msg: Message, settings: ClientSettings, model_state: dict, state: RecordDict, *, keep: bool
+) -> dict[str, torch.Tensor]:
     """The weights to start from: the global model, or (partial exchange) shared + local parts.
 
     The arrays are first read in the downlink's form (``keep``: a training
     message, whose ``int8_delta`` view the client keeps for the next change).
     """
     config = msg.content["config"]
-    arrays = received_arrays(msg.content["arrays"], config, model_state, state, keep=keep)
+
+    def initial() -> dict[str, np.ndarray]:  # the run's initial model, as the server built it
+        return {n: t.numpy() for n, t in exchanged_state(seeded_unet(settings.unet, settings.seed)).items()}
+
+    arrays = received_arrays(msg.content["arrays"], config, model_state, state, keep=keep, initial=initial)
     if wants_partial(config):
         return assemble(arrays, model_state, state)
     return arrays.to_torch_state_dict()  # fp32 weights: received_arrays decoded any codes
@@ -137,7 +145,7 @@ def _train(msg: Message, context: Context, settings: ClientSettings, state: Reco
     started = time.monotonic()
     device = _device(settings, context)
     unet, scheduler = _model(settings, config, context, device)
-    received = _weights(msg, exchanged_state(unet), state, keep=True)
+    received = _weights(msg, settings, exchanged_state(unet), state, keep=True)
     load_exchanged(unet, received)
     if settings.ema_enabled and _keeps_local_parts(config, list(received)):
         personal_ema(unet, state, settings.ema_decay, persist=True)
@@ -176,6 +184,7 @@ def _train(msg: Message, context: Context, settings: ClientSettings, state: Reco
         arrays = quantized_update(trained_state, received, config, state, seed)
     else:
         arrays = ArrayRecord(trained_state)
+    arrays = packed_if_asked(arrays, config)  # fp32 weights or parts: a few requests, not one per array
     metrics = MetricRecord({"train_loss": train_loss, "num-examples": len(train_idx)})
     # The partition id lets the server sum replies in a fixed order (reproducible runs).
     info = ConfigRecord({"partition-id": partition_id})
@@ -211,7 +220,7 @@ def _evaluate(msg: Message, context: Context, settings: ClientSettings, state: R
     device = _device(settings, context)
     precision = _precision(settings, context, device)
     unet, scheduler = _model(settings, config, context, device)
-    load_exchanged(unet, _weights(msg, exchanged_state(unet), state, keep=False))
+    load_exchanged(unet, _weights(msg, settings, exchanged_state(unet), state, keep=False))
     dataset, _, holdout_idx = client_data(settings, context.node_config)
 
     # The same noise every round, so the loss is comparable across rounds.

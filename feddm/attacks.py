@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
+from strategies.packing import unpacked
+
 NUM_EXAMPLES_KEY = "num-examples"
 CLAIMED_EXAMPLES = 1e300
 SCALE = 100.0
@@ -107,7 +109,8 @@ ATTACKS: dict[str, Attack] = {
 def attack_reply(reply: Message, global_arrays: ArrayRecord, attack: str | Attack) -> Message:
     """``reply`` (an honest training reply) with its arrays and metrics replaced by the attack's."""
     fn = ATTACKS[attack] if isinstance(attack, str) else attack
-    arrays, metrics = fn(reply.content["arrays"], reply.content["metrics"], global_arrays)
+    # Packed fp32 replies (strategies.packing) are attacked as the weights they carry, and sent plain.
+    arrays, metrics = fn(unpacked(reply.content["arrays"]), reply.content["metrics"], unpacked(global_arrays))
     content = RecordDict({k: v for k, v in reply.content.items() if k not in ("arrays", "metrics")})
     content["arrays"], content["metrics"] = arrays, metrics
     reply.content = content
@@ -139,9 +142,8 @@ def attacking_client(
     def client(msg: Message, context: Context) -> Message:
         if not is_attacked(msg, context, attackers):
             return client_fn(msg, context)
-        received = ArrayRecord(
-            array_dict={name: Array(a.numpy().copy()) for name, a in msg.content["arrays"].items()}
-        )
+        sent = unpacked(msg.content["arrays"])
+        received = ArrayRecord(array_dict={name: Array(a.numpy().copy()) for name, a in sent.items()})
         reply = client_fn(msg, context)
         if reply.has_error():
             return reply

@@ -36,6 +36,7 @@ from strategies.codec import (
     is_quantized,
 )
 from strategies.encoding import Encoding
+from strategies.packing import is_packed
 from strategies.sparse import TOPK_VALUES, decode_topk, is_topk, topk_names
 
 
@@ -50,10 +51,10 @@ def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def sent_names(record: ArrayRecord) -> list[str]:
-    """The model arrays a record carries: named in its top-k or codec entry, else its keys (fp32 weights)."""
+    """The model arrays a record carries: named in its top-k, codec or packing entry, else its keys."""
     if is_topk(record):
         return topk_names(record)
-    if is_quantized(record):
+    if is_quantized(record) or is_packed(record):
         return encoded_names(record)
     return list(record.keys())
 

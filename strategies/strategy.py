@@ -51,6 +51,7 @@ from strategies.accounting import (
     message_nbytes,
     partition_of,
     reply_order,
+    single_array_record,
 )
 from strategies.aggregators import (
     AGGREGATORS,
@@ -63,6 +64,7 @@ from strategies.aggregators import (
 from strategies.codec import PayloadError
 from strategies.downlink import Downlink
 from strategies.encoding import Encoding
+from strategies.packing import PACK_KEY, can_pack, is_packed, pack_arrays, unpack_arrays
 from strategies.privacy import KEY_CLIPPING_NORM, CentralDP
 from strategies.privacy_budget import PrivacyBudget
 from strategies.reply_checks import (
@@ -144,6 +146,9 @@ class FedDMStrategy:
         self.privacy = privacy
         self.privacy_budget = privacy_budget
         self.secure_aggregation = secure_aggregation
+        # fp32 arrays travel packed (strategies.packing), except where Flower's own code reads them per
+        # array: fixedclipping_mod clips a reply against the message's arrays, SecAgg+ masks them.
+        self.packs = secure_aggregation is None and (privacy is None or privacy.mode != "dp_client")
         self.extras = tuple(extras)
         self.reply_checks = reply_checks or ReplyChecks()
         self.sampling = sampling or Sampling()
@@ -266,6 +271,8 @@ class FedDMStrategy:
             extra.train_config(config)
         if self.privacy is not None and self.privacy.mode == "dp_client":
             config[KEY_CLIPPING_NORM] = self.privacy.clipping_norm  # read by fixedclipping_mod
+        if self.packs:
+            config[PACK_KEY] = True
         prepared = self.downlink.prepare(self.encoding.downlink(arrays), server_round)
         self.downlink.configure(config, prepared)
         configure = functools.partial(super().configure_train, server_round, prepared.payload, config)
@@ -278,7 +285,9 @@ class FedDMStrategy:
         messages = self.downlink.address(messages, prepared, self.arrayrecord_key)
         self._base_arrays = prepared.base(arrays)
         self.downlink.commit(prepared)
-        messages = self.encoding.address(list(messages), self._base_arrays, self.arrayrecord_key)
+        messages = self._packed(
+            self.encoding.address(list(messages), self._base_arrays, self.arrayrecord_key)
+        )
         self._log_round(
             server_round,
             downlink_bytes=sum(message_nbytes(m) for m in messages),
@@ -377,13 +386,36 @@ class FedDMStrategy:
         metrics = check_metrics(message.content, "train_loss")
         check_info(message.content)
         check_num_examples(metrics["num-examples"], self.reply_checks.max_num_examples)
-        arrays = self.encoding.decode(message, self._base_arrays)
+        arrays = self.encoding.decode(self._unpacked(message), self._base_arrays)
         check_float32_range(arrays)
         if self.privacy is not None:
             self.privacy.check_clipped(arrays, self._base_arrays)
         content = RecordDict({"arrays": arrays, "metrics": metrics})
         if "info" in message.content.config_records:
             content["info"] = message.content.config_records["info"]
+        return _with_content(message, content)
+
+    def _packed(self, messages: list[Message]) -> list[Message]:
+        """The messages with their fp32 arrays packed (``strategies.packing``), each record packed once."""
+        if not self.packs:
+            return messages
+        packed: dict[int, ArrayRecord] = {}
+        for content in {id(m.content): m.content for m in messages}.values():
+            record = content.array_records.get(self.arrayrecord_key)
+            if record is not None and can_pack(record):
+                if id(record) not in packed:
+                    packed[id(record)] = pack_arrays(record)
+                content[self.arrayrecord_key] = packed[id(record)]
+        return messages
+
+    def _unpacked(self, message: Message) -> Message:
+        """The reply with its arrays unpacked, in the global model's order, if they came packed."""
+        record = single_array_record(message)
+        if not is_packed(record):
+            return message
+        content = RecordDict(dict(message.content.items()))
+        (key,) = message.content.array_records.keys()
+        content[key] = unpack_arrays(record, self._base_arrays.keys() if self._base_arrays else ())
         return _with_content(message, content)
 
     def aggregate_train(
@@ -451,6 +483,9 @@ class FedDMStrategy:
         """A training message to every connected node: train your own model for ``steps`` steps."""
         config = ConfigRecord(dict(config))
         config.update({"server-round": 0, "local-steps": steps, "local-epochs": 0})
+        if self.packs:
+            config[PACK_KEY] = True
+            arrays = pack_arrays(arrays) if can_pack(arrays) else arrays
         messages = [
             Message(
                 content=RecordDict({"arrays": arrays, "config": config}),
@@ -495,7 +530,9 @@ class FedDMStrategy:
         configure = functools.partial(super().configure_evaluate, server_round, prepared.payload, config)
         messages = self._sample("evaluate", server_round, grid, configure)
         messages = self.downlink.address(messages, prepared, self.arrayrecord_key)
-        messages = self.encoding.address(list(messages), prepared.base(arrays), self.arrayrecord_key)
+        messages = self._packed(
+            self.encoding.address(list(messages), prepared.base(arrays), self.arrayrecord_key)
+        )
         self._log_round(server_round, eval_downlink_bytes=sum(message_nbytes(m) for m in messages))
         return messages
 

@@ -9,6 +9,7 @@
 * ``raise``, ``raise-all``: the train function raises;
 * ``slow``: the client replies after ``FEDDM_FAULT_SLEEP`` seconds;
 * ``claim-examples``: claims 1e300 examples and sends zeros (full weights);
+* ``short-pack``: packed fp32 weights (``strategies.packing``) one value short;
 * ``scale-update``: sends w_global + 100·Δ; ``flip-update``: sends w_global − Δ
   (Δ = w_local − w_global; full-weight strategies: vanilla, prox, fedddpm).
 
@@ -29,6 +30,7 @@ from client_app.app import evaluate as feddm_evaluate
 from client_app.app import secagg_mod
 from client_app.app import train as feddm_train
 from strategies.codec import SCALES_KEY
+from strategies.packing import VALUES_KEY, pack_arrays, unpacked
 
 app = ClientApp()
 
@@ -78,9 +80,12 @@ def train(msg: Message, context: Context) -> Message:
         time.sleep(float(os.environ.get("FEDDM_FAULT_SLEEP", "10")))
     if fault in (None, "slow"):
         return reply
-    arrays = _corrupt(
-        {n: a.numpy() for n, a in reply.content["arrays"].items()}, fault, msg.content["arrays"]
-    )
+    # A hostile client may send packed or plain arrays: it corrupts the weights, sent as plain arrays.
+    weights = unpacked(reply.content["arrays"])
+    arrays = _corrupt({n: a.numpy() for n, a in weights.items()}, fault, unpacked(msg.content["arrays"]))
+    if fault == "short-pack":
+        arrays = {k: a.numpy() for k, a in pack_arrays(weights).items()}
+        arrays[VALUES_KEY] = arrays[VALUES_KEY][:-1]
     metrics = reply.content["metrics"]
     if fault == "claim-examples":
         metrics = MetricRecord({**dict(metrics), "num-examples": 1e300})

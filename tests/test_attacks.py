@@ -7,6 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from feddm.attacks import ATTACKS, CLAIMED_EXAMPLES, SCALE, attack_reply, attacking_client
+from strategies.packing import unpacked
 
 GLOBAL = {"w": np.array([[1.0, -2.0], [0.5, 0.0]], np.float32), "b": np.array([3.0, 4.0], np.float32)}
 TRAINED = {"w": np.array([[1.5, -2.0], [0.0, 0.25]], np.float32), "b": np.array([3.0, 3.5], np.float32)}
@@ -73,7 +74,7 @@ def fake_client(msg: Message, context: Context) -> Message:
     if msg.metadata.message_type == "evaluate":
         content = RecordDict({"metrics": MetricRecord({"eval_loss": 0.5, "num-examples": 4})})
         return Message(content=content, reply_to=msg)
-    trained = {k: v + 1 for k, v in values(msg.content["arrays"]).items()}
+    trained = {k: v + 1 for k, v in values(unpacked(msg.content["arrays"])).items()}
     content = RecordDict(
         {
             "arrays": record(trained),

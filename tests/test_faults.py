@@ -41,6 +41,7 @@ def _fault(monkeypatch, fault: str, **extra: str) -> None:
         ("nan", "NaN"),
         ("shape", "expected"),
         ("dtype", "float64"),
+        ("short-pack", "values, the shapes of its"),
     ],
 )
 def test_a_failing_or_malformed_client_is_left_out_and_the_run_finishes(

@@ -10,6 +10,7 @@ from models import build_scheduler
 from server_app.auxiliary import server_calibration
 from strategies import Calibration, RoundFailedError, StallCalibration, build_strategy
 from strategies.codec import payload_nbytes
+from strategies.packing import PACK_KEY, is_packed, pack_arrays
 from tests.conftest import reply
 from tests.test_partial import _unet
 from tests.test_strategies import FakeGrid
@@ -29,7 +30,8 @@ def test_pretraining_asks_every_node_to_train_its_own_model():
     assert [m.metadata.dst_node_id for m in messages] == [3, 5]
     config = messages[0].content["config"]
     assert config["local-steps"] == 7 and config["server-round"] == 0 and config["lr"] == 0.1
-    assert strategy.round_log[0]["downlink_bytes"] == 2 * payload_nbytes(arrays)
+    assert strategy.round_log[0]["downlink_bytes"] == 2 * payload_nbytes(pack_arrays(arrays))  # packed fp32
+    assert config[PACK_KEY] is True and all(is_packed(m.content["arrays"]) for m in messages)
 
 
 def _upload(arrays, node_id, partition_id, num_examples):

@@ -35,6 +35,7 @@ from server_app.checkpoint import load_checkpoint
 from server_app.config import ConfigError, compose_config, validate_config
 from server_app.federation import run_federation
 from strategies import RoundFailedError
+from strategies.packing import unpacked
 from strategies.quant import sent_names
 from tests.conftest import MICRO_OVERRIDES
 
@@ -88,8 +89,10 @@ def _run(cfg, run_dir, sent: list | None = None, fail_from_round: int | None = N
 
 
 def _arrays(message: Message) -> dict:
-    """Every array a message carries, by name, from all its array records."""
-    return {name: a for record in message.content.array_records.values() for name, a in record.items()}
+    """Every array a message carries, by name, from all its array records (packed fp32 ones unpacked)."""
+    return {
+        name: a for record in message.content.array_records.values() for name, a in unpacked(record).items()
+    }
 
 
 def _names(message: Message) -> set[str]:

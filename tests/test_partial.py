@@ -21,6 +21,7 @@ from models import build_unet
 from models.parts import PRESETS, expand, names_in, parameter_fraction, part_of, parts_of, usplit_assignment
 from strategies import PartialParts, build_strategy
 from strategies.codec import is_quantized, payload_nbytes
+from strategies.packing import pack_arrays
 from strategies.quant import sent_names
 from tests.conftest import reply
 from tests.test_strategies import FakeGrid
@@ -142,19 +143,20 @@ def test_first_contact_gets_the_whole_model_then_only_shared_parts():
     state = _state()
     full = ArrayRecord(state)
     messages = list(strategy.configure_train(1, full, ConfigRecord(), FakeGrid([1, 2])))
-    assert all(set(m.content["arrays"].keys()) == set(state) for m in messages)
+    assert all(set(sent_names(m.content["arrays"])) == set(state) for m in messages)
     shared = names_in(expand(PRESETS["udec"], list(state)), list(state))
     answer = ArrayRecord({n: state[n] for n in shared})
     failed = _train_reply(answer, 2, 1)
     failed = make_message(metadata=failed.metadata, error=Error(code=0, reason="out of memory"))
     strategy.aggregate_train(1, [_train_reply(answer, 1, 0), failed])
     again = list(strategy.configure_train(2, full, ConfigRecord(), FakeGrid([1, 2, 3])))
-    by_node = {m.metadata.dst_node_id: set(m.content["arrays"].keys()) for m in again}
+    by_node = {m.metadata.dst_node_id: set(sent_names(m.content["arrays"])) for m in again}
     # node 1 trained and keeps local parts; node 2 failed (its state may be lost), node 3 is new
     assert by_node[1] == set(shared) and by_node[2] == by_node[3] == set(state)
     assert json.loads(again[0].content["config"]["partial-shared"]) == ["up_blocks.0", "up_blocks.1", "head"]
-    # bytes are counted from what each message really carries
-    assert strategy.round_log[2]["downlink_bytes"] == payload_nbytes(answer) + 2 * payload_nbytes(full)
+    # bytes are counted from what each message really carries (fp32 arrays travel packed)
+    packed = {n: payload_nbytes(pack_arrays(r)) for n, r in (("answer", answer), ("full", full))}
+    assert strategy.round_log[2]["downlink_bytes"] == packed["answer"] + 2 * packed["full"]
     assert strategy.personalized
 
 

@@ -22,6 +22,7 @@ from models.parts import parts_of, usplit_assignment
 from server_app.config import ConfigError, compose_config, validate_config
 from server_app.federation import run_federation
 from strategies import RoundFailedError, Sampling, build_strategy
+from strategies.quant import sent_names
 from tests.conftest import MICRO_OVERRIDES
 from tests.test_partial import _state
 
@@ -261,11 +262,11 @@ def test_every_accepted_combination_trains_two_sampled_rounds(
         assert len(row["eval_partitions"]) == per_round and np.isfinite(row["eval_loss"])
     trained = {m.metadata.src_node_id for m in grid.received if m.metadata.message_type == "train"}
     if case == "partial_usplit":  # each round, every array of the model comes from exactly 2 clients
-        model = sorted(grid.sent[-1].content["arrays"].keys())  # (an evaluate message holds the whole model)
+        model = sorted(sent_names(grid.sent[-1].content["arrays"]))  # (an evaluate message: the whole model)
         replies = [m for m in grid.received if m.metadata.message_type == "train"]
         assert len(replies) == 2 * per_round  # two rounds, in order
         for group in (replies[:per_round], replies[per_round:]):
-            sent = Counter(n for reply in group for n in reply.content["arrays"].keys())
+            sent = Counter(n for reply in group for n in sent_names(reply.content["arrays"]))
             assert sorted(sent) == model and set(sent.values()) == {2}
     if case != "fedddpm":  # FedDDPM's pretraining is every client's
         assert len(trained) <= 2 * per_round

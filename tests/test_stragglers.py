@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from feddm.local_grid import LocalGrid
 from server_app.config import ConfigError, compose_config, validate_config
 from strategies import RoundFailedError, Sampling, build_strategy
+from strategies.packing import unpacked
 from tests.test_secagg import GLOBAL as SECAGG_GLOBAL
 from tests.test_secagg import SECAGG, Clients, _weighted_mean
 from tests.test_strategies import GLOBAL, _record
@@ -41,7 +42,7 @@ def _client(msg: Message, context: Context) -> Message:
         return Message(content=RecordDict({"metrics": metrics, "info": info}), reply_to=msg)
     if context.node_config.get("fail"):
         raise RuntimeError("injected failure")
-    arrays = {k: a.numpy() + (pid + 1) for k, a in msg.content["arrays"].items()}
+    arrays = {k: a.numpy() + (pid + 1) for k, a in unpacked(msg.content["arrays"]).items()}
     metrics = MetricRecord({"train_loss": 0.5, "num-examples": 10})
     return Message(
         content=RecordDict({"arrays": _record(arrays), "metrics": metrics, "info": info}), reply_to=msg

@@ -19,6 +19,7 @@ from strategies import (
     composition_errors,
 )
 from strategies.codec import payload_nbytes
+from strategies.packing import pack_arrays
 from tests.conftest import reply
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -81,8 +82,9 @@ def test_downlink_and_uplink_bytes_are_counted_from_the_messages():
     strategy = _strategy()
     messages = _configured(strategy, node_ids=(1, 2, 3))
     per_message = payload_nbytes(_record(GLOBAL))
+    packed = payload_nbytes(pack_arrays(_record(GLOBAL)))  # what travels down (strategies.packing)
     assert len(messages) == 3
-    assert strategy.round_log[1]["downlink_bytes"] == 3 * per_message
+    assert strategy.round_log[1]["downlink_bytes"] == 3 * packed
     strategy.aggregate_train(1, [_train_reply(GLOBAL, 10, 1), _train_reply(GLOBAL, 10, 2)])
     assert strategy.round_log[1]["uplink_bytes"] == 2 * per_message
 
