@@ -85,7 +85,8 @@ def unpack_arrays(record: ArrayRecord, order: Iterable[str] = ()) -> ArrayRecord
         for name, shape, size, end in zip(names, shapes, sizes, ends)
     }
     first = [name for name in order if name in arrays]
-    return ArrayRecord({name: arrays[name] for name in [*first, *(n for n in names if n not in set(first))]})
+    ordered = dict.fromkeys([*first, *names])  # order's names first, then the rest sorted, each once
+    return ArrayRecord({name: arrays[name] for name in ordered})
 
 
 def unpacked(record: ArrayRecord, order: Iterable[str] = ()) -> ArrayRecord:

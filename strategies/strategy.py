@@ -485,15 +485,15 @@ class FedDMStrategy:
         config.update({"server-round": 0, "local-steps": steps, "local-epochs": 0})
         if self.packs:
             config[PACK_KEY] = True
-            arrays = pack_arrays(arrays) if can_pack(arrays) else arrays
         messages = [
             Message(
-                content=RecordDict({"arrays": arrays, "config": config}),
+                content=RecordDict({self.arrayrecord_key: arrays, "config": config}),
                 dst_node_id=node,
                 message_type="train",
             )
             for node in sorted(grid.get_node_ids())
         ]
+        messages = self._packed(messages)
         self._log_round(0, downlink_bytes=sum(message_nbytes(m) for m in messages), num_sampled=len(messages))
         return messages
 
