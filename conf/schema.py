@@ -1027,6 +1027,12 @@ class Config:
         Number(gt=0),
         "seconds the server waits for `num_clients` nodes to connect before it stops with an error",
     )
+    reply_poll_s: Any = setting(
+        0.2,
+        Number(gt=0),
+        "seconds between the server's looks for replies on the Deployment Engine (Flower's own grid waits "
+        "3 s; the simulation grid polls every 0.1 s and ignores this)",
+    )
     client_eval_fraction: Any = setting(
         0.1,
         Number(gt=0, lt=1),

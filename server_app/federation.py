@@ -52,6 +52,7 @@ from server_app.config import ConfigError, resolve_paths, resumed_config, to_yam
 from server_app.divergence import DivergenceWatch
 from server_app.evaluation import GlobalEvaluator
 from server_app.global_model import GlobalModel
+from server_app.prompt_grid import prompt
 from server_app.run_folder import RunFolder, new_run_dir
 from server_app.tracking import Tracker, build_tracker
 from strategies import Calibration, FedDMStrategy, PrivacyBudgetSpent, build_strategy
@@ -196,6 +197,7 @@ def run_federation(grid: Grid, cfg: DictConfig, run_dir: str | Path | None = Non
     )
     try:
         recorder = RoundRecorder(run, watch)  # the evaluator's FID statistics come first
+        grid = prompt(grid, float(cfg.reply_poll_s))  # Flower's deployment grid looks every 3 s
         wait_for_nodes(grid, cfg.num_clients, float(cfg.node_wait_timeout_s))
         bound_num_examples(grid, run)
         place_client_state(grid, run)

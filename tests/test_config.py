@@ -225,6 +225,7 @@ EVERY_KEY = [
     ("round_timeout_s=0", "round_timeout_s"),
     ("client_state=ssd", "client_state"),
     ("node_wait_timeout_s=0", "node_wait_timeout_s"),
+    ("reply_poll_s=0", "reply_poll_s"),
     ("client_eval_fraction=0", "client_eval_fraction"),
     ("client_eval_max_examples=0", "client_eval_max_examples"),
     ("weighting=equal", "weighting"),
