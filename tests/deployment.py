@@ -172,6 +172,28 @@ class LocalFederation:
         self.signal(name, signal.SIGKILL)
         self.processes.pop(name).wait(timeout=30)
 
+    def wait_for_clientapps(self, timeout: float = 300) -> None:
+        """Wait until no SuperNode runs a ``flwr-clientapp`` (e.g. one training for a run that died)."""
+        deadline = time.monotonic() + timeout
+        while running := self._clientapps():
+            assert time.monotonic() < deadline, f"flwr-clientapp processes {running} ran over {timeout} s"
+            time.sleep(0.5)
+
+    def _clientapps(self) -> list[int]:
+        groups = {p.pid for name, p in self.processes.items() if name.startswith("supernode_")}
+        found = []
+        for pid in processes_mentioning("flwr-clientapp"):
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(pid) in groups:
+                    found.append(pid)
+        return found
+
+    def log_tails(self, chars: int = 2000) -> str:
+        """The end of every process's log, for a failing test's message."""
+        return "\n".join(
+            f"--- {log.name}\n{log.read_text()[-chars:]}" for log in sorted(self.logs.glob("*.log"))
+        )
+
     def stop_all(self) -> None:
         """Stop every process still running (SIGTERM, then SIGKILL), as the launcher does."""
         for process in self.processes.values():
