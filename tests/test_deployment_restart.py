@@ -73,10 +73,11 @@ def test_a_deployment_survives_a_frozen_node_a_restarted_node_and_a_restarted_su
         fed.kill("superlink")  # with its ServerApp
         run.wait(timeout=120)
         assert 4 not in [r["round"] for r in _rows(run_dir)]
-        # The SuperNodes finish the dead run's round 4 (its replies are then refused); on a loaded
-        # machine that plus the resumed round 4 took over the deadline, so the resume waits for it.
-        fed.wait_for_clientapps()
         fed.start_superlink()  # its database: the run, the registered SuperNodes
+        # The SuperNodes finish the dead run's round 4 (a ClientApp may need the SuperLink for that;
+        # its reply is then refused). On a loaded machine that plus the resumed round 4 took over
+        # the deadline, so the resume waits for it.
+        fed.wait_for_clientapps()
         resumed = fed.submit([f"resume={run_dir}"])
         assert resumed.wait(timeout=600) == 0, (fed.logs / "run.log").read_text()[-3000:]
     finally:
