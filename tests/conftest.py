@@ -33,34 +33,6 @@ def pytest_unconfigure(config) -> None:
         shutil.rmtree(config.feddm_cache, ignore_errors=True)
 
 
-# The files that take minutes, longest first (from `pytest --durations=0`). pytest-xdist gives each
-# worker a file at a time in collection order (`--no-loadscope-reorder` in pyproject.toml); started
-# first, these run beside the many short files instead of alone at the end. A scheduling hint only.
-LONGEST_FILES = (
-    "test_deployment_restart.py",
-    "test_faults.py",
-    "test_strategies_sim.py",
-    "test_deployment_secagg.py",
-    "test_deployment_failure.py",
-    "test_deployment.py",
-    "test_latent_sim.py",
-    "test_flwr_run.py",
-    "test_resume.py",
-)
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Longest files first, then the other slow ones, then the rest (each in its own order)."""
-
-    def start_order(item) -> tuple[int, int]:
-        name = item.path.name
-        if name in LONGEST_FILES:
-            return (0, LONGEST_FILES.index(name))
-        return (1 if item.get_closest_marker("slow") else 2, 0)
-
-    items.sort(key=start_order)
-
-
 # A UNet of a few thousand parameters and a couple of steps: fast on 2 CPU cores.
 MICRO_MODEL = [
     "model.unet.block_out_channels=[8,16]",
